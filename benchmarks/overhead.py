@@ -1,0 +1,298 @@
+"""Overhead of the activation monitor against bare training and a naive hook-based monitor.
+
+Workloads (CPU by default, ``--device cuda`` on a GPU):
+  mlp          13 -> 256 -> 256 -> 3 MLP, batch 128
+  cnn          small CNN on 3x32x32, batch 64
+  transformer  4-layer encoder, d_model 128, 4 heads, ffn 512, seq 64, batch 32
+
+For each workload, side by side in one process (blocks interleaved round-robin, medians over rounds):
+  bare step time; sampled-step time (every step sampled, writer running);
+  amortised overhead at N = every_n_steps for the monitor and for the naive approach
+  (forward hooks that keep ``output.detach().cpu()`` on every step and call
+  ``SummaryWriter.add_histogram`` on CPU every N steps); peak-memory delta (``--memory``, one
+  subprocess per configuration, ru_maxrss on CPU / max_memory_allocated on CUDA).
+
+Usage:
+  python benchmarks/overhead.py                    # full table, N in 1 10 50 200
+  python benchmarks/overhead.py --quick            # fewer rounds, for a smoke run
+  python benchmarks/overhead.py --json out.json --markdown out.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    batch: tuple[torch.Tensor, torch.Tensor]
+    loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def make_workload(name: str, device: str) -> Workload:
+    torch.manual_seed(0)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(13, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 3))
+        x, y = torch.randn(128, 13), torch.randint(0, 3, (128,))
+        loss = F.cross_entropy
+    elif name == "cnn":
+        model = nn.Sequential(
+            nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(64 * 8 * 8, 128), nn.ReLU(), nn.Linear(128, 10),
+        )
+        x, y = torch.randn(64, 3, 32, 32), torch.randint(0, 10, (64,))
+        loss = F.cross_entropy
+    elif name == "transformer":
+        model = nn.Sequential(
+            nn.TransformerEncoder(nn.TransformerEncoderLayer(128, 4, 512, batch_first=True), 4, enable_nested_tensor=False),
+        )
+        x, y = torch.randn(32, 64, 128), torch.randn(32, 64, 128)
+        loss = F.mse_loss
+    else:
+        raise ValueError(f"unknown workload {name!r}")
+    model.to(device)
+    return Workload(name, model, (x.to(device), y.to(device)), loss)
+
+
+class Naive:
+    """What people write first: hooks that copy every activation to the host, histograms on CPU."""
+
+    def __init__(self, model: nn.Module, every_n_steps: int, logdir: str) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        from monitor.activations import is_activation_module
+
+        self.writer = SummaryWriter(logdir)
+        self.every = every_n_steps
+        self.acts: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, m in model.named_modules():
+            if name and (is_activation_module(m) or isinstance(m, nn.TransformerEncoderLayer)):
+                self.handles.append(m.register_forward_hook(self._hook(name)))
+
+    def _hook(self, name: str):
+        def hook(module, args, output):
+            out = output[0] if isinstance(output, tuple) else output
+            self.acts[name] = out.detach().cpu()
+
+        return hook
+
+    def after_step(self, step: int) -> None:
+        if step % self.every == 0:
+            for name, a in self.acts.items():
+                self.writer.add_histogram(name, a, step)
+                self.writer.add_scalar(f"dead/{name}", float((a.reshape(-1, a.shape[-1]) > 0).sum(0).eq(0).float().mean()), step)
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.writer.close()
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def run_block(
+    w: Workload, steps: int, start: int, mode: str, every: int, state: dict, device: str, per_step: list | None = None
+) -> float:
+    """Train ``steps`` steps; return seconds. ``state`` holds the optimizer and monitor.
+
+    With ``per_step``, appends (step, seconds) for every step (synchronising each step on CUDA).
+    """
+    model, (x, y) = w.model, w.batch
+    opt = state["opt"]
+    mon = state.get("mon")
+    naive = state.get("naive")
+    _sync(device)
+    t0 = last = time.perf_counter()
+    for step in range(start, start + steps):
+        if mode == "monitor":
+            with mon.step(step):
+                loss = w.loss(model(x), y)
+        else:
+            loss = w.loss(model(x), y)
+            if naive is not None:
+                naive.after_step(step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if per_step is not None:
+            _sync(device)
+            now = time.perf_counter()
+            per_step.append((step, now - last))
+            last = now
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def make_state(w: Workload, mode: str, every: int, logdir: str) -> dict:
+    from monitor import Monitor
+
+    state: dict = {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}
+    if mode == "monitor":
+        state["mon"] = Monitor(w.model, every_n_steps=every, logdir=os.path.join(logdir, f"mon{every}"), on_alert="ignore").attach()
+    elif mode == "naive":
+        state["naive"] = Naive(w.model, every, os.path.join(logdir, f"naive{every}"))
+    return state
+
+
+def close_state(state: dict) -> None:
+    if "mon" in state:
+        state["mon"].close()
+    if "naive" in state:
+        state["naive"].close()
+
+
+def bench_workload(name: str, intervals: list[int], rounds: int, device: str, naive: bool) -> dict:
+    w = make_workload(name, device)
+    # Steps per block: enough for several samples at the largest interval, capped by step cost.
+    _ = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device)
+    t_probe = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device) / 5
+    result: dict = {"workload": name, "device": device, "rounds": rounds, "intervals": {}}
+    n_max = max(intervals)
+    block = n_max * max(1, round(0.5 / (t_probe * n_max)))  # >= 0.5 s and a multiple of every N
+    result["block_steps"] = block
+    with tempfile.TemporaryDirectory() as logdir:
+        configs = [("bare", 1)] + [("monitor", n) for n in intervals]
+        if naive:
+            configs.append(("naive", 50 if 50 in intervals else n_max))
+        states = {c: make_state(w, c[0], c[1], logdir) for c in configs}
+        times: dict = {c: [] for c in configs}
+        steps_log: dict = {c: [] for c in configs}
+        start = n_max * 1000
+        for c, s in states.items():  # warm-up: the first sample discovers watch points
+            run_block(w, 2, 0, c[0], c[1], s, device)
+        for r in range(rounds):
+            for c in configs:
+                dt = run_block(w, block, start + r * block, c[0], c[1], states[c], device, steps_log[c])
+                times[c].append(dt / block)
+        for s in states.values():
+            if "mon" in s:
+                s["mon"].flush()
+            close_state(s)
+    bare = statistics.median(times[("bare", 1)])
+    result["bare_step_ms"] = bare * 1e3
+    for c in configs:
+        if c[0] == "bare":
+            continue
+        t = statistics.median(times[c])
+        key = f"{c[0]}@{c[1]}"
+        result["intervals"][key] = {"step_ms": t * 1e3, "overhead_pct": 100 * (t / bare - 1)}
+    # Sampled-step time: the steps that were sampled in the N=50 (or largest-N) run, against the
+    # median bare step of the same run.
+    n_ref = 50 if 50 in intervals else n_max
+    sampled = [d for st, d in steps_log[("monitor", n_ref)] if st % n_ref == 0]
+    unsampled = [d for st, d in steps_log[("monitor", n_ref)] if st % n_ref != 0]
+    bare_each = [d for _, d in steps_log[("bare", 1)]]
+    result["sampled_step_ms"] = statistics.median(sampled) * 1e3
+    result["unsampled_step_ms"] = statistics.median(unsampled) * 1e3
+    result["bare_step_median_ms"] = statistics.median(bare_each) * 1e3
+    result["sampled_step_ratio"] = result["sampled_step_ms"] / result["bare_step_median_ms"]
+    return result
+
+
+def sampled_step_naive(name: str, device: str, reps: int = 20) -> float:
+    """Naive approach's sampled step (copy + CPU histograms), in ms."""
+    w = make_workload(name, device)
+    with tempfile.TemporaryDirectory() as logdir:
+        state = make_state(w, "naive", 1, logdir)
+        run_block(w, 2, 0, "naive", 1, state, device)
+        log: list = []
+        run_block(w, reps, 2, "naive", 1, state, device, log)
+        close_state(state)
+    return statistics.median(d for _, d in log) * 1e3
+
+
+def memory_probe(name: str, mode: str, every: int, steps: int, device: str) -> int:
+    """Run one configuration in a fresh process; return peak bytes (RSS on CPU, allocator on CUDA)."""
+    code = (
+        "import sys,resource,tempfile,torch;sys.path.insert(0,%r);import benchmarks.overhead as b;"
+        "w=b.make_workload(%r,%r);d=tempfile.mkdtemp();s=b.make_state(w,%r,%d,d);"
+        "b.run_block(w,%d,0,%r,%d,s,%r);b.close_state(s);"
+        "print(torch.cuda.max_memory_allocated() if %r.startswith('cuda') else "
+        "resource.getrusage(resource.RUSAGE_SELF).ru_maxrss*1024)"
+    ) % (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), name, device, mode, every, steps, mode, every, device, device)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(out.stdout.strip().splitlines()[-1])
+
+
+def markdown(results: list[dict], intervals: list[int]) -> str:
+    lines = [
+        "| workload | bare step | sampled step (x bare) | " + " | ".join(f"N={n}" for n in intervals)
+        + " | naive N=50 | naive sampled step (x bare) | peak mem delta (monitor / naive) |",
+        "|---|---|---|" + "---|" * len(intervals) + "---|---|---|",
+    ]
+    for r in results:
+        cells = [f"{r['intervals'][f'monitor@{n}']['overhead_pct']:+.1f}%" for n in intervals]
+        naive = r["intervals"].get("naive@50")
+        naive_s = f"{naive['step_ms'] / r['bare_step_ms']:.2f}x" if naive else "-"
+        ns = r.get("naive_sampled_step_ms")
+        ns_s = f"{ns / r['bare_step_median_ms']:.0f}x" if ns else "-"
+        mem = r.get("memory")
+        mem_s = f"{mem['monitor_delta_mb']:+.1f} MB / {mem['naive_delta_mb']:+.1f} MB" if mem else "-"
+        lines.append(
+            f"| {r['workload']} | {r['bare_step_ms']:.2f} ms | {r.get('sampled_step_ms', float('nan')):.2f} ms "
+            f"({r.get('sampled_step_ratio', float('nan')):.2f}x) | " + " | ".join(cells) + f" | {naive_s} | {ns_s} | {mem_s} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "transformer"])
+    p.add_argument("--intervals", nargs="+", type=int, default=[1, 10, 50, 200])
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quick", action="store_true", help="2 rounds, no memory probe")
+    p.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
+    p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--json")
+    p.add_argument("--markdown")
+    a = p.parse_args()
+    rounds = 2 if a.quick else a.rounds
+    results = []
+    for name in a.workloads:
+        r = bench_workload(name, a.intervals, rounds, a.device, naive=not a.no_naive)
+        if not a.no_naive:
+            r["naive_sampled_step_ms"] = sampled_step_naive(name, a.device)
+        if a.memory and not a.quick:
+            steps = 200 if name == "mlp" else 60
+            base = memory_probe(name, "bare", 1, steps, a.device)
+            mon = memory_probe(name, "monitor", 50, steps, a.device)
+            naive = memory_probe(name, "naive", 50, steps, a.device)
+            r["memory"] = {"monitor_delta_mb": (mon - base) / 2**20, "naive_delta_mb": (naive - base) / 2**20}
+        results.append(r)
+        print(json.dumps(r, indent=None), flush=True)
+    table = markdown(results, a.intervals)
+    print(table)
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(results, f, indent=2)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table + "\n")
+
+
+if __name__ == "__main__":
+    main()

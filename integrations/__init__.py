@@ -1,0 +1,1 @@
+"""Framework integrations: thin wrappers that translate training events into core calls."""

@@ -1,0 +1,202 @@
+"""Per-unit statistics: device-side partial reductions and their host-side summary.
+
+Two halves that meet only through a flat float32 vector:
+
+- :func:`unit_stats` and :func:`histogram_counts` run inside forward hooks. They read one
+  activation on its own device and return small tensors, never syncing with the host.
+- :func:`summarize` turns the host copy of those partials into per-unit numpy arrays.
+
+Every row has a declared cross-call/cross-rank reduction (sum for counts, max for extrema), so
+partials from several forward calls in one step, or from several DDP ranks, combine exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+
+from monitor.activations import Kind
+
+# Row names and their reductions. NEGMIN stores -min so that every extremum row reduces by max.
+FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND = "fired", "max", "negmin", "sumsq", "nonfinite", "at_bound"
+MAX_ROWS = frozenset({MAX, NEGMIN})
+
+
+def rows_for(kind: Kind) -> tuple[str, ...]:
+    rows: list[str] = []
+    if kind.fires:
+        rows.append(FIRED)
+    rows.append(MAX)
+    if not kind.nonnegative:  # a ReLU's minimum is 0: no need to compute it
+        rows.append(NEGMIN)
+    rows += [SUMSQ, NONFINITE]
+    if kind.bounded:
+        rows.append(AT_BOUND)
+    return tuple(rows)
+
+
+def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
+    unit_dim = unit_dim % ndim
+    return tuple(d for d in range(ndim) if d != unit_dim)
+
+
+@torch.no_grad()
+def unit_stats(
+    x: torch.Tensor,
+    dims: tuple[int, ...],
+    rows: tuple[str, ...],
+    kind: Kind,
+    lo_thr: float | None = None,
+    hi_thr: float | None = None,
+) -> torch.Tensor:
+    """Per-unit partial statistics of one activation, shape ``[len(rows), units]``, float32.
+
+    ``dims`` are the dimensions reduced away (all but the unit dimension). Runs on ``x``'s device
+    with no host synchronisation; float16/bfloat16 inputs are reduced in float32.
+
+    >>> t = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
+    >>> unit_stats(t, (0,), rows_for(Kind("x", fires=True)), Kind("x", fires=True))[0]
+    tensor([1., 1.])
+    """
+    if x.dtype != torch.float32:
+        x = x.float()
+    out: list[torch.Tensor] = []
+    for row in rows:
+        if row == FIRED:
+            pos = x if kind.nonnegative else x.clamp(min=0)
+            out.append(pos.sign().sum(dims))
+        elif row == MAX:
+            out.append(x.amax(dims))
+        elif row == NEGMIN:
+            out.append(x.amin(dims).neg_())
+        elif row == SUMSQ:
+            out.append((x * x).sum(dims))
+        elif row == NONFINITE:
+            # finite * 0 == 0, while nan * 0 and inf * 0 are nan: count those per unit.
+            out.append((x * 0).nan_to_num_(nan=1.0).sum(dims))
+        elif row == AT_BOUND:
+            out.append(_at_bound(x, lo_thr, hi_thr).sum(dims))
+    return torch.stack(out)
+
+
+def _at_bound(x: torch.Tensor, lo_thr: float | None, hi_thr: float | None) -> torch.Tensor:
+    # Float arithmetic instead of comparisons: boolean kernels are several times slower on CPU.
+    # (v - thr).clamp(min=0).sign() is 1 where v > thr and 0 elsewhere.
+    if lo_thr is not None and hi_thr is not None:
+        mid, half = (hi_thr + lo_thr) / 2, (hi_thr - lo_thr) / 2
+        return (x - mid).abs_().sub_(half).clamp_(min=0).sign_()
+    if hi_thr is not None:
+        return (x - hi_thr).clamp_(min=0).sign_()
+    assert lo_thr is not None
+    return (lo_thr - x).clamp_(min=0).sign_()
+
+
+# ---------------------------------------------------------------------------------------------
+# Histograms: fixed, symmetric, geometrically spaced buckets (the shape TensorBoard itself uses),
+# so binning needs no data-dependent range and therefore no host sync.
+
+HIST_MAX_SAMPLES = 2048
+
+
+@lru_cache(maxsize=None)
+def histogram_edges(lo_exp: int = -4, hi_exp: int = 6, per_decade: int = 8) -> tuple[float, ...]:
+    """Bucket edges: 0, +-10**k for k from lo_exp to hi_exp in steps of 1/per_decade."""
+    pos = [10 ** (lo_exp + i / per_decade) for i in range((hi_exp - lo_exp) * per_decade + 1)]
+    return tuple([-p for p in reversed(pos)] + [0.0] + pos)
+
+
+_EDGE_TENSORS: dict[torch.device, torch.Tensor] = {}
+
+
+def _edges_on(device: torch.device) -> torch.Tensor:
+    t = _EDGE_TENSORS.get(device)
+    if t is None:
+        t = _EDGE_TENSORS[device] = torch.tensor(histogram_edges(), dtype=torch.float32, device=device)
+    return t
+
+
+@lru_cache(maxsize=4096)
+def sample_stride(numel: int, units: int) -> int:
+    """A stride that keeps at most HIST_MAX_SAMPLES values and is coprime with the unit count.
+
+    A stride sharing a factor with the number of units would only ever sample some units.
+    """
+    stride = max(1, math.ceil(numel / HIST_MAX_SAMPLES))
+    while stride > 1 and math.gcd(stride, units) != 1:
+        stride += 1
+    return stride
+
+
+@torch.no_grad()
+def histogram_counts(x: torch.Tensor, stride: int) -> torch.Tensor:
+    """Bucket counts of a strided sample of ``x`` (len(edges) + 1 buckets), on x's device."""
+    flat = x.reshape(-1)
+    if stride > 1:
+        flat = flat[::stride]
+    flat = flat.float().nan_to_num(nan=0.0)  # a copy, hence contiguous
+    edges = _edges_on(flat.device)
+    idx = torch.bucketize(flat, edges)
+    if flat.device.type == "cpu":
+        return torch.bincount(idx, minlength=edges.numel() + 1).float()
+    # bincount on an accelerator reads max(idx) back to size its output: a host sync. index_add_ does not.
+    counts = torch.zeros(edges.numel() + 1, dtype=torch.float32, device=flat.device)
+    return counts.index_add_(0, idx, torch.ones_like(flat))
+
+
+def combine(a: torch.Tensor, b: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
+    """Merge two partials of the same watch point (e.g. a module called twice in one step)."""
+    out = a + b
+    for i, row in enumerate(rows):
+        if row in MAX_ROWS:
+            out[i] = torch.maximum(a[i], b[i])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Host side
+
+
+@dataclass
+class UnitSummary:
+    """One watch point on one sampled step, per unit, on the host."""
+
+    positions: int  # values seen per unit (batch x sequence x spatial, over all calls)
+    fired: np.ndarray | None  # count of values > 0 per unit
+    max: np.ndarray
+    min: np.ndarray
+    sumsq: np.ndarray
+    nonfinite: np.ndarray
+    at_bound: np.ndarray | None
+    hist_counts: np.ndarray | None = None  # scaled to the full tensor
+    hist_sampled: int = 0
+
+    @property
+    def units(self) -> int:
+        return int(self.max.shape[0])
+
+
+def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int) -> UnitSummary:
+    """Host numpy ``[len(rows), units]`` partials -> a :class:`UnitSummary`."""
+    r = {name: block[i] for i, name in enumerate(rows)}
+    return UnitSummary(
+        positions=positions,
+        fired=r.get(FIRED),
+        max=r[MAX],
+        min=-r[NEGMIN] if NEGMIN in r else np.zeros_like(r[MAX]),  # ReLU family: min is 0
+        sumsq=r[SUMSQ],
+        nonfinite=r[NONFINITE],
+        at_bound=r.get(AT_BOUND),
+    )
+
+
+def safe_rms(sumsq: np.ndarray, count: float) -> float:
+    """RMS over the finite per-unit sums (NaN units are reported as non-finite, not averaged in)."""
+    finite = np.isfinite(sumsq)
+    n = count * int(finite.sum())
+    if n == 0:
+        return float("nan")
+    return float(math.sqrt(float(sumsq[finite].sum()) / n))
