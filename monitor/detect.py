@@ -45,8 +45,11 @@ class Thresholds:
     """When a layer counts as unhealthy. Defaults: silent on healthy runs, loud on clear pathologies.
 
     Attributes:
-        window: sampled steps a unit is judged over (dead / saturated).
-        dead_min_positions: values a unit must have been seen on before it can be called dead.
+        min_positions: values per unit that a dead/saturated verdict needs. A unit is judged over
+            the most recent sampled steps that together hold at least this many values: one step
+            when the batch is large enough (so a clear pathology alerts at its first sampled step),
+            more when batches are small.
+        window: the most sampled steps a verdict may look back over.
         dead_fraction: alert when at least this fraction of a ReLU layer's units are dead.
         saturation_tolerance: fraction of the output range that counts as "at the bound"
             (0.01 on tanh: |y| >= 0.98; on sigmoid: y <= 0.01 or y >= 0.99).
@@ -63,8 +66,8 @@ class Thresholds:
         0.25
     """
 
+    min_positions: int = 100
     window: int = 5
-    dead_min_positions: int = 64
     dead_fraction: float = 0.5
     saturation_tolerance: float = 0.01
     saturated_positions: float = 0.95
@@ -76,7 +79,7 @@ class Thresholds:
     recovery_samples: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("window", "dead_min_positions", "baseline_samples", "recovery_samples"):
+        for name in ("min_positions", "window", "baseline_samples", "recovery_samples"):
             _positive_int(name, getattr(self, name))
         for name in ("dead_fraction", "saturated_positions", "saturated_fraction"):
             _fraction(name, getattr(self, name))
@@ -162,6 +165,10 @@ def _clean(a: np.ndarray | None, nan: float) -> np.ndarray | None:
     return a
 
 
+def _steps(n: int) -> str:
+    return "sampled step" if n == 1 else f"{n} sampled steps"
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.0f}%"
 
@@ -184,9 +191,6 @@ class LayerState:
     baseline_values: list = field(default_factory=list)
     active: dict = field(default_factory=dict)  # alert kind -> consecutive healthy samples
     _baseline: float | None = None
-    _win_positions: int = 0
-    _win_fired: np.ndarray | None = None
-    _win_at: np.ndarray | None = None
 
     @property
     def baseline(self) -> float | None:
@@ -195,52 +199,66 @@ class LayerState:
         return self._baseline
 
     def _push(self, sample: _Sample) -> None:
-        if self.window and sample.fired is not None and self._win_fired is not None and (
-            self._win_fired.shape != sample.fired.shape
-        ):
-            self.window.clear()  # the layer changed width: start a new window
-        if not self.window:
-            self._win_positions, self._win_fired, self._win_at = 0, None, None
+        if self.window:
+            ref = self.window[-1]
+            if (ref.fired is None) != (sample.fired is None) or (
+                sample.fired is not None and ref.fired is not None and ref.fired.shape != sample.fired.shape
+            ):
+                self.window.clear()  # the layer changed width: judge it afresh
         self.window.append(sample)
-        self._win_positions += sample.positions
-        if sample.fired is not None and self.kind.can_die:
-            self._win_fired = sample.fired if self._win_fired is None else self._win_fired + sample.fired
-        if sample.at_bound is not None:
-            self._win_at = sample.at_bound if self._win_at is None else self._win_at + sample.at_bound
         while len(self.window) > self.thresholds.window:
-            old = self.window.popleft()
-            self._win_positions -= old.positions
-            if old.fired is not None and self._win_fired is not None:
-                self._win_fired = self._win_fired - old.fired
-            if old.at_bound is not None and self._win_at is not None:
-                self._win_at = self._win_at - old.at_bound
+            self.window.popleft()
+
+    def _evidence(self, attr: str) -> tuple[np.ndarray | None, int, int]:
+        """Sum of ``attr`` over the most recent samples holding >= min_positions values per unit.
+
+        Returns (sums, values per unit, samples used); sums is None if the window holds too few.
+        """
+        total: np.ndarray | None = None
+        positions = used = 0
+        for w in reversed(self.window):
+            a = getattr(w, attr)
+            if a is None:
+                break
+            total = a if total is None else total + a
+            positions += w.positions
+            used += 1
+            if positions >= self.thresholds.min_positions:
+                return total, positions, used
+        return None, positions, used
 
     def update(self, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
         self._push(_Sample(s.positions, _clean(s.fired, 1.0), _clean(s.at_bound, 0.0)))
         units = s.units
-        win_positions = self._win_positions
 
         dead_fraction = firing_rate = None
         dead_units: tuple[int, ...] = ()
+        evidence = (0, 0)
         if s.fired is not None:
             total = float(s.fired.sum())
             firing_rate = total / (s.positions * units) if s.positions and math.isfinite(total) else None
-        if self._win_fired is not None:
+        if self.kind.can_die and s.fired is not None:
+            fired, seen, used = self._evidence("fired")
+            evidence = (seen, used)
             dead_fraction = 0.0
-            if win_positions >= th.dead_min_positions:
-                dead = np.flatnonzero(self._win_fired <= 0.5)
+            if fired is not None:
+                dead = np.flatnonzero(fired <= 0.5)
                 if dead.size:
                     dead_units = tuple(dead.tolist())
                     dead_fraction = dead.size / units
 
         saturated_fraction = None
         saturated_units: tuple[int, ...] = ()
-        if self._win_at is not None:
-            sat = np.flatnonzero(self._win_at >= th.saturated_positions * win_positions)
-            saturated_fraction = sat.size / units
-            if sat.size:
-                saturated_units = tuple(sat.tolist())
+        if self.kind.bounded and s.at_bound is not None:
+            at, seen, used = self._evidence("at_bound")
+            evidence = (seen, used)
+            saturated_fraction = 0.0
+            if at is not None:
+                sat = np.flatnonzero(at >= th.saturated_positions * seen)
+                if sat.size:
+                    saturated_units = tuple(sat.tolist())
+                    saturated_fraction = sat.size / units
 
         n = s.positions * units
         total_sq = float(s.sumsq.sum())
@@ -269,7 +287,7 @@ class LayerState:
             dead_units=dead_units,
             saturated_units=saturated_units,
         )
-        conditions = self._conditions(health, win_positions)
+        conditions = self._conditions(health, evidence)
         healthy = nonfinite == 0 and math.isfinite(rms) and not conditions["exploding"][0]
         if healthy and len(self.baseline_values) < th.baseline_samples:
             self.baseline_values.append(rms)
@@ -278,7 +296,9 @@ class LayerState:
             return health, []
         return health, self._transitions(step, conditions)
 
-    def _conditions(self, h: LayerHealth, win_positions: int) -> dict[str, tuple[bool, float, float, Callable[[], str]]]:
+    def _conditions(
+        self, h: LayerHealth, evidence: tuple[int, int]
+    ) -> dict[str, tuple[bool, float, float, Callable[[], str]]]:
         """alert kind -> (bad?, value, threshold, what is wrong in words (built lazily))."""
         th = self.thresholds
         out: dict[str, tuple[bool, float, float, Callable[[], str]]] = {}
@@ -288,7 +308,7 @@ class LayerState:
                 h.dead_fraction,
                 th.dead_fraction,
                 lambda: f"dead: {len(h.dead_units)}/{h.units} units ({_pct(h.dead_fraction or 0.0)}) never fired "
-                f"over the last {len(self.window)} sampled steps ({win_positions} values per unit), threshold "
+                f"(> 0) on {evidence[0]} values each over the last {_steps(evidence[1])}, threshold "
                 f"{_pct(th.dead_fraction)}",
             )
         if h.saturated_fraction is not None:
@@ -297,8 +317,8 @@ class LayerState:
                 h.saturated_fraction,
                 th.saturated_fraction,
                 lambda: f"saturated: {len(h.saturated_units)}/{h.units} units ({_pct(h.saturated_fraction or 0.0)}) "
-                f"sit at a bound of {self.kind.name} on >= {_pct(th.saturated_positions)} of their values, "
-                f"threshold {_pct(th.saturated_fraction)}",
+                f"sit at a bound of {self.kind.name} on >= {_pct(th.saturated_positions)} of {evidence[0]} values "
+                f"over the last {_steps(evidence[1])}, threshold {_pct(th.saturated_fraction)}",
             )
         base = self.baseline
         if math.isfinite(h.rms) and h.rms > th.max_rms:

@@ -83,7 +83,9 @@ class Selector:
                 hint = f" Close names: {', '.join(close)}." if close else f" Module names include: {', '.join(names[:8])}."
                 raise ValueError(
                     f"`{arg}` pattern {p!r} matches no module name, module type or functional activation "
-                    f"of this {type(model).__name__}.{hint}"
+                    f"of this {type(model).__name__}.{hint} Valid patterns match qualified module names "
+                    f"(e.g. {names[0] if names else 'encoder.layers.*'!r}), module types (e.g. 'ReLU') or "
+                    "functional activations ('<module>.relu')."
                 )
 
     def _matches(self, patterns: tuple[str, ...], *labels: str) -> bool:

@@ -1,0 +1,344 @@
+"""The Monitor's contract: selection, hooks, host syncs, robustness, persistence."""
+
+import gc
+import tracemalloc
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from models import Encoder, SmallCNN, StructuredOutputs, WineClassifier, mlp
+from monitor import ActivationAlertError, Alert, Monitor, MonitorWarning, Sink, Thresholds
+
+
+def hook_counts(model: nn.Module) -> list[tuple[int, int, int]]:
+    return [(len(m._forward_hooks), len(m._forward_pre_hooks), len(m._backward_hooks)) for m in model.modules()]
+
+
+def one_step(mon, model, x, step=0):
+    with mon.step(step):
+        return model(x)
+
+
+# -- construction errors ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, needle",
+    [
+        ({"every_n_steps": 0}, ValueError, "Expected `every_n_steps` to be a positive integer, got 0."),
+        ({"every_n_steps": 2.5}, ValueError, "got 2.5"),
+        ({"on_alert": "explode"}, ValueError, "'warn', 'raise', 'ignore' or a callable, got 'explode'"),
+        ({"include": "dense9*"}, ValueError, "Close names: dense1, dense0."),
+        ({"exclude": ["nope"]}, ValueError, "`exclude` pattern 'nope' matches no module name"),
+        ({"include": 3}, TypeError, "`include` to be None, a glob pattern string or a sequence"),
+        ({"thresholds": {"window": 3}}, TypeError, "monitor.Thresholds"),
+        ({"logdir": "x", "writer": object()}, ValueError, "either `logdir` or `writer`"),
+    ],
+)
+def test_bad_input_is_rejected_at_construction(kwargs, exc, needle):
+    with pytest.raises(exc) as e:
+        Monitor(WineClassifier(), **kwargs)
+    assert needle in str(e.value)
+
+
+def test_model_must_be_a_module():
+    with pytest.raises(TypeError, match="Expected `model` to be a torch.nn.Module, got function"):
+        Monitor(lambda x: x)
+
+
+# -- what is watched ----------------------------------------------------------------------------
+
+
+def test_wine_functional_relus_are_watched_out_of_the_box():
+    model = WineClassifier()
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(32, 13))
+    assert mon.layers == ["dense0.relu", "dense1.relu"]
+    assert mon.health()["dense0.relu"].units == 20
+
+
+def test_default_selection_modules_functional_and_blocks():
+    model = Encoder()
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, model, torch.randint(0, 50, (4, 16)))
+    # TransformerEncoderLayer calls its activation functionally (F.gelu) inside torch code;
+    # each block's output (the residual stream) is watched too.
+    assert mon.layers == ["blocks.0.linear1.gelu", "blocks.0", "blocks.1.linear1.gelu", "blocks.1"]
+    h = mon.health()
+    assert h["blocks.0"].kind == "block" and h["blocks.0"].units == 32
+    assert h["blocks.0.linear1.gelu"].units == 128
+
+
+def test_include_exclude_by_name_type_and_functional_name():
+    model = mlp(act=nn.Tanh)
+    with Monitor(model, every_n_steps=1, include=["Tanh"], exclude="act1", on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(8, 13))
+    assert mon.layers == ["act0"]
+    model = WineClassifier()
+    with Monitor(model, every_n_steps=1, include="dense0.*", on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(8, 13))
+    assert mon.layers == ["dense0.relu"]
+    with Monitor(model, every_n_steps=1, include="dense1", on_alert="ignore") as mon:  # a Linear
+        one_step(mon, model, torch.randn(8, 13))
+    assert mon.layers == ["dense1"] and mon.health()["dense1"].kind == "module"
+
+
+def test_activation_modules_are_not_double_counted_as_functional():
+    model = mlp()  # nn.ReLU modules call F.relu internally
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(8, 13))
+    assert mon.layers == ["act0", "act1"]
+
+
+def test_units_are_channels_for_convolutions_and_features_for_sequences():
+    model = SmallCNN()
+    conv1d = nn.Sequential(nn.Conv1d(3, 5, 3), nn.ReLU())
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(2, 3, 8, 8))
+    assert [h.units for h in mon.health().values()] == [8, 16]
+    with Monitor(conv1d, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, conv1d, torch.randn(2, 3, 10))
+    assert mon.health()["1"].units == 5  # (N, C, L): channels
+
+
+def test_structured_outputs_and_functional_tanh_sigmoid():
+    model = StructuredOutputs()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", include=["*"]) as mon:
+        one_step(mon, model, torch.randn(8, 4))
+    kinds = {n: h.kind for n, h in mon.health().items()}
+    assert kinds["a.tanh"] == "tanh" and kinds["b.relu"] == "relu" and kinds["sigmoid"] == "sigmoid"
+
+
+# -- hooks only on sampled steps, always removed --------------------------------------------------
+
+
+def test_hooks_exist_only_inside_sampled_steps_and_model_is_left_as_found():
+    model = WineClassifier()
+    before = hook_counts(model)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    mon = Monitor(model, every_n_steps=5, on_alert="ignore").attach()
+    with mon.step(1):  # not sampled
+        assert hook_counts(model) == before
+        model(torch.randn(4, 13))
+    with mon.step(5):
+        assert hook_counts(model) != before
+        model(torch.randn(4, 13))
+    assert hook_counts(model) == before
+    mon.close()
+    assert hook_counts(model) == before
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_hooks_removed_when_the_forward_raises():
+    class Boom(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.act = nn.ReLU()
+
+        def forward(self, x):
+            F.relu(self.fc(x))
+            self.act(x)
+            raise RuntimeError("boom")
+
+    model = Boom()
+    before = hook_counts(model)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore").attach()
+    with pytest.raises(RuntimeError, match="boom"):
+        with mon.step(0):
+            model(torch.randn(2, 3))
+    assert hook_counts(model) == before
+    assert not torch.overrides._get_current_function_mode_stack()
+    assert mon.health() == {}  # nothing half-recorded
+    with mon.step(1):  # and the monitor keeps working
+        mon.model.act(mon.model.fc(torch.randn(2, 3)))
+    assert list(mon.health()) == ["act"]
+    mon.close()
+
+
+def test_non_sampled_steps_run_no_monitor_code(monkeypatch):
+    model = mlp()
+    mon = Monitor(model, every_n_steps=10, on_alert="ignore").attach()
+    calls = []
+    monkeypatch.setattr(Monitor, "_begin", lambda self, step: calls.append(step))
+    monkeypatch.setattr(Monitor, "_end", lambda self, failed: None)
+    for step in range(1, 10):
+        with mon.step(step):
+            model(torch.randn(2, 13))
+    assert calls == []
+    with mon.step(10):
+        pass
+    assert calls == [10]
+
+
+def test_no_host_sync_inside_hooks_and_one_transfer_per_sampled_step(monkeypatch):
+    model = Encoder()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore").attach()
+    x = torch.randint(0, 50, (4, 16))
+    one_step(mon, model, x, 0)  # discovery step
+    events: list[str] = []
+    in_forward = {"on": False}
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _n=name, _o=original, **k):
+            events.append(("forward:" if in_forward["on"] else "exit:") + _n)
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for step in (1, 2):
+        with mon.step(step):
+            in_forward["on"] = True
+            model(x)
+            in_forward["on"] = False
+    monkeypatch.undo()
+    assert [e for e in events if e.startswith("forward:")] == []
+    assert [e for e in events if e == "exit:cpu"] == ["exit:cpu", "exit:cpu"]  # one transfer each
+    assert not any(e in ("exit:item", "exit:tolist", "exit:__bool__") for e in events)
+    mon.close()
+
+
+# -- robustness ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_activations(dtype):
+    model = mlp(act=nn.Tanh).to(dtype)
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        one_step(mon, model, torch.randn(64, 13, dtype=dtype))
+    h = mon.health()["act0"]
+    assert np.isfinite(h.rms) and 0 < h.rms < 1 and h.nonfinite == 0
+
+
+def test_eval_mode_model_is_monitored_too():
+    model = mlp().eval()
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        with torch.no_grad():
+            one_step(mon, model, torch.randn(16, 13))
+    assert set(mon.health()) == {"act0", "act1"}
+
+
+def test_a_failing_sink_warns_once_and_training_goes_on():
+    class Broken(Sink):
+        def write(self, record):
+            raise OSError("disk full")
+
+    model = mlp()
+    with pytest.warns(MonitorWarning, match="disk full") as rec:
+        with Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[Broken()]) as mon:
+            for step in range(5):
+                one_step(mon, model, torch.randn(8, 13), step)
+            mon.flush()
+    assert sum("disk full" in str(w.message) for w in rec) == 1
+    assert len(mon.health()) == 2
+
+
+def test_a_broken_tensorboard_writer_does_not_stop_training(tmp_path):
+    class BadWriter:
+        def add_scalar(self, *a, **k):
+            raise RuntimeError("writer is gone")
+
+        add_histogram_raw = add_image = add_text = add_scalar
+
+        def flush(self):
+            raise RuntimeError("writer is gone")
+
+    model = mlp()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with Monitor(model, every_n_steps=1, writer=BadWriter(), on_alert="ignore") as mon:
+            for step in range(3):
+                one_step(mon, model, torch.randn(8, 13), step)
+    assert sum("writer is gone" in str(w.message) for w in rec) == 1
+
+
+def dead_model():
+    model = mlp(width=16, depth=1)
+    with torch.no_grad():
+        model.fc0.bias.fill_(-100.0)
+    return model
+
+
+def test_on_alert_modes():
+    x = torch.randn(128, 13)
+    with pytest.warns(MonitorWarning, match=r"step 0 \| act0 \| dead: 16/16 units"):
+        with Monitor(dead_model(), every_n_steps=1) as mon:
+            one_step(mon, mon.model, x)
+    got: list[Alert] = []
+    with Monitor(dead_model(), every_n_steps=1, on_alert=got.append) as mon:
+        one_step(mon, mon.model, x)
+    assert [(a.kind, a.layer, a.value) for a in got] == [("dead", "act0", 1.0)]
+    with Monitor(dead_model(), every_n_steps=1, on_alert="raise") as mon:
+        with pytest.raises(ActivationAlertError) as e:
+            one_step(mon, mon.model, x)
+    assert e.value.alert.kind == "dead"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with Monitor(dead_model(), every_n_steps=1, on_alert="ignore") as mon:
+            one_step(mon, mon.model, x)
+        assert len(mon.alerts) == 1
+
+
+def test_compiled_model_disables_monitoring_with_one_warning():
+    model = mlp()
+    model.compile()  # marks the module; nothing is compiled until it runs
+    with pytest.warns(MonitorWarning, match="torch.compile"):
+        mon = Monitor(model, every_n_steps=1).attach()
+    with mon.step(0):
+        pass
+    assert hook_counts(model) == [(0, 0, 0)] * len(list(model.modules()))
+    mon.close()
+
+
+# -- persistence and memory ----------------------------------------------------------------------
+
+
+def test_state_dict_round_trip_continues_where_it_stopped():
+    x = torch.randn(128, 13)
+    model = dead_model()
+    a = Monitor(model, every_n_steps=2, on_alert="ignore").attach()
+    for step in range(4):
+        one_step(a, model, x, step)
+    state = a.state_dict()
+    torch.save(state, "/dev/null")  # checkpoint-serialisable
+    b = Monitor(model, every_n_steps=2, on_alert="ignore").attach()
+    b.load_state_dict(state)
+    assert not b.should_sample(2)  # the last sampled step is not sampled twice
+    for step in range(4, 8):
+        one_step(b, model, x, step)
+    # dead since step 0: one alert only, carried over, none duplicated after the resume
+    assert [(al.step, al.kind) for al in b.alerts] == [(0, "dead")]
+    assert b.health()["act0"].step == 6
+
+
+def test_memory_does_not_grow_with_steps():
+    model = mlp()
+    x = torch.randn(32, 13)
+
+    class Count(Sink):
+        n = 0
+
+        def write(self, record):
+            Count.n += 1
+
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[Count()]).attach()
+    for step in range(50):
+        one_step(mon, model, x, step)
+    mon.flush()
+    gc.collect()
+    tracemalloc.start()
+    first = tracemalloc.take_snapshot()
+    for step in range(50, 450):
+        one_step(mon, model, x, step)
+    mon.flush()
+    gc.collect()
+    grown = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(first, "filename"))
+    tracemalloc.stop()
+    mon.close()
+    assert Count.n == 450
+    assert grown < 64 * 1024, f"{grown} bytes retained over 400 sampled steps"

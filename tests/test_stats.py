@@ -1,0 +1,125 @@
+"""Statistics maths against numpy references (computed independently of monitor.stats)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from monitor.activations import RELU, SIGMOID, TANH, Kind, saturation_thresholds
+from monitor.stats import (
+    FIRED,
+    MAX,
+    NEGMIN,
+    NONFINITE,
+    SUMSQ,
+    histogram_counts,
+    histogram_edges,
+    reduce_dims,
+    rows_for,
+    sample_stride,
+    summarize,
+    unit_stats,
+)
+
+GELU_LIKE = Kind("gelu", fires=True)
+
+
+def reference(x: np.ndarray, unit_axis: int) -> dict:
+    """Per-unit statistics with numpy, units on `unit_axis`."""
+    u = np.moveaxis(x.astype(np.float64), unit_axis, -1).reshape(-1, x.shape[unit_axis])
+    finite = np.isfinite(u)
+    return {
+        FIRED: (u > 0).sum(0),
+        MAX: u.max(0),
+        NEGMIN: -u.min(0),
+        SUMSQ: (u**2).sum(0),
+        NONFINITE: (~finite).sum(0),
+    }
+
+
+@pytest.mark.parametrize(
+    "shape, unit_axis",
+    [((64, 20), 1), ((8, 5, 16), 2), ((4, 6, 7, 3), 1), ((4, 6, 9), 1)],
+)
+def test_unit_stats_match_numpy(shape, unit_axis):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(shape, generator=g)
+    dims = reduce_dims(x.ndim, unit_axis)
+    rows = rows_for(GELU_LIKE)
+    got = unit_stats(x, dims, rows, GELU_LIKE).numpy()
+    ref = reference(x.numpy(), unit_axis)
+    for i, row in enumerate(rows):
+        np.testing.assert_allclose(got[i], ref[row], rtol=1e-5, atol=1e-4, err_msg=row)
+
+
+def test_relu_rows_skip_the_minimum_and_count_firing():
+    x = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.5, 0.0]])
+    rows = rows_for(RELU)
+    assert NEGMIN not in rows
+    s = summarize(unit_stats(x, (0,), rows, RELU).numpy(), rows, positions=3)
+    np.testing.assert_array_equal(s.fired, [2, 2, 0])
+    np.testing.assert_array_equal(s.max, [3.0, 2.0, 0.0])
+    np.testing.assert_array_equal(s.min, [0.0, 0.0, 0.0])
+
+
+def test_nonfinite_values_are_counted_per_unit():
+    x = torch.ones(10, 4)
+    x[0, 1] = float("nan")
+    x[3, 1] = float("inf")
+    x[5, 2] = float("-inf")
+    rows = rows_for(GELU_LIKE)
+    s = summarize(unit_stats(x, (0,), rows, GELU_LIKE).numpy(), rows, positions=10)
+    np.testing.assert_array_equal(s.nonfinite, [0, 2, 1, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_is_reduced_in_float32(dtype):
+    # 300**2 * 64 overflows float16 (max 65504) if squares were summed in the input dtype.
+    x = torch.full((64, 3), 300.0).to(dtype)
+    rows = rows_for(GELU_LIKE)
+    out = unit_stats(x, (0,), rows, GELU_LIKE)
+    assert out.dtype == torch.float32
+    s = summarize(out.numpy(), rows, positions=64)
+    np.testing.assert_allclose(s.sumsq, 64 * 300.0**2, rtol=1e-2)
+    assert (s.nonfinite == 0).all()
+
+
+def test_saturation_counts_values_at_either_bound():
+    lo, hi = saturation_thresholds(TANH, 0.01)
+    assert (lo, hi) == pytest.approx((-0.98, 0.98))
+    x = torch.tensor([[0.99, 0.1, -0.995], [0.999, 0.5, 0.2], [-0.97, 0.98, -1.0]])
+    rows = rows_for(TANH)
+    s = summarize(unit_stats(x, (0,), rows, TANH, lo, hi).numpy(), rows, positions=3)
+    np.testing.assert_array_equal(s.at_bound, [2, 0, 2])  # 0.98 itself is not beyond the threshold
+
+
+def test_sigmoid_bounds_and_relu6_upper_only():
+    assert saturation_thresholds(SIGMOID, 0.01) == pytest.approx((0.01, 0.99))
+    from monitor.activations import RELU6
+
+    lo, hi = saturation_thresholds(RELU6, 0.01)
+    assert lo is None and hi == pytest.approx(5.94)
+
+
+def test_histogram_matches_numpy_on_the_same_sample():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(300, 50, generator=g) * 3
+    stride = sample_stride(x.numel(), 50)
+    counts = histogram_counts(x, stride).numpy()
+    edges = np.asarray(histogram_edges())
+    sample = x.reshape(-1)[::stride].numpy()
+    # bucket i holds (edges[i-1], edges[i]]
+    ref = np.bincount(np.searchsorted(edges, sample, side="left"), minlength=len(edges) + 1)
+    np.testing.assert_array_equal(counts, ref)
+    assert counts.sum() == math.ceil(x.numel() / stride)
+
+
+def test_sample_stride_is_coprime_with_units_and_bounded():
+    for numel, units in [(128 * 256, 256), (64 * 32 * 32 * 32, 32), (1000, 10), (10, 10)]:
+        s = sample_stride(numel, units)
+        assert math.gcd(s, units) == 1 or s == 1
+        assert math.ceil(numel / s) <= 2048
+    # Every unit of a (rows, 256) tensor is represented in the sample
+    s = sample_stride(128 * 256, 256)
+    assert len(set((np.arange(0, 128 * 256, s) % 256).tolist())) == 256
