@@ -123,12 +123,14 @@ def _text_mask(text: str) -> np.ndarray:
     from PIL import Image, ImageDraw
 
     font = _font(12)
-    width = int(font.getlength(text)) + 2
-    img = Image.new("1", (max(width, 1), 15), 0)
+    left, top, right, bottom = font.getbbox(text)
+    img = Image.new("1", (int(right) + 16, max(int(bottom) + 3, 15)), 0)
     draw = ImageDraw.Draw(img)
     draw.fontmode = "1"  # no anti-aliasing: text stays one palette colour
     draw.text((0, 0), text, fill=1, font=font)
-    return np.asarray(img, dtype=bool)
+    mask = np.asarray(img, dtype=bool)
+    inked = np.flatnonzero(mask.any(axis=0))
+    return mask[:, : (inked[-1] + 2 if inked.size else 1)]
 
 
 @dataclass
@@ -158,7 +160,8 @@ def render_scan(rows: Sequence[ScanRow], step: int, width: int = 640, row_height
     label_w = max([text_width(s) for s in labels] + [80]) + 12
     top, bottom, gap = 24, 40, 2
     h = top + len(rows) * (row_height + gap) + bottom
-    pic = Picture(h, label_w + width + 12)
+    legend = "firing rate | RMS / layer max   (red: NaN/Inf)"
+    pic = Picture(h, max(label_w + width + 12, label_w + min(200, width) + text_width(legend) + 24))
     items = [((6, 5), f"activation scan @ step {step}: layers x units", "left")]
     for i, (r, text) in enumerate(zip(rows, labels)):
         binned = bin_units(r.values, width)
@@ -166,7 +169,7 @@ def render_scan(rows: Sequence[ScanRow], step: int, width: int = 640, row_height
         y0 = top + i * (row_height + gap)
         pic.pixels[y0 : y0 + row_height, label_w : label_w + width] = color_index(binned[cols])[None, :]
         items.append(((label_w - 6, y0 + (row_height - 13) // 2), text, "right"))
-    items += _colorbar(pic, label_w, h - bottom + 10, min(200, width), 8, "firing rate | RMS / layer max   (red: NaN/Inf)")
+    items += _colorbar(pic, label_w, h - bottom + 10, min(200, width), 8, legend)
     pic.labels(items)
     return pic
 
@@ -182,13 +185,14 @@ def render_timeline(layer: str, metric: str, values: np.ndarray, steps: Sequence
     cell_w = int(np.clip(480 // max(samples, 1), 3, 32))
     left, top, right, bottom = 56, 24, 16, 50
     gh, gw = units * cell_h, samples * cell_w
-    h, w = top + gh + bottom, max(left + gw + right, 440)
+    n_units = values.shape[0]
+    binned = f" ({n_units} units in {units} rows)" if units < n_units else ""
+    title = f"{layer}: {metric} per unit (rows) over sampled steps{binned}"
+    h, w = top + gh + bottom, max(left + gw + right, 440, text_width(title) + 12, left + 400)
     pic = Picture(h, w)
     grid = color_index(v)
     pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)
-    n_units = values.shape[0]
-    binned = f" ({n_units} units in {units} rows)" if units < n_units else ""
-    items = [((6, 5), f"{layer}: {metric} per unit (rows) over sampled steps{binned}", "left")]
+    items = [((6, 5), title, "left")]
     for frac in (0.0, 0.5, 1.0):
         row = min(int(frac * (units - 1)), units - 1)
         unit = row if units == n_units else int(row * n_units / units)
