@@ -25,6 +25,7 @@ from monitor.stats import (
     histogram_counts,
     sample_stride,
     summarize,
+    unit_stats,
 )
 
 OnAlert = Union[Literal["warn", "raise", "ignore"], Callable[[Alert], None]]
@@ -417,17 +418,25 @@ class Monitor:
             return None
         return entry[1], entry[2]
 
-    def _enclosing_module(self) -> str:
-        """Qualified name of the innermost module whose forward is running (frame walk)."""
-        frame = sys._getframe(3)
-        for _ in range(64):
+    def _enclosing_module(self) -> str | None:
+        """Qualified name of the innermost module of the model whose code is running, or None when
+        no ``forward`` of the model is on the stack: the call comes from a loss function, the
+        training loop or a LightningModule's ``training_step``, not from the model."""
+        frame = sys._getframe(2)
+        innermost: str | None = None
+        for _ in range(100):
             if frame is None:
                 break
-            owner = frame.f_locals.get("self") if "self" in frame.f_code.co_varnames else None
-            if isinstance(owner, nn.Module) and id(owner) in self._names:
-                return self._names[id(owner)]
+            code = frame.f_code
+            if "self" in code.co_varnames:
+                owner = frame.f_locals.get("self")
+                if isinstance(owner, nn.Module) and id(owner) in self._names:
+                    if innermost is None:
+                        innermost = self._names[id(owner)]
+                    if code.co_name == "forward":
+                        return innermost
             frame = frame.f_back
-        return ""
+        return None
 
     @staticmethod
     def _call_site() -> tuple[Any, int]:
@@ -438,8 +447,11 @@ class Monitor:
 
     def _on_functional(self, kind: Any, inp: Any, out: Any) -> None:
         try:
+            enclosing = self._enclosing_module()
+            if enclosing is None:
+                return  # not part of the model's forward (e.g. F.relu in a hinge loss)
             producer = self._producer(inp)
-            owner = producer[0] if producer else self._enclosing_module()
+            owner = producer[0] if producer else enclosing
             base_name = kind.name.split("[")[0]
             key = (owner, base_name, self._call_site())
             wp = self._functional_points.get(key)
@@ -471,8 +483,6 @@ class Monitor:
             x = x.detach()
             if wp.unit_dim is None:
                 wp.unit_dim = -1 if x.ndim <= 2 else 1 if x.ndim >= 4 else self._unit_dim_3d(inp)
-            from monitor.stats import unit_stats  # local: keeps the hot path's globals small
-
             dims = wp.dims(x.ndim)
             stats = unit_stats(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
             units = stats.shape[1]

@@ -44,7 +44,6 @@ def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
     return tuple(d for d in range(ndim) if d != unit_dim)
 
 
-@torch.no_grad()
 def unit_stats(
     x: torch.Tensor,
     dims: tuple[int, ...],
@@ -56,7 +55,8 @@ def unit_stats(
     """Per-unit partial statistics of one activation, shape ``[len(rows), units]``, float32.
 
     ``dims`` are the dimensions reduced away (all but the unit dimension). Runs on ``x``'s device
-    with no host synchronisation; float16/bfloat16 inputs are reduced in float32.
+    with no host synchronisation; float16/bfloat16 inputs are reduced in float32. Pass a detached
+    tensor (the hooks do): nothing here should be recorded by autograd.
 
     >>> t = torch.tensor([[0.0, 2.0], [1.0, -1.0]])
     >>> unit_stats(t, (0,), rows_for(Kind("x", fires=True)), Kind("x", fires=True))[0]
@@ -131,7 +131,6 @@ def sample_stride(numel: int, units: int) -> int:
     return stride
 
 
-@torch.no_grad()
 def histogram_counts(x: torch.Tensor, stride: int) -> torch.Tensor:
     """Bucket counts of a strided sample of ``x`` (len(edges) + 1 buckets), on x's device."""
     flat = x.reshape(-1)

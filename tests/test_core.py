@@ -342,3 +342,33 @@ def test_memory_does_not_grow_with_steps():
     mon.close()
     assert Count.n == 450
     assert grown < 64 * 1024, f"{grown} bytes retained over 400 sampled steps"
+
+
+def test_functional_calls_outside_the_model_are_not_watched():
+    model = WineClassifier()
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        with mon.step(0):
+            out = model(torch.randn(16, 13))
+            hinge = F.relu(1 - out).mean()  # an activation in the loss, not in the model
+            torch.tanh(out)
+    assert mon.layers == ["dense0.relu", "dense1.relu"]
+    assert hinge.ndim == 0
+
+
+def test_activations_in_a_training_step_method_are_not_the_model():
+    class Module(nn.Module):  # like a LightningModule: training_step is a method of the model
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return F.relu(self.fc(x))
+
+        def training_step(self, x):
+            return torch.sigmoid(self(x)).mean()
+
+    model = Module()
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        with mon.step(0):
+            model.training_step(torch.randn(8, 4))
+    assert mon.layers == ["fc.relu"]
