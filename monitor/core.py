@@ -612,9 +612,18 @@ class Monitor:
             warnings.warn(f"activation monitor: {message}", MonitorWarning, stacklevel=3)
 
     def _compiled(self) -> bool:
-        if type(self.model).__name__ == "OptimizedModule":
-            return True
-        return any(getattr(m, "_compiled_call_impl", None) is not None for m in self.model.modules())
+        """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
+        return any(
+            type(m).__name__ == "OptimizedModule"
+            or getattr(m, "_compiled_call_impl", None) is not None
+            or getattr(m, "_compiler_ctx", None) is not None
+            for m in self.model.modules()
+        )
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called (a closed monitor cannot be re-attached)."""
+        return self._closed
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

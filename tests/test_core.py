@@ -372,3 +372,10 @@ def test_activations_in_a_training_step_method_are_not_the_model():
         with mon.step(0):
             model.training_step(torch.randn(8, 4))
     assert mon.layers == ["fc.relu"]
+
+
+def test_a_compiled_submodule_is_detected():
+    model = nn.Sequential(mlp(), nn.ReLU())
+    model[0] = torch.compile(model[0], backend="eager")
+    with pytest.warns(MonitorWarning, match="torch.compile"):
+        Monitor(model, every_n_steps=1).attach().close()

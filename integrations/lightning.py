@@ -1,0 +1,307 @@
+"""PyTorch Lightning integration: :class:`ActivationMonitor`, a ``Callback`` around :class:`monitor.Monitor`.
+
+The callback only translates Lightning events into core calls:
+
+============================  ==================================================================
+``setup("fit")``              build the :class:`~monitor.Monitor` on the LightningModule, choose
+                              where output goes (the trainer's ``TensorBoardLogger`` if any)
+``on_train_batch_start``      ``begin_step(trainer.global_step)`` (optimizer steps)
+``on_before_backward``        ``end_step()``: only forward + loss are captured
+``on_train_batch_end``        fallback ``end_step()``; scalars to non-TensorBoard loggers
+``on_exception`` / teardown   ``end_step(failed=True)`` and ``close()``: hooks are always removed
+``state_dict`` / load         the core's ``state_dict()`` in the checkpoint
+============================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import threading
+import warnings
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+
+from monitor import ActivationAlertError, Alert, LayerHealth, Monitor, MonitorWarning, SampleRecord, Sink, Thresholds
+from monitor.core import _ON_ALERT
+
+try:
+    import lightning.pytorch as pl
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "The Lightning integration needs the `lightning` extra: pip install 'activation-monitor[lightning]'"
+    ) from e
+
+__all__ = ["ActivationAlertError", "ActivationMonitor"]
+
+LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
+SUBDIR = "activation_monitor"
+
+
+class _MetricsQueue(Sink):
+    """Keeps ``(step, {tag: value})`` per record; drained on the training thread into loggers."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def write(self, record: SampleRecord) -> None:
+        from monitor.tensorboard import scalar_values
+
+        values = scalar_values(record)
+        if values:
+            with self._lock:
+                self._items.append((record.step, values))
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+class ActivationMonitor(Callback):
+    """Per-unit activation health of the LightningModule, sampled every N optimizer steps.
+
+    Takes the options of :class:`monitor.Monitor`; ``on_alert`` also accepts ``"stop"`` (end
+    training cleanly with ``trainer.should_stop = True`` after the alert is logged). Output goes
+    to the trainer's ``TensorBoardLogger`` beside your own metrics; with other loggers the scalars
+    reach every logger through ``log_metrics`` and images/histograms go to
+    ``<trainer.log_dir>/activation_monitor`` (or ``logdir=``).
+
+    Example:
+        >>> import lightning.pytorch as L  # doctest: +SKIP
+        >>> from integrations.lightning import ActivationMonitor  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[ActivationMonitor(every_n_steps=50)])  # doctest: +SKIP
+        >>> trainer.fit(model)  # doctest: +SKIP
+        >>> trainer.callbacks[0].alerts  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        thresholds: Thresholds | None = None,
+        on_alert: LightningOnAlert = "warn",
+        logdir: str | os.PathLike[str] | None = None,
+        **monitor_kwargs: Any,
+    ) -> None:
+        super().__init__()
+        if not (on_alert == "stop" or callable(on_alert) or on_alert in _ON_ALERT):
+            allowed = ", ".join(map(repr, (*_ON_ALERT, "stop")))
+            raise ValueError(f"Expected `on_alert` to be one of {allowed} or a callable, got {on_alert!r}.")
+        allowed_kw = {"histograms", "images_every_n_samples", "timeline_length", "functional", "sinks"}
+        unknown = sorted(set(monitor_kwargs) - allowed_kw)
+        if unknown:
+            raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
+        self.every_n_steps = every_n_steps
+        self.include = include
+        self.exclude = exclude
+        self.thresholds = thresholds
+        self.on_alert = on_alert
+        self.logdir = logdir
+        self.monitor_kwargs = monitor_kwargs
+        # Validate every option now, with the core's messages, on a throwaway module. Patterns are
+        # only type-checked here: whether they match a module is known at `setup`, on the real model.
+        from monitor.selection import _normalise
+
+        _normalise("include", include), _normalise("exclude", exclude)
+        Monitor(nn.Identity(), every_n_steps, None, None, thresholds, on_alert="ignore", **monitor_kwargs)
+
+        self.monitor: Monitor | None = None  # the core monitor of the current/last fit
+        self._pending_state: dict[str, Any] | None = None
+        self._queue: _MetricsQueue | None = None
+        self._metric_loggers: list[Any] = []
+        self._stop_requested = False
+        self._rank_zero = True
+
+    # -- identity / results ---------------------------------------------------------------------
+    @property
+    def state_key(self) -> str:
+        return self._generate_state_key(every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude)
+
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far (entering and recovering), oldest first."""
+        return self.monitor.alerts if self.monitor is not None else []
+
+    def health(self) -> dict[str, LayerHealth]:
+        """Each watched layer's health at its latest sampled step."""
+        return self.monitor.health() if self.monitor is not None else {}
+
+    # -- setup ------------------------------------------------------------------------------------
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage != "fit":
+            return
+        previous = self.monitor
+        if previous is not None:
+            previous.close()
+        self._rank_zero = trainer.is_global_zero
+        self._stop_requested = False
+        state = self._pending_state
+        if state is None and previous is not None and previous.model is pl_module:
+            state = previous.state_dict()  # a re-used Trainer continues the same run
+        if _compiled(pl_module):
+            # Compiled code does not run forward hooks added later (and adding them would force
+            # recompiles): stay out of the way entirely. The core does the same for `.compile()`.
+            if self._rank_zero:
+                warnings.warn(
+                    "activation monitor: the LightningModule (or part of it) is torch.compile'd; compiled code "
+                    "does not run Python forward hooks added later, so activation monitoring is disabled for it "
+                    "(training is unaffected). Monitor an uncompiled module, or compile only the loss.",
+                    MonitorWarning,
+                    stacklevel=2,
+                )
+            self.monitor = None
+            self._pending_state = state
+            self._queue = None
+            return
+        writer, logdir, self._metric_loggers = self._outputs(trainer)
+        self._queue = _MetricsQueue() if self._metric_loggers else None
+        sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
+        if self._queue is not None:
+            sinks.append(self._queue)
+        mon = Monitor(
+            pl_module,
+            self.every_n_steps,
+            self.include,
+            self.exclude,
+            self.thresholds,
+            logdir=logdir,
+            writer=writer,
+            on_alert=self._core_on_alert(),
+            **{**self.monitor_kwargs, "sinks": sinks},
+        )
+        if trainer.world_size > 1:
+            strategy = trainer.strategy
+            mon.gather = lambda t: strategy.all_gather(t)  # one collective per sampled step, every rank
+        if state is not None:
+            mon.load_state_dict(state)
+        self._pending_state = None
+        self.monitor = mon.attach()
+
+    def _outputs(self, trainer: pl.Trainer) -> tuple[Any, str | None, list[Any]]:
+        """(writer, logdir, loggers that get scalars via log_metrics) for this rank."""
+        loggers = list(trainer.loggers)
+        tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
+        need_dir = self.logdir is None and tb is None
+        # `trainer.log_dir` broadcasts: every rank must ask (or none).
+        log_dir = (trainer.log_dir or trainer.default_root_dir) if need_dir else None
+        if not self._rank_zero:
+            return None, None, []
+        if self.logdir is not None:
+            return None, os.fspath(self.logdir), [lg for lg in loggers if lg is not tb]
+        if tb is not None:
+            return tb.experiment, None, [lg for lg in loggers if lg is not tb]
+        target = os.path.join(log_dir or trainer.default_root_dir, SUBDIR)
+        try:
+            from monitor.tensorboard import require_tensorboard
+
+            require_tensorboard()
+        except ImportError as e:
+            target = None
+            where = f"images and histograms are not written ({e})"
+        else:
+            where = f"images and histograms go to TensorBoard under {target}"
+        sent = "every logger through `log_metrics`" if loggers else "no logger (the trainer has none)"
+        warnings.warn(
+            f"activation monitor: the trainer has no TensorBoardLogger; activation scalars go to {sent}, {where}.",
+            MonitorWarning,
+            stacklevel=3,
+        )
+        return None, target, loggers
+
+    def _core_on_alert(self) -> Any:
+        mode = self.on_alert
+        if mode == "raise":
+            return "raise"  # every rank sees the same alerts and raises together
+        if mode == "stop":
+            return self._stop
+        if not self._rank_zero:
+            return "ignore"  # only rank 0 warns / calls back
+        return mode
+
+    def _stop(self, alert: Alert) -> None:
+        if alert.recovered:
+            return
+        if self._rank_zero:
+            warnings.warn(f"{alert.message} | stopping training (on_alert='stop')", MonitorWarning, stacklevel=2)
+        self._stop_requested = True
+
+    # -- the training step --------------------------------------------------------------------------
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
+        mon = self.monitor
+        if mon is not None and not mon.in_step and mon.should_sample(trainer.global_step):
+            mon.begin_step(trainer.global_step)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
+        self._end(trainer)
+
+    def on_train_batch_end(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        self._end(trainer)
+        self._log_metrics()
+
+    def _end(self, trainer: pl.Trainer) -> None:
+        mon = self.monitor
+        if mon is not None and mon.in_step:
+            mon.end_step()
+            if self._stop_requested:
+                trainer.should_stop = True
+
+    def _log_metrics(self) -> None:
+        if self._queue is None:
+            return
+        for step, values in self._queue.drain():
+            for logger in self._metric_loggers:
+                logger.log_metrics(values, step)
+
+    # -- the end, however it comes --------------------------------------------------------------
+    def _close(self, failed: bool) -> None:
+        mon = self.monitor
+        if mon is None:
+            return
+        mon.end_step(failed=failed)
+        mon.close()  # idempotent: hooks removed, sinks flushed and closed
+        self._log_metrics()
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._close(failed=False)
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._close(failed=True)
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._close(failed=True)
+
+    # -- checkpoints --------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.monitor is not None:
+            return self.monitor.state_dict()
+        return dict(self._pending_state or {})
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if not state_dict:
+            return
+        if self.monitor is not None:
+            self.monitor.load_state_dict(state_dict)
+        else:
+            self._pending_state = dict(state_dict)
+
+
+def _compiled(module: nn.Module) -> bool:
+    """Compiled by ``torch.compile(lightning_module)`` (Lightning unwraps it), ``.compile()`` or a compiled child."""
+    if getattr(module, "_compiler_ctx", None):
+        return True
+    return any(
+        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
+        for m in module.modules()
+    )

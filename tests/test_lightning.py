@@ -1,0 +1,552 @@
+"""The Lightning callback, exercised with real ``lightning.pytorch.Trainer`` runs on CPU.
+
+Ground truth (which units are dead, which steps are optimizer steps) is computed here without
+the monitor. The DDP tests run this file as a script (``python tests/test_lightning.py ddp OUT``)
+so that Lightning's launchers start the second process from a script, not from pytest.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import runpy
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+pytest.importorskip("lightning")
+import lightning.pytorch as L
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from torch.utils.data import DataLoader, TensorDataset
+
+from integrations.lightning import ActivationAlertError, ActivationMonitor
+from monitor import MonitorWarning, SampleRecord, Sink, Thresholds
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N_IN, N_SAMPLES, BATCH = 8, 256, 32
+torch.set_num_threads(1)
+
+
+# -- tiny models and helpers ---------------------------------------------------------------------
+class MLP(L.LightningModule):
+    """8 -> H -> ReLU (net.1) -> H -> ReLU (net.3) -> 1; ``dead_bias`` kills net.1 at init."""
+
+    def __init__(self, hidden: int = 32, dead_bias: float | None = None, lr: float = 0.05, fail_at: int | None = None):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(N_IN, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if dead_bias is not None:
+            with torch.no_grad():
+                self.net[0].bias.fill_(dead_bias)
+        self.lr = lr
+        self.fail_at = fail_at
+        self.val_forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.mse_loss(self(x), y)
+        if self.fail_at is not None and self.global_step == self.fail_at:
+            raise RuntimeError("boom in training_step")
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        # Inputs x1000: about half of net.1's units fire here. If validation leaked into a
+        # sampled step, net.1 would not look dead.
+        x, y = batch
+        self.val_forwards += 1
+        self.log("val_loss", F.mse_loss(self(x * 1000), y))
+
+    def predict_step(self, batch, batch_idx):
+        return self(batch[0] * 1000)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=self.lr)
+
+
+def data(seed: int = 1) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N_SAMPLES, N_IN, generator=g)
+    return TensorDataset(x, x[:, :1] * 0.5 + 0.1 * torch.randn(N_SAMPLES, 1, generator=g))
+
+
+def loader(seed: int = 1) -> DataLoader:
+    return DataLoader(data(seed), batch_size=BATCH)
+
+
+def trainer(tmp_path, **kw) -> L.Trainer:
+    opts = dict(
+        accelerator="cpu",
+        devices=1,
+        max_epochs=1,
+        limit_train_batches=8,
+        limit_val_batches=2,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        log_every_n_steps=1,
+        default_root_dir=str(tmp_path),
+    )
+    opts.update(kw)
+    return L.Trainer(**opts)
+
+
+class Steps(Sink):
+    """Records the step of every sample record (runs on the monitor's thread)."""
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+
+    def write(self, record: SampleRecord) -> None:
+        self.steps.append(record.step)
+
+
+def hook_count(module: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in module.modules())
+
+
+def no_function_mode() -> bool:
+    return not torch.overrides._get_current_function_mode_stack()
+
+
+def events(logdir: str) -> dict[str, dict]:
+    """{tag kind: {tag: [(step, value)]}} from every event file under ``logdir``."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, dict] = {"scalars": {}, "images": {}, "tensors": {}, "histograms": {}}
+    files = glob.glob(os.path.join(logdir, "**", "events.out.tfevents.*"), recursive=True)
+    for d in sorted({os.path.dirname(f) for f in files}):
+        acc = EventAccumulator(d, size_guidance={"scalars": 0, "images": 0, "tensors": 0, "histograms": 0})
+        acc.Reload()
+        tags = acc.Tags()
+        for tag in tags["scalars"]:
+            out["scalars"].setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+        for tag in tags["images"]:
+            out["images"].setdefault(tag, []).extend(e.step for e in acc.Images(tag))
+        for tag in tags["tensors"]:
+            out["tensors"].setdefault(tag, []).extend(e.step for e in acc.Tensors(tag))
+        for tag in tags["histograms"]:
+            out["histograms"].setdefault(tag, []).extend(e.step for e in acc.Histograms(tag))
+    return out
+
+
+def true_dead_units(model: MLP, x: torch.Tensor) -> list[int]:
+    """Units of net.1 that never fire on ``x`` (a plain forward, no monitor)."""
+    with torch.no_grad():
+        pre = model.net[0](x)
+    return torch.nonzero((pre <= 0).all(0)).flatten().tolist()
+
+
+# -- options -------------------------------------------------------------------------------------
+def test_options_are_validated_at_construction():
+    with pytest.raises(ValueError, match=r"Expected `every_n_steps` to be a positive integer, got 0\."):
+        ActivationMonitor(every_n_steps=0)
+    with pytest.raises(ValueError, match="Expected `on_alert` to be one of 'warn', 'raise', 'ignore', 'stop'"):
+        ActivationMonitor(on_alert="halt")
+    with pytest.raises(TypeError, match="Expected `thresholds` to be a monitor.Thresholds"):
+        ActivationMonitor(thresholds={"dead_fraction": 0.1})
+    with pytest.raises(ValueError, match="images_every_n_samples"):
+        ActivationMonitor(images_every_n_samples=-1)
+    with pytest.raises(TypeError, match="unexpected keyword argument"):
+        ActivationMonitor(every_n_step=5)
+    cb = ActivationMonitor(every_n_steps=5, on_alert="stop", include="net.*", histograms=False)
+    assert cb.state_key != ActivationMonitor(every_n_steps=7).state_key
+    assert cb.alerts == [] and cb.health() == {}
+
+
+def test_missing_lightning_names_the_extra():
+    code = (
+        "import sys; sys.modules['lightning'] = None; sys.modules['lightning.pytorch'] = None\n"
+        "try:\n    import integrations.lightning\nexcept ImportError as e:\n    print(e)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False).stdout
+    assert "pip install 'activation-monitor[lightning]'" in out
+
+
+# -- a real pathology, into the trainer's TensorBoardLogger ---------------------------------------
+def test_dead_layer_alert_in_tensorboard_beside_user_metrics(tmp_path):
+    model = MLP(dead_bias=-10.0)
+    steps = Steps()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[steps])
+    logger = TensorBoardLogger(str(tmp_path), name="run")
+    t = trainer(tmp_path, logger=logger, max_epochs=2, callbacks=[cb])
+    before = hook_count(model)
+    t.fit(model, loader(), loader(2))
+    assert t.global_step == 16 and model.val_forwards > 0
+
+    # ground truth without the monitor: net.1's weights never change (no gradient through it)
+    dead = true_dead_units(model, data().tensors[0])
+    assert dead == list(range(32))
+    health = cb.health()
+    assert list(health["net.1"].dead_units) == dead and health["net.1"].dead_fraction == 1.0
+    dead_alerts = [a for a in cb.alerts if a.layer == "net.1" and a.kind == "dead"]
+    assert len(dead_alerts) == 1 and not dead_alerts[0].recovered
+    # sampled at every 2nd optimizer step, over two epochs, once each
+    assert steps.steps == list(range(0, 16, 2))
+    assert hook_count(model) == before and no_function_mode()
+
+    # validation/predict after fit add nothing
+    t.validate(model, loader(2), verbose=False)
+    t.predict(model, loader(2))
+    assert steps.steps == list(range(0, 16, 2)) and hook_count(model) == before
+
+    ev = events(logger.log_dir)
+    assert "train_loss" in ev["scalars"]  # the user's metric, same run directory
+    dead_curve = dict(ev["scalars"]["activation_dead_fraction/net.1"])
+    assert sorted(dead_curve) == list(range(0, 16, 2)) and dead_curve[14] == 1.0
+    assert "activation_scan" in ev["images"]
+    assert "activation_hist/net.1" in ev["histograms"]
+    assert any(tag.startswith("activation_alerts") for tag in ev["tensors"])
+
+
+def test_healthy_run_has_no_alerts(tmp_path):
+    model = MLP(lr=0.01)
+    cb = ActivationMonitor(every_n_steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)
+        trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path)), max_epochs=2, callbacks=[cb]).fit(model, loader())
+    assert cb.alerts == []
+    assert set(cb.health()) == {"net.1", "net.3"}
+    assert all(h.dead_fraction < 0.5 for h in cb.health().values())
+
+
+def test_huge_learning_rate_explodes(tmp_path):
+    model = MLP(lr=50.0)
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    trainer(tmp_path, logger=False, max_epochs=2, callbacks=[cb]).fit(model, loader())
+    assert {a.kind for a in cb.alerts} & {"exploding", "nonfinite"}
+
+
+# -- sampling follows optimizer steps ---------------------------------------------------------------
+def test_gradient_accumulation_and_epochs_sample_optimizer_steps(tmp_path):
+    seen: list[tuple[int, int]] = []
+
+    class Spy(L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen.append((trainer.global_step, cb.monitor.in_step))
+
+    steps = Steps()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[steps])
+    t = trainer(tmp_path, logger=False, max_epochs=3, accumulate_grad_batches=3, limit_train_batches=6, callbacks=[cb, Spy()])
+    t.fit(MLP(), loader())
+    assert t.global_step == 6
+    # micro-batches per optimizer step: 3; only the first micro-batch of a sampled step is recorded
+    assert [s for s, active in seen if active] == [0, 2, 4]
+    assert steps.steps == [0, 2, 4]
+
+
+# -- other loggers ------------------------------------------------------------------------------------
+def test_csv_logger_gets_scalars_and_tensorboard_dir_gets_images(tmp_path):
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore")
+    logger = CSVLogger(str(tmp_path))
+    with pytest.warns(MonitorWarning, match="no TensorBoardLogger"):
+        trainer(tmp_path, logger=logger, callbacks=[cb]).fit(MLP(dead_bias=-10.0), loader())
+    import csv
+
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    dead = {int(r["step"]): float(r["activation_dead_fraction/net.1"]) for r in rows if r.get("activation_dead_fraction/net.1")}
+    assert sorted(dead) == [0, 2, 4, 6] and dead[6] == 1.0
+    assert any(r.get("train_loss") for r in rows)
+    ev = events(os.path.join(logger.log_dir, "activation_monitor"))
+    assert "activation_scan" in ev["images"] and "activation_hist/net.1" in ev["histograms"]
+
+
+def test_several_loggers_and_no_logger(tmp_path):
+    csv_logger, tb = CSVLogger(str(tmp_path / "csv")), TensorBoardLogger(str(tmp_path / "tb"))
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # a TensorBoardLogger is there: nothing to say
+        trainer(tmp_path, logger=[csv_logger, tb], callbacks=[cb]).fit(MLP(), loader())
+    assert "activation_dead_fraction/net.1" in events(tb.log_dir)["scalars"]
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as f:
+        assert "activation_dead_fraction/net.1" in f.readline()
+
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore")
+    with pytest.warns(MonitorWarning, match="no logger"):
+        trainer(tmp_path / "bare", logger=False, callbacks=[cb]).fit(MLP(), loader())
+    assert "activation_scan" in events(str(tmp_path / "bare" / "activation_monitor"))["images"]
+
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", logdir=tmp_path / "mine")
+    trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path / "tb2")), callbacks=[cb]).fit(MLP(), loader())
+    assert "activation_scan" in events(str(tmp_path / "mine"))["images"]
+    assert not any(k.startswith("activation") for k in events(str(tmp_path / "tb2"))["scalars"])
+
+
+# -- on_alert ---------------------------------------------------------------------------------------------
+def test_on_alert_stop_ends_training_cleanly(tmp_path):
+    cb = ActivationMonitor(every_n_steps=1, on_alert="stop")
+    logger = TensorBoardLogger(str(tmp_path))
+    t = trainer(tmp_path, logger=logger, max_epochs=5, callbacks=[cb])
+    with pytest.warns(MonitorWarning, match="stopping training"):
+        t.fit(MLP(dead_bias=-10.0), loader())
+    first = cb.alerts[0]
+    assert first.kind == "dead" and first.layer == "net.1"
+    assert t.global_step == first.step + 1 and t.state.status == "finished" and not t.interrupted
+    ev = events(logger.log_dir)
+    assert max(s for s, _ in ev["scalars"]["activation_dead_fraction/net.1"]) == first.step
+    assert any(tag.startswith("activation_alerts") for tag in ev["tensors"])  # logged before stopping
+
+
+def test_on_alert_raise_and_hooks_removed(tmp_path):
+    model = MLP(dead_bias=-10.0)
+    before = hook_count(model)
+    cb = ActivationMonitor(every_n_steps=1, on_alert="raise")
+    with pytest.raises(ActivationAlertError, match="dead"):
+        trainer(tmp_path, logger=False, callbacks=[cb], max_epochs=3).fit(model, loader())
+    assert hook_count(model) == before and no_function_mode()
+
+
+def test_hooks_removed_after_exception_mid_sampled_step_and_trainer_reuse(tmp_path):
+    model = MLP(fail_at=3)
+    before = hook_count(model)
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    with pytest.raises(RuntimeError, match="boom"):
+        trainer(tmp_path, logger=False, callbacks=[cb]).fit(model, loader())
+    assert hook_count(model) == before and no_function_mode()
+    assert [h.step for h in cb.health().values()] == [2, 2]  # the failed step recorded nothing
+
+    # a Trainer re-used for a second fit works and continues the same sampling
+    model = MLP()
+    steps = Steps()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[steps])
+    t = trainer(tmp_path, logger=False, callbacks=[cb], limit_train_batches=4)
+    t.fit(model, loader())
+    assert hook_count(model) == before
+    t.fit_loop.max_epochs = 2
+    t.fit(model, loader())
+    assert t.global_step == 8 and hook_count(model) == before
+    assert steps.steps == [0, 2, 4, 6]
+
+
+def test_bf16_mixed_precision(tmp_path):
+    model = MLP(dead_bias=-10.0)
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    trainer(tmp_path, logger=False, precision="bf16-mixed", callbacks=[cb]).fit(model, loader())
+    assert cb.health()["net.1"].dead_fraction == 1.0
+    assert [a.kind for a in cb.alerts if a.layer == "net.1"] == ["dead"]
+
+
+class PlainMLP(MLP):
+    # no `self.log` in training_step: Lightning 2.6's logging does not trace under dynamo with torch 2.13
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return F.mse_loss(self(x), y)
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+def test_torch_compile_module_trains_with_one_warning(tmp_path, how):
+    cb = ActivationMonitor(every_n_steps=1)
+    model = PlainMLP()
+    if how == "torch.compile":
+        model = torch.compile(model, backend="eager")  # dynamo tracing, without inductor's build time
+    else:
+        model.compile(backend="eager")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, logger=False, callbacks=[cb], limit_train_batches=4, limit_val_batches=0)
+        t.fit(model, loader())
+    assert t.global_step == 4
+    compile_warnings = [x for x in w if issubclass(x.category, MonitorWarning) and "compile" in str(x.message)]
+    assert len(compile_warnings) == 1, [str(x.message) for x in w]
+    assert cb.alerts == [] and cb.health() == {}
+    assert hook_count(t.lightning_module) == 0
+
+
+# -- checkpoint / resume ------------------------------------------------------------------------------------
+def test_checkpoint_resume_keeps_alert_state_and_sampling(tmp_path):
+    ckpt_dir = tmp_path / "ckpt"
+    steps1 = Steps()
+    cb1 = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[steps1])
+    t1 = trainer(
+        tmp_path, logger=False, enable_checkpointing=True, limit_train_batches=7,
+        callbacks=[cb1, ModelCheckpoint(dirpath=ckpt_dir, save_last=True)],
+    )
+    t1.fit(MLP(dead_bias=-10.0), loader())
+    assert steps1.steps == [0, 2, 4, 6]
+    first = [a for a in cb1.alerts if a.layer == "net.1"]
+    assert [a.kind for a in first] == ["dead"] and first[0].step < 7
+
+    path = str(ckpt_dir / "last.ckpt")
+    ckpt = torch.load(path, weights_only=True)  # plain types and tensors only
+    state = ckpt["callbacks"][cb1.state_key]
+    assert state["last_sampled"] == 6 and state["layers"]["net.1"]["active"] == {"dead": 0}
+
+    steps2 = Steps()
+    cb2 = ActivationMonitor(every_n_steps=2, on_alert="warn", sinks=[steps2])
+    t2 = trainer(tmp_path, logger=False, max_epochs=2, limit_train_batches=7, callbacks=[cb2])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", r"step \d+ \|", MonitorWarning)  # a duplicate alert would warn
+        t2.fit(MLP(dead_bias=-10.0), loader(), ckpt_path=path)
+    assert t2.global_step == 14
+    assert steps2.steps == [8, 10, 12]  # continues at the right global steps; 6 is not redone
+    assert [a.to_dict() for a in cb2.alerts] == [a.to_dict() for a in cb1.alerts]  # no duplicate
+    assert cb2.health()["net.1"].dead_fraction == 1.0
+
+
+# -- the example ----------------------------------------------------------------------------------------------
+def test_example_transformer_smoke(tmp_path, capsys):
+    ns = runpy.run_path(os.path.join(ROOT, "examples", "lightning_transformer.py"))
+    cb = ns["main"](["--steps", "12", "--every-n-steps", "2", "--pathology", "lr", "--logdir", str(tmp_path), "--tiny"])
+    out = capsys.readouterr().out
+    assert cb.alerts and "alert" in out.lower() and str(tmp_path) in out
+    assert "activation_scan" in events(str(tmp_path))["images"]
+
+
+# -- DDP (2 CPU processes, gloo) --------------------------------------------------------------------------------
+class SplitNet(L.LightningModule):
+    """``a``: 8 ReLU units, 0-3 fire only on rank 0's data, 4-7 only on rank 1's (frozen weights).
+    ``b``: a ReLU layer that is dead everywhere (bias -10). The trainable head learns something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a_lin = nn.Linear(2, 8)
+        with torch.no_grad():
+            self.a_lin.weight.zero_()
+            self.a_lin.weight[:4, 0] = 1.0
+            self.a_lin.weight[4:, 1] = 1.0
+            self.a_lin.bias.zero_()
+        self.a_lin.requires_grad_(False)
+        self.a = nn.ReLU()
+        self.b_lin = nn.Linear(8, 8)
+        with torch.no_grad():
+            self.b_lin.bias.fill_(-10.0)
+        self.b = nn.ReLU()
+        self.head = nn.Linear(16, 1)
+
+    @staticmethod
+    def rank_batch(rank: int, n: int = 32) -> torch.Tensor:
+        x = torch.rand(n, 2) + 0.1
+        x[:, 1 - rank] *= -1.0  # rank 0: x0 > 0 > x1, rank 1: the opposite
+        return x
+
+    def forward(self, x):
+        h = self.a(self.a_lin(x))
+        return self.head(torch.cat([h, self.b(self.b_lin(h * 0.01))], dim=1))
+
+    def training_step(self, batch, batch_idx):
+        x = self.rank_batch(self.global_rank, batch[0].shape[0])
+        return self(x).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD([p for p in self.parameters() if p.requires_grad], lr=0.01)
+
+
+class RecordingMonitor(ActivationMonitor):
+    """Counts gathers and MonitorWarnings per rank and writes them to ``<out>/rank<r>.json``."""
+
+    def __init__(self, out: str, **kw) -> None:
+        super().__init__(**kw)
+        self.out = out
+
+    def setup(self, trainer, pl_module, stage):
+        self._wctx = warnings.catch_warnings(record=True)
+        self._w = self._wctx.__enter__()
+        warnings.simplefilter("always")
+        super().setup(trainer, pl_module, stage)
+        self.gathers: list[int] = []
+        inner = self.monitor.gather
+
+        def counted(t):
+            self.gathers.append(trainer.global_step)
+            out = inner(t)
+            self.gather_shape = list(out.shape)
+            return out
+
+        self.monitor.gather = counted
+
+    def teardown(self, trainer, pl_module, stage):
+        super().teardown(trainer, pl_module, stage)
+        self._wctx.__exit__(None, None, None)
+        rank = trainer.global_rank
+        own = self.monitor._health  # this rank's view
+        x = SplitNet.rank_batch(rank, 512)
+        with torch.no_grad():
+            single_rank_dead = (pl_module.a(pl_module.a_lin(x)) <= 0).all(0).nonzero().flatten().tolist()
+        result = {
+            "rank": rank,
+            "world": trainer.world_size,
+            "global_step": trainer.global_step,
+            "should_stop": trainer.should_stop,
+            "gathers": self.gathers,
+            "gather_shape": getattr(self, "gather_shape", None),
+            "health_steps": sorted({h.step for h in own.values()}),
+            "a_dead_fraction": own["a"].dead_fraction,
+            "a_dead_units": list(own["a"].dead_units),
+            "single_rank_dead_units": single_rank_dead,
+            "alerts": [a.to_dict() for a in self.alerts],
+            "monitor_warnings": [str(w.message) for w in self._w if issubclass(w.category, MonitorWarning)],
+        }
+        with open(os.path.join(self.out, f"rank{rank}.json"), "w") as f:
+            json.dump(result, f)
+
+
+def ddp_main(strategy: str, out: str) -> None:
+    torch.set_num_threads(1)
+    ds = TensorDataset(torch.zeros(512, 2))
+    cb = RecordingMonitor(out, every_n_steps=2, on_alert="stop", thresholds=Thresholds(min_positions=160))
+    t = L.Trainer(
+        accelerator="cpu", devices=2, strategy=strategy, max_epochs=1, limit_train_batches=12,
+        enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+        logger=TensorBoardLogger(out, name="tb"), callbacks=[cb], default_root_dir=out,
+    )
+    t.fit(SplitNet(), DataLoader(ds, batch_size=32))
+
+
+def check_ddp(out: str) -> None:
+    def load(rank: int) -> dict:
+        with open(os.path.join(out, f"rank{rank}.json")) as f:
+            return json.load(f)
+
+    r0, r1 = load(0), load(1)
+    for r in (r0, r1):
+        assert r["world"] == 2
+        # per-unit statistics were reduced across ranks: a unit firing on one rank only is alive
+        assert r["a_dead_fraction"] == 0.0 and r["a_dead_units"] == []
+        # the ground truth per rank: half of `a` never fires on that rank's own data
+        assert len(r["single_rank_dead_units"]) == 4
+        # one gather per sampled step, on every rank, of shape [world, L]
+        assert r["gathers"] == list(range(0, r["global_step"], 2)) and r["gather_shape"][0] == 2
+        assert r["health_steps"] == [r["gathers"][-1]]
+        # `b` is dead everywhere: the dead alert on `b` stops training on every rank at once
+        assert [(a["layer"], a["kind"]) for a in r["alerts"]] == [("b", "dead")]
+    assert r0["alerts"] == r1["alerts"] and r0["gathers"] == r1["gathers"]
+    stop_step = r0["alerts"][0]["step"]
+    assert r0["global_step"] == r1["global_step"] == stop_step + 1 < 12
+    assert r0["should_stop"] and r1["should_stop"]
+    # only rank 0 warns and writes
+    assert any("stopping training" in m for m in r0["monitor_warnings"])
+    assert r1["monitor_warnings"] == []
+    files = glob.glob(os.path.join(out, "tb", "**", "events.out.tfevents.*"), recursive=True)
+    assert len(files) == 1
+    ev = events(os.path.join(out, "tb"))
+    a_curve = ev["scalars"]["activation_dead_fraction/a"]
+    assert sorted(s for s, _ in a_curve) == r0["gathers"] and all(v == 0.0 for _, v in a_curve)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_ddp_reduces_across_ranks_and_agrees_on_stop(tmp_path, strategy):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::DeprecationWarning"}
+    env.pop("LOCAL_RANK", None)
+    proc = subprocess.run(
+        [sys.executable, os.path.abspath(__file__), strategy, str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=240, check=False,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    check_ddp(str(tmp_path))
+
+
+if __name__ == "__main__":
+    ddp_main(sys.argv[1], sys.argv[2])
