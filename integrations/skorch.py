@@ -89,7 +89,7 @@ class ActivationMonitor(Callback):
         on_alert: SkorchOnAlert = "warn",
         *,
         histograms: bool = True,
-        images_every_n_samples: int = 10,
+        images_every_n_samples: int = 20,
         timeline_length: int = 100,
         functional: bool = True,
         sinks: Sequence[Sink] | None = None,

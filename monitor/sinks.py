@@ -8,12 +8,14 @@ dropped with one warning; training never sees the exception.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import numpy as np
 
@@ -38,26 +40,34 @@ class HistogramData:
     @classmethod
     def from_counts(cls, counts: np.ndarray, edges: Sequence[float], s: UnitSummary) -> HistogramData | None:
         """Bucket ``i`` holds values in ``(edges[i-1], edges[i]]``; the last one is open above."""
-        limits = np.append(np.asarray(edges, dtype=np.float64), _FLOAT_MAX)
+        limits, centres = _limits_and_centres(tuple(edges))
         counts = np.asarray(counts, dtype=np.float64)
         nz = np.flatnonzero(counts)
         if nz.size == 0:
             return None
         lo, hi = max(int(nz[0]) - 1, 0), int(nz[-1]) + 1  # keep one empty bucket on the left
-        finite_min = s.min[np.isfinite(s.min)]
-        finite_max = s.max[np.isfinite(s.max)]
+        mn, mx, sq = float(s.min.min()), float(s.max.max()), float(s.sumsq.sum())
+        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
+            mn = float(np.nanmin(np.where(np.isfinite(s.min), s.min, np.nan), initial=0.0))
+            mx = float(np.nanmax(np.where(np.isfinite(s.max), s.max, np.nan), initial=0.0))
+            sq = float(s.sumsq[np.isfinite(s.sumsq)].sum())
         # Values are not summed on the device (nothing reads the mean); estimate it from buckets.
-        centres = np.concatenate([[limits[0]], (limits[:-2] + limits[1:-1]) / 2, [limits[-2]]])
-        finite_sq = s.sumsq[np.isfinite(s.sumsq)]
         return cls(
-            min=float(finite_min.min()) if finite_min.size else 0.0,
-            max=float(finite_max.max()) if finite_max.size else 0.0,
+            min=mn,
+            max=mx,
             num=float(counts.sum()),
-            sum=float((centres * counts).sum()),
-            sum_squares=float(finite_sq.sum()),
+            sum=float(centres @ counts),
+            sum_squares=sq,
             bucket_limits=limits[lo:hi].tolist(),
             bucket_counts=counts[lo:hi].tolist(),
         )
+
+
+@lru_cache(maxsize=4)
+def _limits_and_centres(edges: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+    limits = np.append(np.asarray(edges, dtype=np.float64), _FLOAT_MAX)
+    centres = np.concatenate([[limits[0]], (limits[:-2] + limits[1:-1]) / 2, [limits[-2]]])
+    return limits, centres
 
 
 @dataclass
@@ -121,30 +131,64 @@ class Sink:
 _FLUSH, _CLOSE = object(), object()
 
 
-class Dispatcher:
-    """A daemon thread feeding records to sinks; a full queue drops records rather than block."""
+def yield_gil() -> None:
+    """Let the training thread take the GIL now.
 
-    def __init__(self, sinks: Sequence[Sink], warn_once: Callable[[str, str], None], maxsize: int = 256) -> None:
+    A background thread that keeps the GIL runs until the interpreter's switch interval (5 ms)
+    forces it off; meanwhile the training thread, which releases the GIL around every PyTorch
+    kernel, waits to get it back. Sinks call this between small pieces of work, so training
+    waits for at most one piece, not for the switch interval.
+    """
+    time.sleep(0)
+
+
+class Dispatcher:
+    """A daemon thread feeding records to sinks; a full queue drops records rather than block.
+
+    Records are handed over in batches, at most ``max_delay`` seconds apart: every wake-up of a
+    background Python thread costs the training thread far more than the work it does (they
+    share the GIL), so one wake-up per couple of seconds is much cheaper than one per sample.
+    TensorBoard reloads every 30 s by default, so nobody sees the difference.
+    """
+
+    def __init__(
+        self,
+        sinks: Sequence[Sink],
+        warn_once: Callable[[str, str], None],
+        maxsize: int = 256,
+        max_delay: float = 2.0,
+        max_batch: int = 64,
+    ) -> None:
         self._sinks = list(sinks)
         self._warn_once = warn_once
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
+        self._batch: list[SampleRecord] = []
+        self._batch_started = 0.0
+        self.max_delay = max_delay
+        self.max_batch = max_batch
         self.busy_seconds = 0.0  # CPU time spent in sinks (benchmarks read it)
         self._thread = threading.Thread(target=self._run, name="activation-monitor-writer", daemon=True)
         self._thread.start()
 
     def submit(self, record: SampleRecord) -> None:
-        if os.environ.get("AM_SYNC"):
-            t0 = time.thread_time()
-            for sink in list(self._sinks):
-                self._call(sink, "write", record)
-            self.busy_seconds += time.thread_time() - t0
+        now = time.monotonic()
+        if not self._batch:
+            self._batch_started = now
+        self._batch.append(record)
+        if now - self._batch_started >= self.max_delay or len(self._batch) >= self.max_batch:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        if not self._batch:
             return
+        batch, self._batch = self._batch, []
         try:
-            self._queue.put_nowait(record)
+            self._queue.put_nowait(batch)
         except queue.Full:
             self._warn_once("queue", "the writer is falling behind; some samples were not written")
 
     def flush(self, timeout: float = 60.0) -> None:
+        self._hand_over()
         done = threading.Event()
         self._queue.put((_FLUSH, done))
         done.wait(timeout)
@@ -152,6 +196,7 @@ class Dispatcher:
     def close(self, timeout: float = 120.0) -> None:
         if not self._thread.is_alive():
             return
+        self._hand_over()
         done = threading.Event()
         self._queue.put((_CLOSE, done))
         done.wait(timeout)
@@ -183,6 +228,8 @@ class Dispatcher:
                     return
                 continue
             t0 = time.thread_time()
-            for sink in list(self._sinks):
-                self._call(sink, "write", item)
+            for record in item:
+                for sink in list(self._sinks):
+                    yield_gil()
+                    self._call(sink, "write", record)
             self.busy_seconds += time.thread_time() - t0

@@ -99,7 +99,7 @@ def _at_bound(x: torch.Tensor, lo_thr: float | None, hi_thr: float | None) -> to
 # Histograms: fixed, symmetric, geometrically spaced buckets (the shape TensorBoard itself uses),
 # so binning needs no data-dependent range and therefore no host sync.
 
-HIST_MAX_SAMPLES = 2048
+HIST_MAX_SAMPLES = 1024
 
 
 @lru_cache(maxsize=None)

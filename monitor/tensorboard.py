@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from monitor.render import Picture, ScanRow, render_scan, render_timeline
-from monitor.sinks import SampleRecord, Sink
+from monitor.sinks import SampleRecord, Sink, yield_gil
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
 
@@ -97,7 +97,7 @@ class TensorBoardSink(Sink):
         self,
         logdir: str | os.PathLike[str] | None = None,
         writer: Any = None,
-        images_every_n_samples: int = 10,
+        images_every_n_samples: int = 20,
         timeline_length: int = 100,
     ) -> None:
         require_tensorboard()
@@ -179,6 +179,7 @@ class TensorBoardSink(Sink):
 
         values = [Summary.Value(tag=tag, simple_value=v) for tag, v in scalars.items()]
         for layer in record.layers:
+            yield_gil()
             h = layer.histogram()
             if h is not None:
                 proto = HistogramProto(
@@ -200,12 +201,14 @@ class TensorBoardSink(Sink):
                 top = finite.max() if finite.size else 1.0
                 rows.append(ScanRow(layer.name, m / top if top > 0 else m, "rms"))
         if rows:
+            yield_gil()
             self._image(SCAN_TAG, render_scan(rows, record.step), record.step)
         if not timelines:
             return
         self._timelines_rendered_at = self._samples
         for name, tl in self._timelines.items():
             if tl.values:
+                yield_gil()
                 metric = "firing rate" if tl.metric == "firing" else "RMS / max"
                 pic = render_timeline(name, metric, tl.matrix(), list(tl.steps))
                 self._image(f"{TIMELINE_TAG}/{name}", pic, record.step)
