@@ -6,7 +6,7 @@
 
 Only training batches are sampled; the step is the number of training batches seen since the
 net was (re-)initialised. Hooks exist only while a sampled training batch's forward runs.
-See ``docs/skorch.md`` for the options, the history keys and how it behaves with ``clone``,
+See the README (section "skorch") for the options, the history keys and how it behaves with ``clone``,
 ``GridSearchCV`` and ``pickle``.
 """
 
