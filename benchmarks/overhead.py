@@ -191,10 +191,16 @@ def bench_workload(name: str, intervals: list[int], rounds: int, device: str, na
         for c, s in states.items():  # warm-up: the first sample discovers watch points
             run_block(w, 2, 0, c[0], c[1], s, device)
         rng = random.Random(0)
+        init = {k: v.clone() for k, v in w.model.state_dict().items()}
         for r in range(rounds):
             order = configs[:]
             rng.shuffle(order)  # no configuration always runs right after another one's writer burst
             for c in order:
+                # Every block trains from the same weights with a fresh optimizer: the model memorises
+                # its batch, and step time drifts with the training state (up to 2x here as the loss
+                # reaches 0), so blocks that started from different states would not be comparable.
+                w.model.load_state_dict(init)
+                states[c]["opt"] = torch.optim.Adam(w.model.parameters(), lr=1e-4)
                 dt = run_block(w, block, start + r * block, c[0], c[1], states[c], device, steps_log[c])
                 times[c].append(dt / block)
         writer_cpu = {}
@@ -207,6 +213,7 @@ def bench_workload(name: str, intervals: list[int], rounds: int, device: str, na
             close_state(s)
     bare = statistics.median(times[("bare", 1)])
     result["bare_step_ms"] = bare * 1e3
+    result["block_ms_per_step"] = {f"{c[0]}@{c[1]}": [round(t * 1e3, 4) for t in times[c]] for c in configs}
     for c in configs:
         if c[0] == "bare":
             continue

@@ -96,7 +96,7 @@ class ActivationMonitor(Callback):
         if not (on_alert == "stop" or callable(on_alert) or on_alert in _ON_ALERT):
             allowed = ", ".join(map(repr, (*_ON_ALERT, "stop")))
             raise ValueError(f"Expected `on_alert` to be one of {allowed} or a callable, got {on_alert!r}.")
-        allowed_kw = {"histograms", "images_every_n_samples", "timeline_length", "functional", "sinks"}
+        allowed_kw = {"histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background"}
         unknown = sorted(set(monitor_kwargs) - allowed_kw)
         if unknown:
             raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
@@ -178,6 +178,8 @@ class ActivationMonitor(Callback):
             on_alert=self._core_on_alert(),
             **{**self.monitor_kwargs, "sinks": sinks},
         )
+        if self.on_alert == "stop":
+            mon.background = False  # the stop decision is read right after the step ends
         if trainer.world_size > 1:
             strategy = trainer.strategy
             mon.gather = lambda t: strategy.all_gather(t)  # one collective per sampled step, every rank

@@ -285,6 +285,7 @@ class ActivationMonitor(Callback):
             timeline_length=self.timeline_length,
             functional=self.functional,
             sinks=self.sinks,
+            background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
         )
         if self.monitor_state_ is not None:
             mon.load_state_dict(self.monitor_state_)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -22,7 +23,10 @@ from monitor.selection import Patterns, Selector, WatchPoint, make_watch_point
 from monitor.sinks import Dispatcher, LayerSample, SampleRecord, Sink
 from monitor.stats import (
     combine,
-    histogram_counts,
+    histogram_counts_batched,
+    histogram_counts_host,
+    histogram_edges,
+    histogram_sample,
     sample_stride,
     summarize,
     unit_stats,
@@ -88,9 +92,22 @@ class _Capture(TorchFunctionMode):
 
 
 @dataclass
+class _Job:
+    """One sampled step on its way from the training thread to the host side."""
+
+    step: int
+    flat: torch.Tensor | np.ndarray  # all partials, on their device (a host array under DDP)
+    ready: Any  # a CUDA event recorded after the partials, or None
+    points: list[WatchPoint]
+    pending: list[_Pending]
+    counts: list[float]  # per point: positions, histogram values sampled, values they stand for
+    bin_on_host: bool
+
+
+@dataclass
 class _Pending:
     stats: torch.Tensor
-    hist: torch.Tensor | None
+    hist_samples: list[torch.Tensor]  # binned together at the end of the step
     positions: int
     hist_numel: int  # values the histogram stands for
     hist_sampled: int  # values actually binned
@@ -144,6 +161,7 @@ class Monitor:
         timeline_length: int = 100,
         functional: bool = True,
         sinks: Sequence[Sink] | None = None,
+        background: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
@@ -171,6 +189,7 @@ class Monitor:
         self.thresholds = thresholds
         self.on_alert = on_alert
         self.histograms = bool(histograms)
+        self.background = bool(background)
         self._selector = Selector(model, include, exclude, functional)
         self._module_points = self._selector.module_watch_points(model, thresholds.saturation_tolerance)
         self._functional = bool(functional)
@@ -206,6 +225,8 @@ class Monitor:
         self._closed = False
         self._enabled = True
         self._warned: set[str] = set()
+        self._lock = threading.RLock()  # detection state, shared with the writer thread
+        self._queued = False  # sampled steps handed to the writer thread and maybe not judged yet
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by DDP integrations
 
         # Per sampled step
@@ -235,8 +256,9 @@ class Monitor:
                 "hooks added later, so activation monitoring is disabled for it (training is unaffected). "
                 "Monitor the model before compiling it, or compile only the loss.",
             )
-        if self._sinks and self._dispatcher is None:
-            self._dispatcher = Dispatcher(self._sinks, self._warn_once)
+        if (self._sinks or self.background) and self._dispatcher is None:
+            judge = weakref.WeakMethod(self._judge_in_background)  # the thread must not keep us alive
+            self._dispatcher = Dispatcher(self._sinks, self._warn_once, judge=lambda job: judge()(job))  # type: ignore[misc]
         return self
 
     def close(self) -> None:
@@ -249,8 +271,9 @@ class Monitor:
         self._closed = True
 
     def flush(self) -> None:
-        """Wait until everything sampled so far is written."""
-        if self._dispatcher is not None:
+        """Wait until everything sampled so far is judged and written."""
+        if self._dispatcher is not None and not self._dispatcher.on_writer_thread():
+            self._queued = False
             self._dispatcher.flush()
 
     def __enter__(self) -> Monitor:
@@ -321,16 +344,22 @@ class Monitor:
     @property
     def alerts(self) -> list[Alert]:
         """Every alert so far (entering and recovering), oldest first."""
-        return list(self._alerts)
+        self._drain()
+        with self._lock:
+            return list(self._alerts)
 
     def health(self) -> dict[str, LayerHealth]:
         """Each watched layer's health at its latest sampled step, in forward order."""
-        return {n: self._health[n] for n in self._order if n in self._health}
+        self._drain()
+        with self._lock:
+            return {n: self._health[n] for n in self._order if n in self._health}
 
     @property
     def layers(self) -> list[str]:
         """Names of the layers seen so far, in forward order."""
-        return list(self._order)
+        self._drain()
+        with self._lock:
+            return list(self._order)
 
     # -- hook machinery ------------------------------------------------------------------------
     def _begin(self, step: int) -> None:
@@ -387,7 +416,14 @@ class Monitor:
             )
             return
         try:
-            alerts = self._process(self._step, current)
+            job = self._pack(self._step, current)
+            if self._background:
+                self._queued = True
+                self._dispatcher.submit(job)  # type: ignore[union-attr]
+                return
+            record, alerts = self._judge(job)
+            if self._dispatcher is not None:
+                self._dispatcher.submit(record)
         except Exception as e:  # never let monitoring break training
             self._warn_once("process", f"monitoring step {self._step} failed and was skipped: {e!r}")
             return
@@ -498,18 +534,18 @@ class Monitor:
                 sampled = 0
                 if self.histograms:
                     stride = sample_stride(numel, units)
-                    hist = histogram_counts(x, stride)
-                    sampled = -(-numel // stride)
+                    hist = histogram_sample(x, stride)
+                    sampled = hist.numel()
             finally:
                 if threads > 1:
                     torch.set_num_threads(threads)
             prev = self._current.get(wp)
             if prev is None:
-                self._current[wp] = _Pending(stats, hist, numel // units, numel, sampled)
+                self._current[wp] = _Pending(stats, [] if hist is None else [hist], numel // units, numel, sampled)
             elif prev.stats.shape == stats.shape:
                 prev.stats = combine(prev.stats, stats, wp.rows)
-                if hist is not None and prev.hist is not None:
-                    prev.hist = prev.hist + hist
+                if hist is not None:
+                    prev.hist_samples.append(hist)
                 prev.positions += numel // units
                 prev.hist_numel += numel
                 prev.hist_sampled += sampled
@@ -523,61 +559,122 @@ class Monitor:
         return 1 if producer is not None and conv_like(producer[1]) else -1
 
     # -- host side -----------------------------------------------------------------------------
-    def _process(self, step: int, current: dict[WatchPoint, _Pending]) -> list[Alert]:
+    def _pack(self, step: int, current: dict[WatchPoint, _Pending]) -> _Job:
+        """Training thread: concatenate this step's partials into one flat tensor on their device.
+
+        No host sync, except under DDP, where the one collective happens here (on every rank).
+        """
         points = list(current)
         pieces: list[torch.Tensor] = []
         device = current[points[0]].stats.device
+        hist_samples: list[torch.Tensor] = []
+        hist_groups: list[int] = []
+        gather = self.gather
+        # CPU tensors: the host is their device, so the sampled values are binned later on the same
+        # device, off the training thread. Accelerators, and DDP (counts are summed across ranks):
+        # binned here, on the device, without a sync.
+        bin_on_host = gather is None and all(current[wp].stats.device.type == "cpu" for wp in points)
         for wp in points:
             p = current[wp]
             pieces.append(p.stats.reshape(-1))
-            if p.hist is not None:
-                pieces.append(p.hist)
-        if any(t.device != device for t in pieces):  # a model split over devices
+            if p.hist_samples:
+                hist_samples += p.hist_samples
+                hist_groups.append(len(p.hist_samples))
+        if hist_samples and bin_on_host:
+            pieces += hist_samples  # binned on the host later; they travel in the same one transfer
+        elif hist_samples:
+            if any(t.device != device for t in hist_samples):  # a model split over devices
+                hist_samples = [t.to(device, non_blocking=True) for t in hist_samples]
+            pieces.append(histogram_counts_batched(hist_samples, hist_groups).reshape(-1))
+        if any(t.device != device for t in pieces):
             pieces = [t.to(device, non_blocking=True) for t in pieces]
         counts = [float(v) for wp in points for v in (current[wp].positions, current[wp].hist_sampled, current[wp].hist_numel)]
-        gather = self.gather
         if gather is not None:
             pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
-        flat = torch.cat(pieces)
+        flat: torch.Tensor | np.ndarray = torch.cat(pieces)
+        ready = None
         if gather is not None:
             host = gather(flat).reshape(-1, flat.numel()).cpu().numpy()  # the one transfer
-            host_flat = self._reduce_ranks(host, points, current)
-            counts = host_flat[-len(counts) :].tolist()
-        else:
-            host_flat = flat.cpu().numpy()  # the one transfer of this sampled step
+            flat = self._reduce_ranks(host, points, current)
+            counts = flat[-len(counts) :].tolist()
+        elif flat.device.type == "cuda":
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(flat.device))
+        self._samples += 1
+        self._discovered = True
+        return _Job(step, flat, ready, points, [current[wp] for wp in points], counts, bin_on_host)
 
+    def _judge(self, job: _Job) -> tuple[SampleRecord, list[Alert]]:
+        """Host side of a sampled step: the one transfer, summaries, detection, the record.
+
+        Runs on the writer thread (default) or inline (``on_alert="raise"``, DDP, ``background=False``).
+        """
+        # No ATen kernel may run here when this is the writer thread: a second thread calling into
+        # PyTorch's CPU kernels gets its own OpenMP team, whose spinning workers slow training.
+        if isinstance(job.flat, torch.Tensor):
+            if job.flat.device.type == "cpu":
+                host_flat = job.flat.numpy()  # already on the host: a view, no kernel
+            else:
+                if job.ready is not None:
+                    job.ready.synchronize()  # waits on this thread only, never the training thread
+                host_flat = job.flat.cpu().numpy()  # the one transfer of this sampled step
+        else:
+            host_flat = job.flat
+        counts = job.counts
         layers: list[LayerSample] = []
         alerts: list[Alert] = []
         offset = 0
-        for i, wp in enumerate(points):
-            p = current[wp]
-            r, c = p.stats.shape
-            block = host_flat[offset : offset + r * c].reshape(r, c)
-            offset += r * c
-            positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
-            summary = summarize(block, wp.rows, positions)
-            sample = LayerSample(wp.name, wp.kind.name, None, summary)  # type: ignore[arg-type]
-            if p.hist is not None:
-                n = p.hist.numel()
-                sample.hist_counts = host_flat[offset : offset + n]
-                sample.hist_scale = numel / sampled if sampled else 1.0
-                offset += n
-            state = self._layers.get(wp.name) or self._layer_state(wp)
-            sample.health, new_alerts = state.update(step, summary)
-            self._health[wp.name] = sample.health
-            if new_alerts:
-                alerts += new_alerts
-            layers.append(sample)
-        if len(self._health) != len(self._order) or self._order[-1] != layers[-1].name:
-            self._order.extend(ls.name for ls in layers if ls.name not in self._order)
-        self._samples += 1
-        self._discovered = True
-        self._alerts.extend(alerts)
-        if len(self._alerts) > _MAX_ALERTS:
-            del self._alerts[: len(self._alerts) - _MAX_ALERTS]
-        if self._dispatcher is not None:
-            self._dispatcher.submit(SampleRecord(step, layers, alerts))
-        return alerts
+        hist_offset = sum(p.stats.numel() for p in job.pending)
+        buckets = len(histogram_edges()) + 1
+        with self._lock:
+            for i, (wp, p) in enumerate(zip(job.points, job.pending)):
+                r, c = p.stats.shape
+                block = host_flat[offset : offset + r * c].reshape(r, c)
+                offset += r * c
+                positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
+                summary = summarize(block, wp.rows, positions)
+                sample = LayerSample(wp.name, wp.kind.name, None, summary)  # type: ignore[arg-type]
+                if p.hist_samples:
+                    sample.hist_scale = numel / sampled if sampled else 1.0
+                    if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy
+                        n = int(sampled)
+                        sample.hist_counts = histogram_counts_host(host_flat[hist_offset : hist_offset + n])
+                        hist_offset += n
+                    else:
+                        sample.hist_counts = host_flat[hist_offset : hist_offset + buckets]
+                        hist_offset += buckets
+                state = self._layers.get(wp.name) or self._layer_state(wp)
+                sample.health, new_alerts = state.update(job.step, summary)
+                self._health[wp.name] = sample.health
+                if new_alerts:
+                    alerts += new_alerts
+                layers.append(sample)
+            if len(self._health) != len(self._order) or self._order[-1] != layers[-1].name:
+                self._order.extend(ls.name for ls in layers if ls.name not in self._order)
+            self._alerts.extend(alerts)
+            if len(self._alerts) > _MAX_ALERTS:
+                del self._alerts[: len(self._alerts) - _MAX_ALERTS]
+        return SampleRecord(job.step, layers, alerts), alerts
+
+    def _judge_in_background(self, job: _Job) -> SampleRecord:
+        """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""
+        record, alerts = self._judge(job)
+        try:
+            self._act(alerts)
+        except Exception as e:  # a user callback that raises must not stop the writer
+            self._warn_once("on_alert", f"the on_alert callback raised {e!r}; later alerts are still delivered")
+        return record
+
+    @property
+    def _background(self) -> bool:
+        return self.background and self.on_alert != "raise" and self.gather is None and self._dispatcher is not None
+
+    def _drain(self) -> None:
+        """Wait until every sampled step so far has been judged (results read after it are current)."""
+        d = self._dispatcher
+        if d is not None and self._queued and not d.on_writer_thread():
+            self._queued = False
+            d.flush(sinks=False)
 
     def _reduce_ranks(self, host: np.ndarray, points: list[WatchPoint], current: dict[WatchPoint, _Pending]) -> np.ndarray:
         """Combine per-rank partials: max for extrema rows, sum for everything else."""
@@ -591,7 +688,7 @@ class Monitor:
             for i, row in enumerate(wp.rows):
                 if row in MAX_ROWS:
                     is_max[offset + i * c : offset + (i + 1) * c] = True
-            offset += r * c + (p.hist.numel() if p.hist is not None else 0)
+            offset += r * c
         return np.where(is_max, host.max(axis=0), host.sum(axis=0))
 
     def _layer_state(self, wp: WatchPoint) -> LayerState:
@@ -638,6 +735,11 @@ class Monitor:
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """Windows, baselines, alert states and the sampling position, for checkpoints."""
+        self._drain()
+        with self._lock:
+            return self._state_dict()
+
+    def _state_dict(self) -> dict[str, Any]:
         layers = {name: s.state_dict() for name, s in self._layers.items()}
         layers.update({k: v for k, v in self._pending_state.items() if k not in layers})
         return {
@@ -655,6 +757,7 @@ class Monitor:
         """Restore what :meth:`state_dict` saved; layers resume as they are seen again."""
         if not isinstance(state, dict) or state.get("version") != 1:
             raise ValueError("Expected a state dict saved by Monitor.state_dict() (version 1).")
+        self._drain()
         self._samples = int(state["samples"])
         self._auto_step = int(state["auto_step"])
         last = state["last_sampled"]

@@ -155,11 +155,16 @@ _CAUSES: dict[str, str] = {
 }
 
 
-def _clean(a: np.ndarray | None, nan: float) -> np.ndarray | None:
-    """Counts with NaN (a unit that saw NaN/Inf) replaced: such a unit is not "dead"."""
+def _clean(a: np.ndarray | None, nan: float, total: float | None = None) -> np.ndarray | None:
+    """Counts with NaN (a unit that saw NaN/Inf) replaced: such a unit is not "dead".
+
+    ``total`` is ``a.sum()`` when the caller has it: a finite sum means there is no NaN to replace.
+    """
     if a is None:
         return None
-    if np.isnan(a).any():
+    if total is None:
+        total = float(a.sum())
+    if not math.isfinite(total):
         a = np.where(np.isnan(a), nan, a)
     return a
 
@@ -228,24 +233,24 @@ class LayerState:
 
     def update(self, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
-        self._push(_Sample(s.positions, _clean(s.fired, 1.0), _clean(s.at_bound, 0.0)))
+        fired_total = float(s.fired.sum()) if s.fired is not None else None
+        self._push(_Sample(s.positions, _clean(s.fired, 1.0, fired_total), _clean(s.at_bound, 0.0)))
         units = s.units
 
         dead_fraction = firing_rate = None
         dead_units: tuple[int, ...] = ()
         evidence = (0, 0)
-        if s.fired is not None:
-            total = float(s.fired.sum())
-            firing_rate = total / (s.positions * units) if s.positions and math.isfinite(total) else None
+        if fired_total is not None:
+            ok = s.positions and math.isfinite(fired_total)
+            firing_rate = fired_total / (s.positions * units) if ok else None
         if self.kind.can_die and s.fired is not None:
             fired, seen, used = self._evidence("fired")
             evidence = (seen, used)
             dead_fraction = 0.0
-            if fired is not None:
+            if fired is not None and fired.min() <= 0.5:
                 dead = np.flatnonzero(fired <= 0.5)
-                if dead.size:
-                    dead_units = tuple(dead.tolist())
-                    dead_fraction = dead.size / units
+                dead_units = tuple(dead.tolist())
+                dead_fraction = dead.size / units
 
         saturated_fraction = None
         saturated_units: tuple[int, ...] = ()
@@ -262,14 +267,17 @@ class LayerState:
         n = s.positions * units
         total_sq = float(s.sumsq.sum())
         rms = math.sqrt(total_sq / n) if math.isfinite(total_sq) and n else safe_rms(s.sumsq, s.positions)
-        hi, lo = float(s.max.max()), float(s.min.min())
-        if math.isfinite(hi) and math.isfinite(lo):
+        hi = float(s.max.max())
+        lo = 0.0 if self.kind.nonnegative else float(s.min.min())  # the ReLU family's min row is 0
+        finite_extrema = math.isfinite(hi) and math.isfinite(lo)
+        if finite_extrema:
             max_abs = max(abs(hi), abs(lo))
         else:
             ext = np.concatenate([s.max[np.isfinite(s.max)], s.min[np.isfinite(s.min)]])
             max_abs = float(np.abs(ext).max()) if ext.size else float("nan")
-        nonfinite = int(s.nonfinite.sum())
-        if nonfinite == 0 and not (math.isfinite(hi) and math.isfinite(lo)):
+        # A NaN/Inf value makes its unit's sum of squares non-finite: a finite total means none.
+        nonfinite = 0 if math.isfinite(total_sq) and finite_extrema else int(s.nonfinite.sum())
+        if nonfinite == 0 and not finite_extrema:
             nonfinite = 1  # an extremum can only be non-finite if some value was
 
         health = LayerHealth(

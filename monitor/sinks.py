@@ -128,7 +128,7 @@ class Sink:
         """Release resources; called once, after the last write."""
 
 
-_FLUSH, _CLOSE = object(), object()
+_FLUSH, _CLOSE, _DRAIN = object(), object(), object()
 
 
 def yield_gil() -> None:
@@ -145,6 +145,10 @@ def yield_gil() -> None:
 class Dispatcher:
     """A daemon thread feeding records to sinks; a full queue drops records rather than block.
 
+    Items that are not :class:`SampleRecord` are turned into one by ``judge`` on the thread first
+    (the monitor's host-side detection). When the queue is full such items are judged right away
+    on the caller's thread, so detection never loses a sample; only their output is dropped.
+
     Records are handed over in batches, at most ``max_delay`` seconds apart: every wake-up of a
     background Python thread costs the training thread far more than the work it does (they
     share the GIL), so one wake-up per couple of seconds is much cheaper than one per sample.
@@ -158,9 +162,11 @@ class Dispatcher:
         maxsize: int = 256,
         max_delay: float = 2.0,
         max_batch: int = 64,
+        judge: Callable[[object], SampleRecord] | None = None,
     ) -> None:
         self._sinks = list(sinks)
         self._warn_once = warn_once
+        self._judge = judge
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._batch: list[SampleRecord] = []
         self._batch_started = 0.0
@@ -170,7 +176,10 @@ class Dispatcher:
         self._thread = threading.Thread(target=self._run, name="activation-monitor-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, record: SampleRecord) -> None:
+    def on_writer_thread(self) -> bool:
+        return threading.current_thread() is self._thread
+
+    def submit(self, record: object) -> None:
         now = time.monotonic()
         if not self._batch:
             self._batch_started = now
@@ -186,12 +195,25 @@ class Dispatcher:
             self._queue.put_nowait(batch)
         except queue.Full:
             self._warn_once("queue", "the writer is falling behind; some samples were not written")
+            for item in batch:
+                if not isinstance(item, SampleRecord):
+                    self._judge_item(item)
 
-    def flush(self, timeout: float = 60.0) -> None:
+    def flush(self, timeout: float = 60.0, sinks: bool = True) -> None:
+        """Wait until everything submitted so far is processed (and, with ``sinks``, flushed)."""
         self._hand_over()
+        if not self._thread.is_alive():
+            return
         done = threading.Event()
-        self._queue.put((_FLUSH, done))
+        self._queue.put((_FLUSH if sinks else _DRAIN, done))
         done.wait(timeout)
+
+    def _judge_item(self, item: object) -> SampleRecord | None:
+        try:
+            return self._judge(item) if self._judge is not None else None  # type: ignore[return-value]
+        except Exception as e:
+            self._warn_once("judge", f"a sampled step could not be processed and was skipped: {e!r}")
+            return None
 
     def close(self, timeout: float = 120.0) -> None:
         if not self._thread.is_alive():
@@ -219,16 +241,22 @@ class Dispatcher:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
             item = self._queue.get()
-            if isinstance(item, tuple) and item and item[0] in (_FLUSH, _CLOSE):
+            if isinstance(item, tuple) and item and item[0] in (_FLUSH, _CLOSE, _DRAIN):
                 marker, done = item
-                for sink in list(self._sinks):
-                    self._call(sink, "flush" if marker is _FLUSH else "close")
+                if marker is not _DRAIN:
+                    for sink in list(self._sinks):
+                        self._call(sink, "flush" if marker is _FLUSH else "close")
                 done.set()
                 if marker is _CLOSE:
                     return
                 continue
             t0 = time.thread_time()
             for record in item:
+                if not isinstance(record, SampleRecord):
+                    yield_gil()
+                    record = self._judge_item(record)
+                    if record is None:
+                        continue
                 for sink in list(self._sinks):
                     yield_gil()
                     self._call(sink, "write", record)

@@ -14,6 +14,9 @@ from monitor.stats import (
     NONFINITE,
     SUMSQ,
     histogram_counts,
+    histogram_counts_batched,
+    histogram_counts_host,
+    histogram_sample,
     histogram_edges,
     reduce_dims,
     rows_for,
@@ -113,6 +116,32 @@ def test_histogram_matches_numpy_on_the_same_sample():
     ref = np.bincount(np.searchsorted(edges, sample, side="left"), minlength=len(edges) + 1)
     np.testing.assert_array_equal(counts, ref)
     assert counts.sum() == math.ceil(x.numel() / stride)
+
+
+def test_batched_binning_matches_a_reference_also_on_edges_and_across_layers():
+    g = torch.Generator().manual_seed(2)
+    edges32 = torch.tensor(histogram_edges(), dtype=torch.float32)
+    # values exactly on bucket edges, zeros, huge values, NaN/Inf, and ordinary noise
+    a = torch.cat([edges32[::7], torch.zeros(5), torch.tensor([1e9, -1e9, float("nan"), float("inf"), -float("inf")]),
+                   torch.randn(400, generator=g) * 10])
+    b = torch.randn(37, 11, generator=g).relu()
+    sa, sb1, sb2 = histogram_sample(a, 1), histogram_sample(b, 3), histogram_sample(b * 2, 5)
+    batched = histogram_counts_batched([sa, sb1, sb2], [1, 2]).numpy()
+
+    def reference(values: np.ndarray) -> np.ndarray:
+        # bucket i holds (edges[i-1], edges[i]] in float32; NaN is sampled as 0
+        e = edges32.numpy()
+        ref = np.zeros(len(e) + 1)
+        for v in np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=-np.inf):
+            ref[int((e < v).sum())] += 1
+        return ref
+
+    np.testing.assert_array_equal(batched[0], reference(a.numpy()))
+    np.testing.assert_array_equal(batched[1], reference(np.concatenate([b.numpy().ravel()[::3], (b * 2).numpy().ravel()[::5]])))
+    assert batched[1].sum() == sb1.numel() + sb2.numel()
+    # the host (numpy) binning used for CPU models agrees with the device kernels
+    np.testing.assert_array_equal(histogram_counts_host(sa.numpy()), batched[0])
+    np.testing.assert_array_equal(histogram_counts_host(torch.cat([sb1, sb2]).numpy()), batched[1])
 
 
 def test_sample_stride_is_coprime_with_units_and_bounded():
