@@ -5,8 +5,10 @@ Workloads (CPU by default, ``--device cuda`` on a GPU):
   cnn          small CNN on 3x32x32, batch 64
   transformer  4-layer encoder, d_model 128, 4 heads, ffn 512, seq 64, batch 32
 
-For each workload, side by side in one process (blocks interleaved round-robin, medians over rounds):
-  bare step time; sampled-step time (every step sampled, writer running);
+For each workload, side by side in one process (each configuration's block, a multiple of its N
+steps, paired with a bare block of the same length run right before or after it; every block
+starts from the same weights; medians over rounds):
+  bare step time; sampled-step time (the sampled steps of the N=50 blocks);
   amortised overhead at N = every_n_steps for the monitor and for the naive approach
   (forward hooks that keep ``output.detach().cpu()`` on every step and call
   ``SummaryWriter.add_histogram`` on CPU every N steps); peak-memory delta (``--memory``, one
@@ -75,7 +77,11 @@ def make_workload(name: str, device: str) -> Workload:
 
 
 class Naive:
-    """What people write first: hooks that copy every activation to the host, histograms on CPU."""
+    """What people write first: hooks that copy every activation to the host, histograms on CPU.
+
+    Its hooks exist only while its own blocks run (:meth:`attach`/:meth:`detach`), so they never
+    slow down the other configurations.
+    """
 
     def __init__(self, model: nn.Module, every_n_steps: int, logdir: str) -> None:
         from torch.utils.tensorboard import SummaryWriter
@@ -85,10 +91,19 @@ class Naive:
         self.writer = SummaryWriter(logdir)
         self.every = every_n_steps
         self.acts: dict[str, torch.Tensor] = {}
+        self.handles: list = []
+        self.modules = [
+            (name, m) for name, m in model.named_modules()
+            if name and (is_activation_module(m) or isinstance(m, nn.TransformerEncoderLayer))
+        ]
+
+    def attach(self) -> None:
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules]
+
+    def detach(self) -> None:
+        for h in self.handles:
+            h.remove()
         self.handles = []
-        for name, m in model.named_modules():
-            if name and (is_activation_module(m) or isinstance(m, nn.TransformerEncoderLayer)):
-                self.handles.append(m.register_forward_hook(self._hook(name)))
 
     def _hook(self, name: str):
         def hook(module, args, output):
@@ -104,8 +119,7 @@ class Naive:
                 self.writer.add_scalar(f"dead/{name}", float((a.reshape(-1, a.shape[-1]) > 0).sum(0).eq(0).float().mean()), step)
 
     def close(self) -> None:
-        for h in self.handles:
-            h.remove()
+        self.detach()
         self.writer.close()
 
 
@@ -125,6 +139,8 @@ def run_block(
     opt = state["opt"]
     mon = state.get("mon")
     naive = state.get("naive")
+    if naive is not None:
+        naive.attach()
     _sync(device)
     t0 = last = time.perf_counter()
     for step in range(start, start + steps):
@@ -150,7 +166,10 @@ def run_block(
     if naive is not None:
         naive.writer.flush()
     _sync(device)
-    return time.perf_counter() - t0
+    elapsed = time.perf_counter() - t0
+    if naive is not None:
+        naive.detach()
+    return elapsed
 
 
 def make_state(w: Workload, mode: str, every: int, logdir: str) -> dict:
@@ -171,68 +190,76 @@ def close_state(state: dict) -> None:
         state["naive"].close()
 
 
-def bench_workload(name: str, intervals: list[int], rounds: int, device: str, naive: bool) -> dict:
+def bench_workload(name: str, intervals: list[int], rounds: int, device: str, naive: bool, target_s: float = 0.5) -> dict:
     w = make_workload(name, device)
-    # Steps per block: enough for several samples at the largest interval, capped by step cost.
     _ = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device)
     t_probe = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device) / 5
+    n_ref = 50 if 50 in intervals else max(intervals)
     result: dict = {"workload": name, "device": device, "rounds": rounds, "intervals": {}}
-    n_max = max(intervals)
-    block = n_max * max(1, round(1.0 / (t_probe * n_max)))  # ~1 s and a multiple of every N
-    result["block_steps"] = block
+    configs = [("monitor", n) for n in intervals] + ([("naive", n_ref)] if naive else [])
+    # Each configuration's block is a multiple of its N (so it holds exactly k samples) lasting
+    # about target_s; it is paired with a bare block of the same length run right next to it.
+    blocks = {c: c[1] * max(1, round(target_s / (t_probe * c[1]))) for c in configs}
+    result["block_steps"] = {f"{c[0]}@{c[1]}": blocks[c] for c in configs}
+    init = {k: v.clone() for k, v in w.model.state_dict().items()}
     with tempfile.TemporaryDirectory() as logdir:
-        configs = [("bare", 1)] + [("monitor", n) for n in intervals]
-        if naive:
-            configs.append(("naive", 50 if 50 in intervals else n_max))
+        bare_state = make_state(w, "bare", 1, logdir)
         states = {c: make_state(w, c[0], c[1], logdir) for c in configs}
+        for c, st in states.items():  # warm-up: the first sample discovers watch points
+            run_block(w, 2, 0, c[0], c[1], st, device)
+        ratios: dict = {c: [] for c in configs}
         times: dict = {c: [] for c in configs}
-        steps_log: dict = {c: [] for c in configs}
-        start = n_max * 1000
-        for c, s in states.items():  # warm-up: the first sample discovers watch points
-            run_block(w, 2, 0, c[0], c[1], s, device)
+        bare_times: list = []
+        ref_log: list = []
+        bare_log: list = []
         rng = random.Random(0)
-        init = {k: v.clone() for k, v in w.model.state_dict().items()}
+        start = max(intervals) * 1000
         for r in range(rounds):
             order = configs[:]
-            rng.shuffle(order)  # no configuration always runs right after another one's writer burst
+            rng.shuffle(order)
             for c in order:
-                # Every block trains from the same weights with a fresh optimizer: the model memorises
-                # its batch, and step time drifts with the training state (up to 2x here as the loss
-                # reaches 0), so blocks that started from different states would not be comparable.
-                w.model.load_state_dict(init)
-                states[c]["opt"] = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-                dt = run_block(w, block, start + r * block, c[0], c[1], states[c], device, steps_log[c])
-                times[c].append(dt / block)
+                pair = [("bare", 1, bare_state), (c[0], c[1], states[c])]
+                if r % 2:
+                    pair.reverse()  # neither side always runs first
+                dt = {}
+                for mode, every, st in pair:
+                    # Same starting weights and a fresh optimizer for every block: the model memorises
+                    # its batch and step time drifts with the training state, so blocks that started
+                    # from different states would not be comparable.
+                    w.model.load_state_dict(init)
+                    st["opt"] = torch.optim.Adam(w.model.parameters(), lr=1e-4)
+                    log = (ref_log if mode == "monitor" else bare_log) if c == ("monitor", n_ref) else None
+                    dt[mode] = run_block(w, blocks[c], start, mode, every, st, device, log) / blocks[c]
+                start += blocks[c]
+                ratios[c].append(dt[c[0]] / dt["bare"])
+                times[c].append(dt[c[0]])
+                bare_times.append(dt["bare"])
         writer_cpu = {}
-        for c, s in states.items():
-            if "mon" in s:
-                s["mon"].flush()
-                d = s["mon"]._dispatcher
-                samples = s["mon"]._samples
-                writer_cpu[c] = d.busy_seconds / max(samples, 1) if d is not None else 0.0
-            close_state(s)
-    bare = statistics.median(times[("bare", 1)])
+        for c, st in states.items():
+            if "mon" in st:
+                st["mon"].flush()
+                d = st["mon"]._dispatcher
+                writer_cpu[c] = d.busy_seconds / max(st["mon"]._samples, 1) if d is not None else 0.0
+            close_state(st)
+        close_state(bare_state)
+    bare = statistics.median(bare_times)
     result["bare_step_ms"] = bare * 1e3
     result["block_ms_per_step"] = {f"{c[0]}@{c[1]}": [round(t * 1e3, 4) for t in times[c]] for c in configs}
     for c in configs:
-        if c[0] == "bare":
-            continue
-        t = statistics.median(times[c])
-        # Paired: each round's block against the same round's bare block, median over rounds.
-        paired = statistics.median(m / b - 1 for m, b in zip(times[c], times[("bare", 1)]))
         key = f"{c[0]}@{c[1]}"
-        result["intervals"][key] = {"step_ms": t * 1e3, "overhead_pct": 100 * paired}
+        result["intervals"][key] = {
+            "step_ms": statistics.median(times[c]) * 1e3,
+            # each block against the bare block it was paired with; median over rounds
+            "overhead_pct": 100 * (statistics.median(ratios[c]) - 1),
+        }
         if c in writer_cpu:
             result["intervals"][key]["writer_cpu_ms_per_sample"] = writer_cpu[c] * 1e3
-    # Sampled-step time: the steps that were sampled in the N=50 (or largest-N) run, against the
-    # median bare step of the same run.
-    n_ref = 50 if 50 in intervals else n_max
-    sampled = [d for st, d in steps_log[("monitor", n_ref)] if st % n_ref == 0]
-    unsampled = [d for st, d in steps_log[("monitor", n_ref)] if st % n_ref != 0]
-    bare_each = [d for _, d in steps_log[("bare", 1)]]
+    # Sampled-step time: the sampled steps of the N=n_ref blocks against the steps of their bare partners.
+    sampled = [d for st, d in ref_log if st % n_ref == 0]
+    unsampled = [d for st, d in ref_log if st % n_ref != 0]
     result["sampled_step_ms"] = statistics.median(sampled) * 1e3
     result["unsampled_step_ms"] = statistics.median(unsampled) * 1e3
-    result["bare_step_median_ms"] = statistics.median(bare_each) * 1e3
+    result["bare_step_median_ms"] = statistics.median(d for _, d in bare_log) * 1e3
     result["sampled_step_ratio"] = result["sampled_step_ms"] / result["bare_step_median_ms"]
     # Implied amortised overhead at N: (extra time of a sampled step + writer CPU per sample) / N.
     extra = (result["sampled_step_ms"] - result["unsampled_step_ms"]) / 1e3
@@ -296,6 +323,7 @@ def main() -> None:
     p.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "transformer"])
     p.add_argument("--intervals", nargs="+", type=int, default=[1, 10, 50, 200])
     p.add_argument("--rounds", type=int, default=15)
+    p.add_argument("--block-seconds", type=float, default=0.5, help="target length of a timed block")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--quick", action="store_true", help="2 rounds, no memory probe")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
@@ -306,7 +334,7 @@ def main() -> None:
     rounds = 3 if a.quick else a.rounds
     results = []
     for name in a.workloads:
-        r = bench_workload(name, a.intervals, rounds, a.device, naive=not a.no_naive)
+        r = bench_workload(name, a.intervals, rounds, a.device, naive=not a.no_naive, target_s=a.block_seconds)
         if not a.no_naive:
             r["naive_sampled_step_ms"] = sampled_step_naive(name, a.device)
         if a.memory and not a.quick:

@@ -190,8 +190,8 @@ def histogram_counts_host(values: np.ndarray) -> np.ndarray:
 
     Same buckets, same edge rule as ``torch.bucketize(right=False)``: a value equal to an edge goes
     to the bucket below it. The monitor's writer thread uses it for CPU models: no PyTorch kernel
-    runs on that thread (a second thread running ATen ops gets its own OpenMP team, whose
-    spinning workers slowed training 3x on a 2-core machine).
+    runs on that thread (CPU kernels called from a second thread slowed the training thread about
+    3x on a 2-core machine, likely through a second OpenMP thread team).
     """
     edges = _edges_np()
     return np.bincount(np.searchsorted(edges, values, side="left"), minlength=edges.size + 1).astype(np.float64)
