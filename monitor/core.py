@@ -95,6 +95,7 @@ class _Capture(TorchFunctionMode):
 class _Job:
     """One sampled step on its way from the training thread to the host side."""
 
+    seq: int  # sampled steps are judged in this order; an older one arriving late is dropped
     step: int
     flat: torch.Tensor | np.ndarray  # all partials, on their device (a host array under DDP)
     ready: Any  # a CUDA event recorded after the partials, or None
@@ -234,6 +235,8 @@ class Monitor:
         self._warned: set[str] = set()
         self._lock = threading.RLock()  # detection state, shared with the writer thread
         self._queued = False  # sampled steps handed to the writer thread and maybe not judged yet
+        self._seq = 0  # sampled steps packed by this monitor (never reset)
+        self._judged_seq = 0  # the last of them judged
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by DDP integrations
 
         # Per sampled step
@@ -428,7 +431,10 @@ class Monitor:
                 self._queued = True
                 self._dispatcher.submit(job)  # type: ignore[union-attr]
                 return
-            record, alerts = self._judge(job)
+            judged = self._judge(job)
+            if judged is None:
+                return
+            record, alerts = judged
             if self._dispatcher is not None:
                 self._dispatcher.submit(record)
         except Exception as e:  # never let monitoring break training
@@ -609,9 +615,10 @@ class Monitor:
             ready.record(torch.cuda.current_stream(flat.device))
         self._samples += 1
         self._discovered = True
-        return _Job(step, flat, ready, points, [current[wp] for wp in points], counts, bin_on_host)
+        self._seq += 1
+        return _Job(self._seq, step, flat, ready, points, [current[wp] for wp in points], counts, bin_on_host)
 
-    def _judge(self, job: _Job) -> tuple[SampleRecord, list[Alert]]:
+    def _judge(self, job: _Job) -> tuple[SampleRecord, list[Alert]] | None:
         """Host side of a sampled step: the one transfer, summaries, detection, the record.
 
         Runs on the writer thread (default) or inline (``on_alert="raise"``, DDP, ``background=False``).
@@ -634,6 +641,9 @@ class Monitor:
         hist_offset = sum(p.stats.numel() for p in job.pending)
         buckets = len(histogram_edges()) + 1
         with self._lock:
+            if job.seq <= self._judged_seq:
+                return None  # a newer step was judged first (writer overload): windows stay in order
+            self._judged_seq = job.seq
             for i, (wp, p) in enumerate(zip(job.points, job.pending)):
                 r, c = p.stats.shape
                 block = host_flat[offset : offset + r * c].reshape(r, c)
@@ -663,9 +673,12 @@ class Monitor:
                 del self._alerts[: len(self._alerts) - _MAX_ALERTS]
         return SampleRecord(job.step, layers, alerts), alerts
 
-    def _judge_in_background(self, job: _Job) -> SampleRecord:
+    def _judge_in_background(self, job: _Job) -> SampleRecord | None:
         """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""
-        record, alerts = self._judge(job)
+        judged = self._judge(job)
+        if judged is None:
+            return None
+        record, alerts = judged
         try:
             self._act(alerts)
         except Exception as e:  # a user callback that raises must not stop the writer
@@ -674,7 +687,8 @@ class Monitor:
 
     @property
     def _background(self) -> bool:
-        return self.background and self.on_alert != "raise" and self.gather is None and self._dispatcher is not None
+        d = self._dispatcher
+        return self.background and self.on_alert != "raise" and self.gather is None and d is not None and not d.overloaded
 
     def _drain(self) -> None:
         """Wait until every sampled step so far has been judged (results read after it are current)."""

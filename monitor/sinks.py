@@ -173,6 +173,7 @@ class Dispatcher:
         self.max_delay = max_delay
         self.max_batch = max_batch
         self.busy_seconds = 0.0  # CPU time spent in sinks (benchmarks read it)
+        self.overloaded = False  # the queue overflowed once: callers should judge inline from now on
         self._thread = threading.Thread(target=self._run, name="activation-monitor-writer", daemon=True)
         self._thread.start()
 
@@ -194,10 +195,22 @@ class Dispatcher:
         try:
             self._queue.put_nowait(batch)
         except queue.Full:
+            # The sinks are stuck or far too slow. Detection must not wait for them: take the
+            # queued batches back, judge their steps here in order (oldest first), drop their
+            # output, and from now on the caller judges inline (``overloaded``).
             self._warn_once("queue", "the writer is falling behind; some samples were not written")
-            for item in batch:
-                if not isinstance(item, SampleRecord):
-                    self._judge_item(item)
+            self.overloaded = True
+            taken: list = []
+            with contextlib.suppress(queue.Empty):
+                while True:
+                    taken.append(self._queue.get_nowait())
+            markers = [b for b in taken if isinstance(b, tuple)]
+            for b in [b for b in taken if not isinstance(b, tuple)] + [batch]:
+                for item in b:
+                    if not isinstance(item, SampleRecord):
+                        self._judge_item(item)
+            for m in markers:
+                self._queue.put_nowait(m)
 
     def flush(self, timeout: float = 60.0, sinks: bool = True) -> None:
         """Wait until everything submitted so far is processed (and, with ``sinks``, flushed)."""
@@ -209,6 +222,7 @@ class Dispatcher:
         done.wait(timeout)
 
     def _judge_item(self, item: object) -> SampleRecord | None:
+        """The record of a queued step, or None (judging failed, or the step is stale)."""
         try:
             return self._judge(item) if self._judge is not None else None  # type: ignore[return-value]
         except Exception as e:

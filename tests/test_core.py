@@ -393,3 +393,72 @@ def test_a_compiled_submodule_is_detected():
     model[0] = torch.compile(model[0], backend="eager")
     with pytest.warns(MonitorWarning, match="torch.compile"):
         Monitor(model, every_n_steps=1).attach().close()
+
+
+# -- judging on the writer thread (background=True) --------------------------------------------
+
+
+def test_background_alerts_reach_callbacks_on_the_writer_thread_and_reads_are_current():
+    import threading
+
+    x = torch.randn(128, 13)
+    seen: list[tuple[str, bool]] = []
+    mon = Monitor(dead_model(), every_n_steps=1, on_alert=lambda a: seen.append((a.kind, threading.current_thread() is main)))
+    main = threading.current_thread()
+    with mon:
+        one_step(mon, mon.model, x, 0)
+        # no flush: reading the results waits for the steps already taken to be judged
+        assert [(a.step, a.kind) for a in mon.alerts] == [(0, "dead")]
+        assert mon.health()["act0"].dead_fraction == 1.0
+        assert seen == [("dead", False)]  # delivered from the writer thread
+    fg: list[bool] = []
+    with Monitor(dead_model(), every_n_steps=1, on_alert=lambda a: fg.append(threading.current_thread() is main), background=False) as m2:
+        one_step(m2, m2.model, x, 0)
+        assert fg == [True]  # judged at the end of the step, on the training thread
+
+
+def test_a_raising_alert_callback_warns_once_and_later_alerts_still_arrive():
+    got: list[int] = []
+
+    def callback(alert):
+        got.append(alert.step)
+        raise RuntimeError("callback bug")
+
+    model = mlp(width=16, depth=1)
+    x = torch.randn(128, 13)
+    with pytest.warns(MonitorWarning, match="callback bug") as rec:
+        with Monitor(model, every_n_steps=1, on_alert=callback) as mon:
+            for step, bias in enumerate([0.0, 0.0, -100.0, -100.0, 0.0, 0.0, 0.0, -100.0]):
+                with torch.no_grad():
+                    model.fc0.bias.fill_(bias)
+                one_step(mon, model, x, step)
+            mon.flush()
+    assert sum("callback bug" in str(w.message) for w in rec) == 1
+    # dead at 2, recovered after 2 healthy samples (5), dead again at 7: every alert was delivered
+    assert got == [2, 5, 7]
+    assert [(a.step, a.recovered) for a in mon.alerts] == [(2, False), (5, True), (7, False)]
+
+
+def test_a_writer_that_falls_behind_drops_output_but_keeps_detecting_in_order():
+    import threading
+
+    gate = threading.Event()
+
+    class Stuck(Sink):
+        def write(self, record):
+            gate.wait(10)
+
+    model = dead_model()
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        mon = Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[Stuck()]).attach()
+        mon._dispatcher.max_batch = 1  # hand every step over at once
+        mon._dispatcher._queue.maxsize = 2
+        for step in range(12):
+            one_step(mon, model, torch.randn(128, 13), step)
+        gate.set()
+        mon.close()
+    assert sum("falling behind" in str(w.message) for w in rec) == 1
+    assert len(mon.alerts) == 1  # the dead layer was caught while the writer was stuck
+    assert mon.health()["act0"].step == 11  # and steps were judged in order, the newest last
+    assert mon._judged_seq == 12
