@@ -24,9 +24,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import os
-import resource
+import random
 import statistics
 import subprocess
 import sys

@@ -22,7 +22,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from monitor import Monitor, MonitorWarning  # noqa: E402
+from monitor import Monitor, MonitorWarning
 
 
 def main(argv: list[str] | None = None) -> Monitor:

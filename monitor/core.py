@@ -289,7 +289,7 @@ class Monitor:
     def __enter__(self) -> Monitor:
         return self.attach()
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import queue
 import threading
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field

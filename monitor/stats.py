@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -102,7 +102,7 @@ def _at_bound(x: torch.Tensor, lo_thr: float | None, hi_thr: float | None) -> to
 HIST_MAX_SAMPLES = 1024
 
 
-@lru_cache(maxsize=None)
+@cache
 def histogram_edges(lo_exp: int = -4, hi_exp: int = 6, per_decade: int = 8) -> tuple[float, ...]:
     """Bucket edges: 0, +-10**k for k from lo_exp to hi_exp in steps of 1/per_decade."""
     pos = [10 ** (lo_exp + i / per_decade) for i in range((hi_exp - lo_exp) * per_decade + 1)]

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import Encoder, SmallCNN, StructuredOutputs, WineClassifier, mlp
 from torch import nn
 
-from models import Encoder, SmallCNN, StructuredOutputs, WineClassifier, mlp
-from monitor import ActivationAlertError, Alert, Monitor, MonitorWarning, Sink, Thresholds
+from monitor import ActivationAlertError, Alert, Monitor, MonitorWarning, Sink
 
 
 def hook_counts(model: nn.Module) -> list[tuple[int, int, int]]:
@@ -149,9 +149,8 @@ def test_hooks_removed_when_the_forward_raises():
     model = Boom()
     before = hook_counts(model)
     mon = Monitor(model, every_n_steps=1, on_alert="ignore").attach()
-    with pytest.raises(RuntimeError, match="boom"):
-        with mon.step(0):
-            model(torch.randn(2, 3))
+    with pytest.raises(RuntimeError, match="boom"), mon.step(0):
+        model(torch.randn(2, 3))
     assert hook_counts(model) == before
     assert not torch.overrides._get_current_function_mode_stack()
     assert mon.health() == {}  # nothing half-recorded
@@ -231,9 +230,8 @@ def test_low_precision_activations(dtype):
 
 def test_eval_mode_model_is_monitored_too():
     model = mlp().eval()
-    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
-        with torch.no_grad():
-            one_step(mon, model, torch.randn(16, 13))
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon, torch.no_grad():
+        one_step(mon, model, torch.randn(16, 13))
     assert set(mon.health()) == {"act0", "act1"}
 
 
@@ -287,9 +285,8 @@ def test_on_alert_modes():
     with Monitor(dead_model(), every_n_steps=1, on_alert=got.append) as mon:
         one_step(mon, mon.model, x)
     assert [(a.kind, a.layer, a.value) for a in got] == [("dead", "act0", 1.0)]
-    with Monitor(dead_model(), every_n_steps=1, on_alert="raise") as mon:
-        with pytest.raises(ActivationAlertError) as e:
-            one_step(mon, mon.model, x)
+    with Monitor(dead_model(), every_n_steps=1, on_alert="raise") as mon, pytest.raises(ActivationAlertError) as e:
+        one_step(mon, mon.model, x)
     assert e.value.alert.kind == "dead"
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -360,11 +357,10 @@ def test_memory_does_not_grow_with_steps():
 
 def test_functional_calls_outside_the_model_are_not_watched():
     model = WineClassifier()
-    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
-        with mon.step(0):
-            out = model(torch.randn(16, 13))
-            hinge = F.relu(1 - out).mean()  # an activation in the loss, not in the model
-            torch.tanh(out)
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon, mon.step(0):
+        out = model(torch.randn(16, 13))
+        hinge = F.relu(1 - out).mean()  # an activation in the loss, not in the model
+        torch.tanh(out)
     assert mon.layers == ["dense0.relu", "dense1.relu"]
     assert hinge.ndim == 0
 
@@ -382,9 +378,8 @@ def test_activations_in_a_training_step_method_are_not_the_model():
             return torch.sigmoid(self(x)).mean()
 
     model = Module()
-    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
-        with mon.step(0):
-            model.training_step(torch.randn(8, 4))
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon, mon.step(0):
+        model.training_step(torch.randn(8, 4))
     assert mon.layers == ["fc.relu"]
 
 

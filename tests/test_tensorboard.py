@@ -5,12 +5,12 @@ import io
 import numpy as np
 import pytest
 import torch
+from models import WineClassifier, mlp
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from models import WineClassifier, mlp
 from monitor import Monitor
 from monitor.render import NAN_RGB, ScanRow, colorize, render_scan, render_timeline
 
@@ -102,9 +102,8 @@ def test_alert_fires_and_is_logged(tmp_path):
     model = mlp(width=16, depth=1)
     with torch.no_grad():
         model.fc0.bias.fill_(-50.0)
-    with Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore") as mon:
-        with mon.step(0):
-            model(torch.randn(128, 13))
+    with Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore") as mon, mon.step(0):
+        model(torch.randn(128, 13))
     ea = read(tmp_path)
     text = ea.Tensors("activation_alerts/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "ALERT step 0 | act0 | dead: 16/16 units" in text
@@ -115,9 +114,8 @@ def test_an_existing_writer_is_used_and_left_open(tmp_path):
     writer = SummaryWriter(tmp_path)
     writer.add_scalar("train/loss", 1.0, 0)
     model = WineClassifier()
-    with Monitor(model, every_n_steps=1, writer=writer, on_alert="ignore") as mon:
-        with mon.step(0):
-            model(torch.randn(32, 13))
+    with Monitor(model, every_n_steps=1, writer=writer, on_alert="ignore") as mon, mon.step(0):
+        model(torch.randn(32, 13))
     writer.add_scalar("train/loss", 0.5, 1)  # still open
     writer.close()
     tags = read(tmp_path).Tags()["scalars"]
@@ -128,9 +126,8 @@ def test_nonfinite_units_are_red_and_values_do_not_crash_the_writer(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
     x = torch.randn(32, 4)
     x[0, 0] = float("nan")
-    with Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore") as mon:
-        with mon.step(0):
-            model(x)
+    with Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore") as mon, mon.step(0):
+        model(x)
     ea = read(tmp_path)
     assert ea.Scalars("activation_nonfinite/1")[0].value == 8  # row 0 is NaN in every unit
     scan = png(ea.Images("activation_scan")[0])

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from models import Encoder, SmallCNN, mlp
 from sklearn.datasets import load_wine
 from sklearn.preprocessing import StandardScaler
 from torch import nn
 
-from models import Encoder, SmallCNN, mlp
 from monitor import Monitor, Thresholds
 
 
