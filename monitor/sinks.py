@@ -146,8 +146,9 @@ class Dispatcher:
     """A daemon thread feeding records to sinks; a full queue drops records rather than block.
 
     Items that are not :class:`SampleRecord` are turned into one by ``judge`` on the thread first
-    (the monitor's host-side detection). When the queue is full such items are judged right away
-    on the caller's thread, so detection never loses a sample; only their output is dropped.
+    (the monitor's host-side detection). When the queue is full, the queued items are taken back
+    and judged right away on the caller's thread, oldest first, and their output is dropped; only
+    steps of the batch the thread already holds can then arrive too late to be judged.
 
     Records are handed over in batches, at most ``max_delay`` seconds apart: every wake-up of a
     background Python thread costs the training thread far more than the work it does (they
@@ -168,7 +169,7 @@ class Dispatcher:
         self._warn_once = warn_once
         self._judge = judge
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
-        self._batch: list[SampleRecord] = []
+        self._batch: list[object] = []  # records, or steps still to be judged
         self._batch_started = 0.0
         self.max_delay = max_delay
         self.max_batch = max_batch
