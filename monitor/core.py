@@ -644,6 +644,11 @@ class Monitor:
             if job.seq <= self._judged_seq:
                 return None  # a newer step was judged first (writer overload): windows stay in order
             self._judged_seq = job.seq
+            host_counts = None
+            if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy, all layers at once
+                lengths = [int(job.counts[3 * i + 1]) for i, p in enumerate(job.pending) if p.hist_samples]
+                if lengths:
+                    host_counts = iter(histogram_counts_host(host_flat[hist_offset : hist_offset + sum(lengths)], lengths))
             for i, (wp, p) in enumerate(zip(job.points, job.pending)):
                 r, c = p.stats.shape
                 block = host_flat[offset : offset + r * c].reshape(r, c)
@@ -653,10 +658,8 @@ class Monitor:
                 sample = LayerSample(wp.name, wp.kind.name, None, summary)  # type: ignore[arg-type]
                 if p.hist_samples:
                     sample.hist_scale = numel / sampled if sampled else 1.0
-                    if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy
-                        n = int(sampled)
-                        sample.hist_counts = histogram_counts_host(host_flat[hist_offset : hist_offset + n])
-                        hist_offset += n
+                    if host_counts is not None:
+                        sample.hist_counts = next(host_counts)
                     else:
                         sample.hist_counts = host_flat[hist_offset : hist_offset + buckets]
                         hist_offset += buckets

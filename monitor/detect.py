@@ -265,10 +265,10 @@ class LayerState:
                     saturated_fraction = sat.size / units
 
         n = s.positions * units
-        total_sq = float(s.sumsq.sum())
+        total_sq = s.total_sq
         rms = math.sqrt(total_sq / n) if math.isfinite(total_sq) and n else safe_rms(s.sumsq, s.positions)
-        hi = float(s.max.max())
-        lo = 0.0 if self.kind.nonnegative else float(s.min.min())  # the ReLU family's min row is 0
+        hi = s.hi
+        lo = 0.0 if self.kind.nonnegative else s.lo  # the ReLU family's min row is 0
         finite_extrema = math.isfinite(hi) and math.isfinite(lo)
         if finite_extrema:
             max_abs = max(abs(hi), abs(lo))

@@ -15,7 +15,6 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from functools import lru_cache
 
 import numpy as np
 
@@ -40,33 +39,43 @@ class HistogramData:
     @classmethod
     def from_counts(cls, counts: np.ndarray, edges: Sequence[float], s: UnitSummary) -> HistogramData | None:
         """Bucket ``i`` holds values in ``(edges[i-1], edges[i]]``; the last one is open above."""
-        limits, centres = _limits_and_centres(tuple(edges))
+        limits, centres = _limits_and_centres(edges)
         counts = np.asarray(counts, dtype=np.float64)
         nz = np.flatnonzero(counts)
         if nz.size == 0:
             return None
         lo, hi = max(int(nz[0]) - 1, 0), int(nz[-1]) + 1  # keep one empty bucket on the left
-        mn, mx, sq = float(s.min.min()), float(s.max.max()), float(s.sumsq.sum())
+        mn, mx, sq = s.lo, s.hi, s.total_sq
         if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
             mn = float(np.nanmin(np.where(np.isfinite(s.min), s.min, np.nan), initial=0.0))
             mx = float(np.nanmax(np.where(np.isfinite(s.max), s.max, np.nan), initial=0.0))
             sq = float(s.sumsq[np.isfinite(s.sumsq)].sum())
+        kept = counts[lo:hi]
         # Values are not summed on the device (nothing reads the mean); estimate it from buckets.
         return cls(
             min=mn,
             max=mx,
-            num=float(counts.sum()),
-            sum=float(centres @ counts),
+            num=float(kept.sum()),
+            sum=float(centres[lo:hi] @ kept),
             sum_squares=sq,
             bucket_limits=limits[lo:hi].tolist(),
-            bucket_counts=counts[lo:hi].tolist(),
+            bucket_counts=kept.tolist(),
         )
 
 
-@lru_cache(maxsize=4)
-def _limits_and_centres(edges: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
+_LIMITS: dict[int, tuple[Sequence[float], np.ndarray, np.ndarray]] = {}
+
+
+def _limits_and_centres(edges: Sequence[float]) -> tuple[np.ndarray, np.ndarray]:
+    """Bucket upper limits and centres for ``edges`` (cached by identity: the edges are a constant)."""
+    hit = _LIMITS.get(id(edges))
+    if hit is not None and hit[0] is edges:
+        return hit[1], hit[2]
     limits = np.append(np.asarray(edges, dtype=np.float64), _FLOAT_MAX)
     centres = np.concatenate([[limits[0]], (limits[:-2] + limits[1:-1]) / 2, [limits[-2]]])
+    if len(_LIMITS) > 8:
+        _LIMITS.clear()
+    _LIMITS[id(edges)] = (edges, limits, centres)
     return limits, centres
 
 
@@ -124,6 +133,9 @@ class Sink:
     def flush(self) -> None:
         """Make everything written so far durable."""
 
+    def batch_done(self) -> None:
+        """Called after each batch of records (at most every ~2 s): a cheap moment to make them visible."""
+
     def close(self) -> None:
         """Release resources; called once, after the last write."""
 
@@ -131,15 +143,24 @@ class Sink:
 _FLUSH, _CLOSE, _DRAIN = object(), object(), object()
 
 
+_YIELD_EVERY = 0.0005  # seconds of writer work between two hand-backs of the GIL
+_last_yield = 0.0
+
+
 def yield_gil() -> None:
-    """Let the training thread take the GIL now.
+    """Let the training thread take the GIL, if this thread has run for a while.
 
     A background thread that keeps the GIL runs until the interpreter's switch interval (5 ms)
     forces it off; meanwhile the training thread, which releases the GIL around every PyTorch
     kernel, waits to get it back. Sinks call this between small pieces of work, so training
-    waits for at most one piece, not for the switch interval.
+    waits for at most ~0.5 ms of it, not for the switch interval. The hand-back itself is a
+    system call (tens of microseconds on a busy VM), so it only happens once that long has passed.
     """
-    time.sleep(0)
+    global _last_yield
+    now = time.perf_counter()
+    if now - _last_yield >= _YIELD_EVERY:
+        time.sleep(0)
+        _last_yield = time.perf_counter()
 
 
 class Dispatcher:
@@ -275,4 +296,7 @@ class Dispatcher:
                 for sink in list(self._sinks):
                     yield_gil()
                     self._call(sink, "write", record)
+            for sink in list(self._sinks):
+                if hasattr(sink, "batch_done"):  # optional for duck-typed sinks
+                    self._call(sink, "batch_done")
             self.busy_seconds += time.thread_time() - t0

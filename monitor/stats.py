@@ -13,8 +13,9 @@ partials from several forward calls in one step, or from several DDP ranks, comb
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, lru_cache
+from functools import cache, cached_property, lru_cache
 
 import numpy as np
 import torch
@@ -185,16 +186,23 @@ def histogram_counts_batched(samples: list[torch.Tensor], groups: list[int]) -> 
     return counts.reshape(len(groups), buckets)
 
 
-def histogram_counts_host(values: np.ndarray) -> np.ndarray:
-    """The numpy twin of :func:`histogram_counts_batched` for one histogram's sampled values.
+def histogram_counts_host(values: np.ndarray, lengths: Sequence[int] | None = None) -> np.ndarray:
+    """The numpy twin of :func:`histogram_counts_batched`: bucket counts of sampled values.
 
-    Same buckets, same edge rule as ``torch.bucketize(right=False)``: a value equal to an edge goes
-    to the bucket below it. The monitor's writer thread uses it for CPU models: no PyTorch kernel
-    runs on that thread (CPU kernels called from a second thread slowed the training thread about
-    3x on a 2-core machine, likely through a second OpenMP thread team).
+    ``values`` holds the samples of one histogram, or, with ``lengths``, of ``len(lengths)``
+    histograms one after the other (``lengths[i]`` values each); the result is then
+    ``[len(lengths), buckets]``. Same buckets, same edge rule as ``torch.bucketize(right=False)``:
+    a value equal to an edge goes to the bucket below it. The monitor's writer thread uses it for
+    CPU models: no PyTorch kernel runs on that thread (CPU kernels called from a second thread
+    slowed the training thread about 3x on a 2-core machine, likely through a second OpenMP team).
     """
     edges = _edges_np()
-    return np.bincount(np.searchsorted(edges, values, side="left"), minlength=edges.size + 1).astype(np.float64)
+    buckets = edges.size + 1
+    idx = np.searchsorted(edges, values, side="left")
+    if lengths is None:
+        return np.bincount(idx, minlength=buckets).astype(np.float64)
+    idx += np.repeat(np.arange(len(lengths)) * buckets, lengths)
+    return np.bincount(idx, minlength=len(lengths) * buckets).astype(np.float64).reshape(len(lengths), buckets)
 
 
 @lru_cache(maxsize=1)
@@ -232,6 +240,19 @@ class UnitSummary:
     @property
     def units(self) -> int:
         return int(self.max.shape[0])
+
+    # Layer-wide reductions, computed once (detection and the histogram both read them).
+    @cached_property
+    def hi(self) -> float:
+        return float(self.max.max())
+
+    @cached_property
+    def lo(self) -> float:
+        return float(self.min.min())
+
+    @cached_property
+    def total_sq(self) -> float:
+        return float(self.sumsq.sum())
 
 
 def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int) -> UnitSummary:

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.eventfile import EventFileWriter, speed_up_writer
 from monitor.render import Picture, ScanRow, render_scan, render_timeline
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
@@ -104,12 +105,17 @@ class TensorBoardSink(Sink):
         if writer is None:
             if logdir is None:
                 raise ValueError("Expected `logdir` or `writer`, got neither.")
-            from torch.utils.tensorboard import SummaryWriter
+            if "://" in os.fspath(logdir):  # a remote store (s3://, gs://): TensorBoard's own file system layer
+                from torch.utils.tensorboard import SummaryWriter
 
-            writer = SummaryWriter(log_dir=os.fspath(logdir))
+                writer = SummaryWriter(log_dir=os.fspath(logdir))
+                speed_up_writer(writer)
+            else:
+                writer = EventFileWriter(logdir)
             self._owns = True
         else:
             self._owns = False
+            speed_up_writer(writer)
         self.writer = writer
         self.images_every = images_every_n_samples
         self.timeline_length = timeline_length
@@ -118,8 +124,11 @@ class TensorBoardSink(Sink):
         self._last: SampleRecord | None = None
         self._rendered_last = False
         self._timelines_rendered_at = 0
-        get = getattr(writer, "_get_file_writer", None)
-        self._file_writer = get() if callable(get) else None
+        if isinstance(writer, EventFileWriter):
+            self._file_writer: Any = writer
+        else:
+            get = getattr(writer, "_get_file_writer", None)
+            self._file_writer = get() if callable(get) else None
 
     @property
     def logdir(self) -> str:
@@ -136,7 +145,12 @@ class TensorBoardSink(Sink):
             tl.append(record.step, v)
         if record.alerts:
             lines = "  \n".join(("RECOVERED " if a.recovered else "ALERT ") + a.message for a in record.alerts)
-            self.writer.add_text(ALERT_TAG, lines, record.step)
+            if self._file_writer is None:
+                self.writer.add_text(ALERT_TAG, lines, record.step)
+            else:
+                from torch.utils.tensorboard.summary import text
+
+                self._file_writer.add_summary(text(ALERT_TAG, lines), record.step)
         self._samples += 1
         self._last = record
         self._rendered_last = False
@@ -151,6 +165,10 @@ class TensorBoardSink(Sink):
 
     def flush(self) -> None:
         self.writer.flush()
+
+    def batch_done(self) -> None:
+        if isinstance(self.writer, EventFileWriter):
+            self.writer.flush()  # one write(2) per batch: TensorBoard sees the data within seconds
 
     def close(self) -> None:
         try:

@@ -122,6 +122,48 @@ def test_an_existing_writer_is_used_and_left_open(tmp_path):
     assert "train/loss" in tags and "activation_dead_fraction/dense0.relu" in tags
 
 
+def test_event_checksums_match_tensorboards_own():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c as reference
+
+    from monitor.eventfile import fast_crc, masked_crc32c
+
+    assert fast_crc(), "google-crc32c (a dependency of the tensorboard extra) should provide compiled code"
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 8, 9, 255, 4096, 10_001):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert masked_crc32c(data) == reference(data)
+
+
+def test_own_event_file_is_readable_while_open_and_after_close(tmp_path):
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from monitor.eventfile import EventFileWriter
+
+    w = EventFileWriter(tmp_path, flush_secs=0.0)  # every record reaches the file at once
+    for step in range(3):
+        w.add_summary(Summary(value=[Summary.Value(tag="x", simple_value=step / 2)]), step)
+    assert [(e.step, e.value) for e in read(tmp_path).Scalars("x")] == [(0, 0.0), (1, 0.5), (2, 1.0)]
+    w.add_summary(Summary(value=[Summary.Value(tag="x", simple_value=9.0)]), 3)
+    w.close()
+    assert [e.value for e in read(tmp_path).Scalars("x")] == [0.0, 0.5, 1.0, 9.0]
+
+
+def test_an_existing_writer_keeps_writing_valid_records_after_the_speed_up(tmp_path):
+    writer = SummaryWriter(tmp_path)
+    model = WineClassifier()
+    with Monitor(model, every_n_steps=1, writer=writer, on_alert="ignore") as mon:
+        for step in range(3):
+            with mon.step(step):
+                model(torch.randn(32, 13))
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)  # the user's own events, same file
+    record_writer = writer._get_file_writer().event_writer._async_writer._writer
+    assert getattr(record_writer, "_activation_monitor_fast", False)
+    writer.close()
+    ea = read(tmp_path)  # TensorBoard's reader verifies every record's checksum
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    assert [e.step for e in ea.Scalars("activation_rms/dense0.relu")] == [0, 1, 2]
+
+
 def test_nonfinite_units_are_red_and_values_do_not_crash_the_writer(tmp_path):
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh())
     x = torch.randn(32, 4)
@@ -142,3 +184,18 @@ def test_render_shapes_and_labels():
     assert Image.open(io.BytesIO(pic.png())).size == (rgb.shape[1], rgb.shape[0])
     tl = render_timeline("a", "firing rate", np.random.rand(300, 20), list(range(0, 1000, 50)))
     assert tl.pixels.shape[0] >= 256  # 300 units binned into at most 256 rows, >= 1 px each
+
+
+def test_own_event_file_is_visible_after_each_batch_without_flush(tmp_path):
+    model = WineClassifier()
+    mon = Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore").attach()
+    try:
+        with mon.step(0):
+            model(torch.randn(32, 13))
+        mon._dispatcher.max_batch = 1  # hand the next step over at once, as a 2 s old batch would be
+        with mon.step(1):
+            model(torch.randn(32, 13))
+        mon.health()  # waits until the writer has processed both steps; no sink flush
+        assert [e.step for e in read(tmp_path).Scalars("activation_rms/dense0.relu")] == [0, 1]
+    finally:
+        mon.close()
