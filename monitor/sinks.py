@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.detect import Alert, LayerHealth
-from monitor.stats import UnitSummary
+from monitor.stats import UnitSummary, histogram_edges
 
 _FLOAT_MAX = float(np.finfo(np.float64).max)
 
@@ -39,28 +39,35 @@ class HistogramData:
     @classmethod
     def from_counts(cls, counts: np.ndarray, edges: Sequence[float], s: UnitSummary) -> HistogramData | None:
         """Bucket ``i`` holds values in ``(edges[i-1], edges[i]]``; the last one is open above."""
-        limits, centres = _limits_and_centres(edges)
-        counts = np.asarray(counts, dtype=np.float64)
-        nz = np.flatnonzero(counts)
-        if nz.size == 0:
+        h = histogram_fields(counts, edges, s)
+        if h is None:
             return None
-        lo, hi = max(int(nz[0]) - 1, 0), int(nz[-1]) + 1  # keep one empty bucket on the left
-        mn, mx, sq = s.lo, s.hi, s.total_sq
-        if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
-            mn = float(np.nanmin(np.where(np.isfinite(s.min), s.min, np.nan), initial=0.0))
-            mx = float(np.nanmax(np.where(np.isfinite(s.max), s.max, np.nan), initial=0.0))
-            sq = float(s.sumsq[np.isfinite(s.sumsq)].sum())
-        kept = counts[lo:hi]
-        # Values are not summed on the device (nothing reads the mean); estimate it from buckets.
-        return cls(
-            min=mn,
-            max=mx,
-            num=float(kept.sum()),
-            sum=float(centres[lo:hi] @ kept),
-            sum_squares=sq,
-            bucket_limits=limits[lo:hi].tolist(),
-            bucket_counts=kept.tolist(),
-        )
+        mn, mx, num, total, sq, limits, kept = h
+        return cls(mn, mx, num, total, sq, limits.tolist(), kept.tolist())
+
+
+def histogram_fields(
+    counts: np.ndarray, edges: Sequence[float], s: UnitSummary
+) -> tuple[float, float, float, float, float, np.ndarray, np.ndarray] | None:
+    """(min, max, num, sum, sum_squares, bucket limits, bucket counts) as TensorBoard stores them.
+
+    Empty buckets at both ends are dropped (one is kept on the left), so sparse histograms stay
+    small on disk. None when there is nothing to draw.
+    """
+    limits, centres = _limits_and_centres(edges)
+    counts = np.asarray(counts, dtype=np.float64)
+    nz = np.flatnonzero(counts)
+    if nz.size == 0:
+        return None
+    lo, hi = max(int(nz[0]) - 1, 0), int(nz[-1]) + 1  # keep one empty bucket on the left
+    mn, mx, sq = s.lo, s.hi, s.total_sq
+    if not (math.isfinite(mn) and math.isfinite(mx) and math.isfinite(sq)):
+        mn = float(np.nanmin(np.where(np.isfinite(s.min), s.min, np.nan), initial=0.0))
+        mx = float(np.nanmax(np.where(np.isfinite(s.max), s.max, np.nan), initial=0.0))
+        sq = float(s.sumsq[np.isfinite(s.sumsq)].sum())
+    kept = counts[lo:hi]
+    # Values are not summed on the device (nothing reads the mean); estimate it from buckets.
+    return mn, mx, float(kept.sum()), float(centres[lo:hi] @ kept), sq, limits[lo:hi], kept
 
 
 _LIMITS: dict[int, tuple[Sequence[float], np.ndarray, np.ndarray]] = {}
@@ -110,9 +117,13 @@ class LayerSample:
     def histogram(self) -> HistogramData | None:
         if self.hist_counts is None:
             return None
-        from monitor.stats import histogram_edges
-
         return HistogramData.from_counts(self.hist_counts * self.hist_scale, histogram_edges(), self.summary)
+
+    def histogram_fields(self) -> tuple[float, float, float, float, float, np.ndarray, np.ndarray] | None:
+        """:meth:`histogram` as numpy arrays (see :func:`histogram_fields`)."""
+        if self.hist_counts is None:
+            return None
+        return histogram_fields(self.hist_counts * self.hist_scale, histogram_edges(), self.summary)
 
 
 @dataclass

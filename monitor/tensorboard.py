@@ -27,7 +27,13 @@ from typing import Any
 
 import numpy as np
 
-from monitor.eventfile import EventFileWriter, speed_up_writer
+from monitor.eventfile import (
+    EventFileWriter,
+    encode_event,
+    encode_value_histogram,
+    encode_value_scalar,
+    speed_up_writer,
+)
 from monitor.render import Picture, ScanRow, render_scan, render_timeline
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
@@ -192,6 +198,15 @@ class TensorBoardSink(Sink):
                         f"{HIST_TAG}/{layer.name}", h.min, h.max, h.num, h.sum, h.sum_squares,
                         h.bucket_limits, h.bucket_counts, record.step,
                     )
+            return
+        if isinstance(self._file_writer, EventFileWriter):  # our own file: encode the event directly
+            encoded = [encode_value_scalar(tag, v) for tag, v in scalars.items()]
+            for layer in record.layers:
+                yield_gil()
+                fields = layer.histogram_fields()
+                if fields is not None:
+                    encoded.append(encode_value_histogram(f"{HIST_TAG}/{layer.name}", *fields))
+            self._file_writer.add_encoded(encode_event(record.step, encoded))
             return
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 

@@ -134,6 +134,31 @@ def test_event_checksums_match_tensorboards_own():
         assert masked_crc32c(data) == reference(data)
 
 
+@pytest.mark.parametrize("step", [0, 1, 127, 128, 2**40])
+def test_directly_encoded_events_equal_protobufs_built_by_tensorboard(step):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    from monitor.eventfile import encode_event, encode_value_histogram, encode_value_scalar
+
+    tag = "activation_rms/" + "layers.0.linear" * 12  # a tag longer than 127 bytes: two-byte lengths
+    limits, counts = np.array([-1e-4, 0.0, 0.5, 2.0]), np.array([0.0, 10.0, 3.0, 1.5])
+    data = encode_event(
+        step,
+        [encode_value_scalar("a/b", 0.25), encode_value_scalar(tag, -3.5),
+         encode_value_histogram("h/x", -1.0, 2.0, 14.5, 9.5, 20.0, limits, counts)],
+        wall_time=1234.5,
+    )
+    expected = Event(wall_time=1234.5, step=step, summary=Summary(value=[
+        Summary.Value(tag="a/b", simple_value=0.25),
+        Summary.Value(tag=tag, simple_value=-3.5),
+        Summary.Value(tag="h/x", histo=HistogramProto(
+            min=-1.0, max=2.0, num=14.5, sum=9.5, sum_squares=20.0, bucket_limit=limits.tolist(), bucket=counts.tolist()
+        )),
+    ]))
+    assert Event.FromString(data) == expected
+
+
 def test_own_event_file_is_readable_while_open_and_after_close(tmp_path):
     from tensorboard.compat.proto.summary_pb2 import Summary
 
