@@ -199,3 +199,24 @@ def speed_up_writer(writer: Any) -> bool:
     record_writer.write = types.MethodType(write, record_writer)
     record_writer._activation_monitor_fast = True
     return True
+
+
+def encoded_event_sink(writer: Any) -> Callable[[bytes], None] | None:
+    """A function that writes an encoded ``Event`` to ``writer``'s file, or None if there is none.
+
+    Our :class:`EventFileWriter`, or the queue of TensorBoard's ``EventFileWriter`` inside
+    ``torch.utils.tensorboard``'s ``SummaryWriter`` (its ``add_event`` only checks the type and
+    queues ``event.SerializeToString()``). Other writers (tensorboardX, stubs) get protobuf objects
+    through their public methods.
+    """
+    if isinstance(writer, EventFileWriter):
+        return writer.add_encoded
+    try:
+        event_writer = writer._get_file_writer().event_writer
+        queue_write = event_writer._async_writer.write
+    except Exception:  # noqa: BLE001 - not torch's SummaryWriter
+        return None
+    cls = type(event_writer)
+    if cls.__name__ != "EventFileWriter" or not cls.__module__.startswith("tensorboard.") or not callable(queue_write):
+        return None
+    return queue_write

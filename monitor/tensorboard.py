@@ -32,6 +32,7 @@ from monitor.eventfile import (
     encode_event,
     encode_value_histogram,
     encode_value_scalar,
+    encoded_event_sink,
     speed_up_writer,
 )
 from monitor.render import Picture, ScanRow, render_scan, render_timeline
@@ -135,6 +136,7 @@ class TensorBoardSink(Sink):
         else:
             get = getattr(writer, "_get_file_writer", None)
             self._file_writer = get() if callable(get) else None
+        self._write_encoded = encoded_event_sink(writer)  # scalars and histograms skip protobuf objects
 
     @property
     def logdir(self) -> str:
@@ -199,14 +201,14 @@ class TensorBoardSink(Sink):
                         h.bucket_limits, h.bucket_counts, record.step,
                     )
             return
-        if isinstance(self._file_writer, EventFileWriter):  # our own file: encode the event directly
+        if self._write_encoded is not None:  # encode the event directly (see monitor.eventfile)
             encoded = [encode_value_scalar(tag, v) for tag, v in scalars.items()]
             for layer in record.layers:
                 yield_gil()
                 fields = layer.histogram_fields()
                 if fields is not None:
                     encoded.append(encode_value_histogram(f"{HIST_TAG}/{layer.name}", *fields))
-            self._file_writer.add_encoded(encode_event(record.step, encoded))
+            self._write_encoded(encode_event(record.step, encoded))
             return
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
