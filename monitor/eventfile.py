@@ -7,7 +7,10 @@ third thread that holds the GIL while it runs, so the training thread (which han
 and forth around every PyTorch kernel) waits for it. For the monitor's own output that was the
 largest single cost of a sampled step. Here the checksum comes from ``google-crc32c``'s C code
 (a dependency of the ``tensorboard`` extra) and records are written synchronously on the
-monitor's writer thread, which is already off the training thread.
+monitor's writer thread, which is already off the training thread. A ``SummaryWriter`` passed in
+keeps its own file and thread; it only gets the compiled checksum (:func:`speed_up_writer`).
+The scalars and histograms of a sampled step are encoded without protobuf objects
+(:func:`encode_event`).
 """
 
 from __future__ import annotations
