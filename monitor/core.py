@@ -22,14 +22,14 @@ from monitor.detect import Alert, LayerHealth, LayerState, Thresholds
 from monitor.selection import Patterns, Selector, WatchPoint, make_watch_point
 from monitor.sinks import Dispatcher, LayerSample, SampleRecord, Sink
 from monitor.stats import (
-    combine,
+    combine_rows,
     histogram_counts_batched,
     histogram_counts_host,
     histogram_edges,
     histogram_sample,
     sample_stride,
     summarize,
-    unit_stats,
+    unit_stat_rows,
 )
 
 OnAlert = Union[Literal["warn", "raise", "ignore"], Callable[[Alert], None]]
@@ -107,7 +107,8 @@ class _Job:
 
 @dataclass
 class _Pending:
-    stats: torch.Tensor
+    stats: list[torch.Tensor]  # one [units] row per entry of the watch point's rows
+    units: int
     hist_samples: list[torch.Tensor]  # binned together at the end of the step
     positions: int
     hist_numel: int  # values the histogram stands for
@@ -541,8 +542,8 @@ class Monitor:
             if threads > 1:
                 torch.set_num_threads(1)
             try:
-                stats = unit_stats(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
-                units = stats.shape[1]
+                stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
+                units = stats[0].shape[0]
                 hist = None
                 sampled = 0
                 if self.histograms:
@@ -554,9 +555,9 @@ class Monitor:
                     torch.set_num_threads(threads)
             prev = self._current.get(wp)
             if prev is None:
-                self._current[wp] = _Pending(stats, [] if hist is None else [hist], numel // units, numel, sampled)
-            elif prev.stats.shape == stats.shape:
-                prev.stats = combine(prev.stats, stats, wp.rows)
+                self._current[wp] = _Pending(stats, units, [] if hist is None else [hist], numel // units, numel, sampled)
+            elif prev.units == units:
+                prev.stats = combine_rows(prev.stats, stats, wp.rows)
                 if hist is not None:
                     prev.hist_samples.append(hist)
                 prev.positions += numel // units
@@ -579,17 +580,17 @@ class Monitor:
         """
         points = list(current)
         pieces: list[torch.Tensor] = []
-        device = current[points[0]].stats.device
+        device = current[points[0]].stats[0].device
         hist_samples: list[torch.Tensor] = []
         hist_groups: list[int] = []
         gather = self.gather
         # CPU tensors: the host is their device, so the sampled values are binned later on the same
         # device, off the training thread. Accelerators, and DDP (counts are summed across ranks):
         # binned here, on the device, without a sync.
-        bin_on_host = gather is None and all(current[wp].stats.device.type == "cpu" for wp in points)
+        bin_on_host = gather is None and all(current[wp].stats[0].is_cpu for wp in points)
         for wp in points:
             p = current[wp]
-            pieces.append(p.stats.reshape(-1))
+            pieces += p.stats
             if p.hist_samples:
                 hist_samples += p.hist_samples
                 hist_groups.append(len(p.hist_samples))
@@ -638,7 +639,7 @@ class Monitor:
         layers: list[LayerSample] = []
         alerts: list[Alert] = []
         offset = 0
-        hist_offset = sum(p.stats.numel() for p in job.pending)
+        hist_offset = sum(len(p.stats) * p.units for p in job.pending)
         buckets = len(histogram_edges()) + 1
         with self._lock:
             if job.seq <= self._judged_seq:
@@ -650,7 +651,7 @@ class Monitor:
                 if lengths:
                     host_counts = iter(histogram_counts_host(host_flat[hist_offset : hist_offset + sum(lengths)], lengths))
             for i, (wp, p) in enumerate(zip(job.points, job.pending)):
-                r, c = p.stats.shape
+                r, c = len(p.stats), p.units
                 block = host_flat[offset : offset + r * c].reshape(r, c)
                 offset += r * c
                 positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
@@ -708,7 +709,7 @@ class Monitor:
         offset = 0
         for wp in points:
             p = current[wp]
-            r, c = p.stats.shape
+            r, c = len(p.stats), p.units
             for i, row in enumerate(wp.rows):
                 if row in MAX_ROWS:
                     is_max[offset + i * c : offset + (i + 1) * c] = True

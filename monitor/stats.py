@@ -63,6 +63,22 @@ def unit_stats(
     >>> unit_stats(t, (0,), rows_for(Kind("x", fires=True)), Kind("x", fires=True))[0]
     tensor([1., 1.])
     """
+    return torch.stack(unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr))
+
+
+def unit_stat_rows(
+    x: torch.Tensor,
+    dims: tuple[int, ...],
+    rows: tuple[str, ...],
+    kind: Kind,
+    lo_thr: float | None = None,
+    hi_thr: float | None = None,
+) -> list[torch.Tensor]:
+    """:func:`unit_stats` as a list of ``[units]`` rows, not stacked.
+
+    The monitor's hooks use this form: the rows of all layers are concatenated once, when the
+    step ends, instead of once per layer and again per step.
+    """
     if x.dtype != torch.float32:
         x = x.float()
     out: list[torch.Tensor] = []
@@ -81,7 +97,7 @@ def unit_stats(
             out.append((x * 0).nan_to_num_(nan=1.0).sum(dims))
         elif row == AT_BOUND:
             out.append(_at_bound(x, lo_thr, hi_thr).sum(dims))
-    return torch.stack(out)
+    return out
 
 
 def _at_bound(x: torch.Tensor, lo_thr: float | None, hi_thr: float | None) -> torch.Tensor:
@@ -210,13 +226,10 @@ def _edges_np() -> np.ndarray:
     return np.asarray(histogram_edges(), dtype=np.float32)
 
 
-def combine(a: torch.Tensor, b: torch.Tensor, rows: tuple[str, ...]) -> torch.Tensor:
-    """Merge two partials of the same watch point (e.g. a module called twice in one step)."""
-    out = a + b
-    for i, row in enumerate(rows):
-        if row in MAX_ROWS:
-            out[i] = torch.maximum(a[i], b[i])
-    return out
+def combine_rows(a: list[torch.Tensor], b: list[torch.Tensor], rows: tuple[str, ...]) -> list[torch.Tensor]:
+    """Merge two partials of the same watch point (e.g. a module called twice in one step):
+    maximum for extremum rows, sum for the others."""
+    return [torch.maximum(x, y) if row in MAX_ROWS else x + y for x, y, row in zip(a, b, rows)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -219,6 +219,38 @@ def test_no_host_sync_inside_hooks_and_one_transfer_per_sampled_step(monkeypatch
 # -- robustness ----------------------------------------------------------------------------------
 
 
+def test_a_module_called_twice_in_a_step_is_one_layer_over_both_calls():
+    class TwiceReLU(nn.Module):  # one nn.ReLU module applied to two different tensors
+        def __init__(self):
+            super().__init__()
+            self.fc0, self.fc1, self.act = nn.Linear(6, 8), nn.Linear(8, 8), nn.ReLU()
+
+        def forward(self, x):
+            return self.act(self.fc1(self.act(self.fc0(x))))
+
+    torch.manual_seed(0)
+    model = TwiceReLU()
+    with torch.no_grad():
+        model.fc0.bias[:3] = -100.0  # units 0..2 dead in the first call only
+        model.fc1.bias[2:5] = -100.0  # units 2..4 dead in the second call only
+        model.fc1.weight[7] *= 1e3  # a large unit in the second call
+    x = torch.randn(200, 6)
+    mon = Monitor(model, every_n_steps=1, include="act", on_alert="ignore", background=False)
+    with mon:
+        one_step(mon, model, x)
+        h = mon.health()["act"]
+    with torch.no_grad():  # independent reference: both calls' outputs side by side
+        a = torch.relu(model.fc0(x))
+        b = torch.relu(model.fc1(a))
+    both = torch.cat([a, b])
+    dead = [u for u in range(8) if not (both[:, u] > 0).any()]
+    assert dead == [2]  # dead in both calls; units 0, 1, 3, 4 fired in one of them
+    assert list(h.dead_units) == dead
+    assert h.max_abs == pytest.approx(float(both.max()), rel=1e-5)
+    assert h.rms == pytest.approx(float(both.pow(2).mean().sqrt()), rel=1e-4)
+    assert h.firing_rate == pytest.approx(float((both > 0).float().mean()), rel=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_low_precision_activations(dtype):
     model = mlp(act=nn.Tanh).to(dtype)
