@@ -145,7 +145,7 @@ class Sink:
         """Make everything written so far durable."""
 
     def batch_done(self) -> None:
-        """Called after each batch of records (at most every ~2 s): a cheap moment to make them visible."""
+        """Called after each batch of records (one every ~2 s, or every 64 records): a cheap moment to make them visible."""
 
     def close(self) -> None:
         """Release resources; called once, after the last write."""
