@@ -177,21 +177,31 @@ class EventFileWriter:
             self._file.close()
 
 
+def _tensorboard_event_writer(writer: Any) -> Any | None:
+    """TensorBoard's ``EventFileWriter`` inside ``torch.utils.tensorboard``'s ``SummaryWriter``, or None.
+
+    Other writers (tensorboardX, stubs, our :class:`EventFileWriter`) have none and are left alone.
+    """
+    try:
+        event_writer = writer._get_file_writer().event_writer
+        event_writer._async_writer  # noqa: B018 - the queue both helpers below rely on
+    except Exception:  # noqa: BLE001 - not torch's SummaryWriter
+        return None
+    cls = type(event_writer)
+    return event_writer if cls.__name__ == "EventFileWriter" and cls.__module__.startswith("tensorboard.") else None
+
+
 def speed_up_writer(writer: Any) -> bool:
     """Give an existing ``SummaryWriter`` the compiled checksum; return whether it could.
 
     Only this writer's record writer changes (an instance attribute), and it writes the same bytes
     as before. Skipped when ``google-crc32c`` is missing or the writer is not TensorBoard's.
     """
-    if not fast_crc():
+    event_writer = _tensorboard_event_writer(writer)
+    if event_writer is None or not fast_crc():
         return False
-    try:
-        file_writer = writer._get_file_writer()
-        record_writer = file_writer.event_writer._async_writer._writer
-        sink = record_writer._writer
-    except Exception:  # noqa: BLE001 - not TensorBoard's writer (tensorboardX, a stub): leave it alone
-        return False
-    if type(record_writer).__name__ != "RecordWriter" or not callable(getattr(sink, "write", None)):
+    record_writer = getattr(event_writer._async_writer, "_writer", None)
+    if type(record_writer).__name__ != "RecordWriter" or not callable(getattr(record_writer._writer, "write", None)):
         return False
     if getattr(record_writer, "_activation_monitor_fast", False):
         return True
@@ -214,12 +224,5 @@ def encoded_event_sink(writer: Any) -> Callable[[bytes], None] | None:
     """
     if isinstance(writer, EventFileWriter):
         return writer.add_encoded
-    try:
-        event_writer = writer._get_file_writer().event_writer
-        queue_write = event_writer._async_writer.write
-    except Exception:  # noqa: BLE001 - not torch's SummaryWriter
-        return None
-    cls = type(event_writer)
-    if cls.__name__ != "EventFileWriter" or not cls.__module__.startswith("tensorboard.") or not callable(queue_write):
-        return None
-    return queue_write
+    event_writer = _tensorboard_event_writer(writer)
+    return None if event_writer is None else event_writer._async_writer.write

@@ -36,21 +36,13 @@ class HistogramData:
     bucket_limits: list[float]
     bucket_counts: list[float]
 
-    @classmethod
-    def from_counts(cls, counts: np.ndarray, edges: Sequence[float], s: UnitSummary) -> HistogramData | None:
-        """Bucket ``i`` holds values in ``(edges[i-1], edges[i]]``; the last one is open above."""
-        h = histogram_fields(counts, edges, s)
-        if h is None:
-            return None
-        mn, mx, num, total, sq, limits, kept = h
-        return cls(mn, mx, num, total, sq, limits.tolist(), kept.tolist())
-
 
 def histogram_fields(
     counts: np.ndarray, edges: Sequence[float], s: UnitSummary
 ) -> tuple[float, float, float, float, float, np.ndarray, np.ndarray] | None:
     """(min, max, num, sum, sum_squares, bucket limits, bucket counts) as TensorBoard stores them.
 
+    Bucket ``i`` holds values in ``(edges[i-1], edges[i]]``; the last one is open above.
     Empty buckets at both ends are dropped (one is kept on the left), so sparse histograms stay
     small on disk. None when there is nothing to draw.
     """
@@ -115,9 +107,11 @@ class LayerSample:
             return np.sqrt(s.sumsq / max(s.positions, 1))
 
     def histogram(self) -> HistogramData | None:
-        if self.hist_counts is None:
+        h = self.histogram_fields()
+        if h is None:
             return None
-        return HistogramData.from_counts(self.hist_counts * self.hist_scale, histogram_edges(), self.summary)
+        mn, mx, num, total, sq, limits, kept = h
+        return HistogramData(mn, mx, num, total, sq, limits.tolist(), kept.tolist())
 
     def histogram_fields(self) -> tuple[float, float, float, float, float, np.ndarray, np.ndarray] | None:
         """:meth:`histogram` as numpy arrays (see :func:`histogram_fields`)."""

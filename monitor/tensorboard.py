@@ -116,13 +116,12 @@ class TensorBoardSink(Sink):
                 from torch.utils.tensorboard import SummaryWriter
 
                 writer = SummaryWriter(log_dir=os.fspath(logdir))
-                speed_up_writer(writer)
             else:
                 writer = EventFileWriter(logdir)
             self._owns = True
         else:
             self._owns = False
-            speed_up_writer(writer)
+        speed_up_writer(writer)  # a no-op unless it is torch's SummaryWriter
         self.writer = writer
         self.images_every = images_every_n_samples
         self.timeline_length = timeline_length
