@@ -1,22 +1,51 @@
 """Which outputs to watch: activation modules, functional activations, stack blocks.
 
-Selection is normalised once, at construction, into :class:`Selector`; a pattern that can match
-nothing in the model is an error that lists close names.
+``include``/``exclude`` take patterns of three forms, alone or mixed in one sequence:
+
+- a glob string, matched against qualified module names (``"encoder.layers.*"``), module type
+  names (``"GELU"``) and functional activation names (``"dense0.relu"``, ``"*.relu"``);
+- an ``nn.Module`` subclass (``nn.Tanh``): modules that are instances of it (subclasses match) and,
+  for activation classes, the functional calls of the same kind (``nn.ReLU`` also selects
+  ``F.relu``/``torch.relu``/``x.relu()``, ``nn.Tanh`` selects ``torch.tanh``, ...);
+- a predicate ``callable(name: str, module: nn.Module | None) -> bool``, called with the qualified
+  name and the module for modules, and with the functional name (``"dense0.relu"``) and ``None``
+  for functional activations.
+
+Selection is normalised once, at construction, into :class:`Selector`; a glob or class that can
+match nothing in the model is an error that lists close names, and a value of the wrong type is a
+``TypeError`` listing the valid forms (:func:`validate_patterns` does that check without a model).
 """
 
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import TypeAlias, cast
 
 from torch import nn
 
-from monitor.activations import BLOCK, FUNCTIONAL_NAMES, MODULE, Kind, module_kind, saturation_thresholds
+from monitor.activations import (
+    _MODULE_KINDS,
+    BLOCK,
+    FUNCTIONAL_NAMES,
+    MODULE,
+    Kind,
+    module_kind,
+    saturation_thresholds,
+)
 from monitor.stats import reduce_dims, rows_for
 
-Patterns = str | Sequence[str] | None
+__all__ = ["Pattern", "Patterns", "Predicate", "Selector", "WatchPoint", "make_watch_point", "validate_patterns"]
+
+#: ``predicate(name, module) -> bool``; ``module`` is ``None`` for functional activations.
+Predicate: TypeAlias = Callable[[str, nn.Module | None], bool]
+#: One selection pattern: a glob string, an ``nn.Module`` subclass or a :data:`Predicate`.
+Pattern: TypeAlias = str | type[nn.Module] | Predicate
+#: What ``include``/``exclude`` accept: ``None``, one :data:`Pattern` or a sequence of them.
+Patterns: TypeAlias = Pattern | Sequence[Pattern] | None
 
 
 @dataclass(eq=False)
@@ -44,16 +73,98 @@ def make_watch_point(name: str, kind: Kind, module: nn.Module | None, tolerance:
     return WatchPoint(name=name, kind=kind, module=module, rows=rows_for(kind), lo_thr=lo, hi_thr=hi)
 
 
-def _normalise(name: str, patterns: Patterns) -> tuple[str, ...]:
-    if patterns is None:
-        return ()
-    if isinstance(patterns, str):
-        return (patterns,)
-    if isinstance(patterns, Sequence) and all(isinstance(p, str) for p in patterns):
-        return tuple(patterns)
-    raise TypeError(
-        f"Expected `{name}` to be None, a glob pattern string or a sequence of them, got {patterns!r}."
+# -- type checks (no model needed) --------------------------------------------------------------
+
+_VALID_FORMS = (
+    "a glob pattern string ('encoder.*', 'GELU', 'dense0.relu'), an nn.Module subclass (nn.GELU; "
+    "subclasses match) or a callable(name: str, module: nn.Module | None) -> bool"
+)
+
+
+def _show(value: object) -> str:
+    """A short, recognisable rendering of a pattern for error messages."""
+    if isinstance(value, type):
+        if getattr(nn, value.__name__, None) is value:
+            return f"nn.{value.__name__}"
+        return f"{value.__module__}.{value.__qualname__}"
+    if callable(value) and not isinstance(value, nn.Module):
+        qualname = getattr(value, "__qualname__", None)
+        return qualname if isinstance(qualname, str) else repr(value)
+    return repr(value)
+
+
+def _bad_type(name: str, value: object, why: str) -> TypeError:
+    return TypeError(
+        f"Expected `{name}` to be None, a glob pattern string or a sequence of patterns (or one pattern), "
+        f"where a pattern is {_VALID_FORMS}; got {value!r}: {why}."
     )
+
+
+def _check_one(name: str, value: object, pattern: object) -> None:
+    if isinstance(pattern, str):
+        return
+    if isinstance(pattern, type):
+        if not issubclass(pattern, nn.Module):
+            raise _bad_type(name, value, f"{_show(pattern)} is a class but not an nn.Module subclass")
+        return
+    if isinstance(pattern, nn.Module):
+        raise _bad_type(
+            name, value, f"{type(pattern).__name__}() is a module instance; pass its class {_show(type(pattern))}"
+        )
+    if callable(pattern):
+        try:
+            signature = inspect.signature(pattern)
+        except (TypeError, ValueError):  # no signature to inspect (some builtins): trust it
+            return
+        try:
+            signature.bind("", None)
+        except TypeError:
+            raise _bad_type(
+                name, value, f"the callable {_show(pattern)}{signature} cannot be called as (name, module)"
+            ) from None
+        return
+    raise _bad_type(name, value, f"{pattern!r} ({type(pattern).__name__}) is none of these")
+
+
+def validate_patterns(name: str, value: object) -> tuple[Pattern, ...]:
+    """Type-check an ``include``/``exclude`` value and normalise it to a tuple of patterns.
+
+    Needs no model (the integrations call it when they are built): whether a glob or a class
+    matches anything is checked by :class:`Selector` on the real model. ``name`` is the option's
+    name, used in the message of the ``TypeError`` raised for a value of the wrong type.
+    """
+    if value is None:
+        return ()
+    if isinstance(value, (str, type)) or (callable(value) and not isinstance(value, nn.Module)):
+        _check_one(name, value, value)
+        return cast("tuple[Pattern, ...]", (value,))
+    if isinstance(value, Sequence) and not isinstance(value, (bytes, bytearray, nn.Module)):
+        for pattern in value:
+            _check_one(name, value, pattern)
+        return cast("tuple[Pattern, ...]", tuple(value))
+    if isinstance(value, nn.Module):
+        _check_one(name, value, value)  # raises with the "pass its class" hint
+    raise _bad_type(name, value, f"{type(value).__name__} is not a pattern or a sequence of patterns")
+
+
+_normalise = validate_patterns  # the name integrations/lightning.py imported before validate_patterns
+
+
+# -- classes and their functional twins -----------------------------------------------------------
+
+# Activation module classes and the functional kind (``Kind.name``) their functional forms report.
+_FUNCTIONAL_TWINS: dict[type, str] = {
+    cls: kind.name for cls, kind in _MODULE_KINDS.items() if kind.name in FUNCTIONAL_NAMES
+} | {nn.Hardtanh: "hardtanh"}
+
+
+def _twin_kinds(cls: type) -> frozenset[str]:
+    """Functional kinds selected by ``cls``: those of the activation classes it is (or is a base of).
+
+    ``nn.ReLU`` -> ``{"relu"}``; ``nn.Hardtanh`` -> ``{"hardtanh", "relu6"}`` (``nn.ReLU6`` subclasses
+    it); a user subclass of ``nn.ReLU`` selects its own modules only, not every ``F.relu`` call.
+    """
+    return frozenset(kind for twin, kind in _FUNCTIONAL_TWINS.items() if issubclass(twin, cls))
 
 
 def _is_block(parent: nn.Module, child: nn.Module) -> bool:
@@ -61,35 +172,113 @@ def _is_block(parent: nn.Module, child: nn.Module) -> bool:
     return isinstance(parent, (nn.ModuleList, nn.Sequential)) and any(True for _ in child.children())
 
 
+class _Matcher:
+    """One side (include or exclude) of the selection, every pattern form folded into one test."""
+
+    def __init__(self, arg: str, patterns: tuple[Pattern, ...]) -> None:
+        self.arg = arg
+        self.patterns = patterns
+        self.globs = tuple(p for p in patterns if isinstance(p, str))
+        self.classes: tuple[type, ...] = tuple(p for p in patterns if isinstance(p, type))
+        self.predicates: tuple[Predicate, ...] = tuple(p for p in patterns if not isinstance(p, (str, type)))
+        self.kinds = frozenset().union(*(_twin_kinds(c) for c in self.classes))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns)
+
+    def _ask(self, predicate: Predicate, name: str, module: nn.Module | None) -> bool:
+        try:
+            answer = predicate(name, module)
+        except Exception as e:
+            raise ValueError(
+                f"{self.arg} predicate raised {e!r} for {name!r} (predicate {_show(predicate)}, called as "
+                f"predicate(name, module) with module={'None' if module is None else type(module).__name__})."
+            ) from e
+        if answer is None:
+            raise ValueError(
+                f"{self.arg} predicate {_show(predicate)} returned None for {name!r}; it must return a bool."
+            )
+        return bool(answer)
+
+    def module(self, name: str, module: nn.Module) -> bool:
+        tname = type(module).__name__
+        return (
+            any(fnmatchcase(name, p) or fnmatchcase(tname, p) for p in self.globs)
+            or (bool(self.classes) and isinstance(module, self.classes))
+            or any(self._ask(p, name, module) for p in self.predicates)
+        )
+
+    def functional(self, name: str, base: str) -> bool:
+        return (
+            any(fnmatchcase(name, p) or fnmatchcase(base, p) for p in self.globs)
+            or base in self.kinds
+            or any(self._ask(p, name, None) for p in self.predicates)
+        )
+
+
 class Selector:
-    """Normalised include/exclude patterns over module names, module types and functional names."""
+    """Normalised include/exclude patterns: globs, module classes and predicates.
+
+    A glob must match a module name, a module type name or a functional activation name; a class
+    must match a module of the model (subclasses too) or, with ``functional``, be an activation
+    class whose functional twin can appear. Predicates are called by :meth:`module_watch_points`
+    and :meth:`wants_functional`; one that raises makes them raise ``ValueError``.
+    """
 
     def __init__(self, model: nn.Module, include: Patterns, exclude: Patterns, functional: bool) -> None:
-        self.include = _normalise("include", include)
-        self.exclude = _normalise("exclude", exclude)
+        self.include = validate_patterns("include", include)
+        self.exclude = validate_patterns("exclude", exclude)
         self.functional = functional
-        names = [n for n, _ in model.named_modules() if n]
+        self._include = _Matcher("include", self.include)
+        self._exclude = _Matcher("exclude", self.exclude)
+        named = [(n, m) for n, m in model.named_modules() if n]
+        names = [n for n, _ in named]
         types = sorted({type(m).__name__ for m in model.modules()})
         fn_names = sorted(FUNCTIONAL_NAMES)
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
             for p in patterns:
-                if any(fnmatchcase(n, p) for n in names) or any(fnmatchcase(t, p) for t in types):
-                    continue
-                if functional and any(
-                    fnmatchcase(f, p) or any(fnmatchcase(f"{n}.{f}", p) for n in names) for f in fn_names
-                ):
-                    continue
-                close = difflib.get_close_matches(p, names + types + fn_names, n=6, cutoff=0.5)
-                hint = f" Close names: {', '.join(close)}." if close else f" Module names include: {', '.join(names[:8])}."
-                raise ValueError(
-                    f"`{arg}` pattern {p!r} matches no module name, module type or functional activation "
-                    f"of this {type(model).__name__}.{hint} Valid patterns match qualified module names "
-                    f"(e.g. {names[0] if names else 'encoder.layers.*'!r}), module types (e.g. 'ReLU') or "
-                    "functional activations ('<module>.relu')."
-                )
+                if isinstance(p, str):
+                    self._check_glob(model, arg, p, names, types, fn_names)
+                elif isinstance(p, type):
+                    self._check_class(model, arg, p, named)
 
-    def _matches(self, patterns: tuple[str, ...], *labels: str) -> bool:
-        return any(fnmatchcase(label, p) for p in patterns for label in labels)
+    def _check_glob(
+        self, model: nn.Module, arg: str, p: str, names: list[str], types: list[str], fn_names: list[str]
+    ) -> None:
+        if any(fnmatchcase(n, p) for n in names) or any(fnmatchcase(t, p) for t in types):
+            return
+        if self.functional and any(
+            fnmatchcase(f, p) or any(fnmatchcase(f"{n}.{f}", p) for n in names) for f in fn_names
+        ):
+            return
+        close = difflib.get_close_matches(p, names + types + fn_names, n=6, cutoff=0.5)
+        hint = f" Close names: {', '.join(close)}." if close else f" Module names include: {', '.join(names[:8])}."
+        raise ValueError(
+            f"`{arg}` pattern {p!r} matches no module name, module type or functional activation "
+            f"of this {type(model).__name__}.{hint} Valid patterns match qualified module names "
+            f"(e.g. {names[0] if names else 'encoder.layers.*'!r}), module types (e.g. 'ReLU') or "
+            "functional activations ('<module>.relu')."
+        )
+
+    def _check_class(self, model: nn.Module, arg: str, cls: type, named: list[tuple[str, nn.Module]]) -> None:
+        if any(isinstance(m, cls) for _, m in named):
+            return
+        twins = _twin_kinds(cls)
+        if twins and self.functional:
+            return  # F.relu & co. are only seen during forwards: they may well be there
+        types = sorted({type(m).__name__ for _, m in named})
+        close = difflib.get_close_matches(cls.__name__, types, n=6, cutoff=0.5)
+        hint = f" Close module types: {', '.join(close)}." if close else f" Module types: {', '.join(types[:12])}."
+        twin_note = (
+            f" (its functional twins, {', '.join(sorted(twins))}, are not watched with functional=False)"
+            if twins
+            else ""
+        )
+        raise ValueError(
+            f"`{arg}` class {_show(cls)} matches no module of this {type(model).__name__}{twin_note}.{hint} "
+            "A class selects the modules that are instances of it (subclasses too) and, for activation "
+            "classes such as nn.ReLU or nn.Tanh, the functional calls of the same kind (F.relu, torch.tanh)."
+        )
 
     def module_watch_points(self, model: nn.Module, tolerance: float) -> list[WatchPoint]:
         parents = {id(c): m for m in model.modules() for c in m.children()}
@@ -97,10 +286,9 @@ class Selector:
         for name, module in model.named_modules():
             if not name:
                 continue
-            tname = type(module).__name__
             kind = module_kind(module)
-            if self.include:
-                if not self._matches(self.include, name, tname):
+            if self._include:
+                if not self._include.module(name, module):
                     continue
                 if kind is None:
                     parent = parents.get(id(module))
@@ -110,7 +298,7 @@ class Selector:
                 if parent is None or not _is_block(parent, module):
                     continue
                 kind = BLOCK
-            if self._matches(self.exclude, name, tname):
+            if self._exclude and self._exclude.module(name, module):
                 continue
             points.append(make_watch_point(name, kind, module, tolerance))
         return points
@@ -119,6 +307,6 @@ class Selector:
         if not self.functional:
             return False
         base = kind.name.split("[")[0]
-        if self.include and not self._matches(self.include, name, base):
+        if self._include and not self._include.functional(name, base):
             return False
-        return not self._matches(self.exclude, name, base)
+        return not (self._exclude and self._exclude.functional(name, base))
