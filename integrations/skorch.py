@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 import weakref
 from collections.abc import Callable, Sequence
@@ -52,6 +53,59 @@ HISTORY_KEYS = {
 def _nan_max(values: list[float | None]) -> float:
     vals = [v for v in values if v is not None]
     return float(max(vals)) if vals else math.nan
+
+
+class _StepGuard:
+    """Forward hook (``with_kwargs=True, always_call=True``) on ``net.module_`` during a sampled step.
+
+    Completed forward (torch iterates a copy of the hook dict): runs the core's hooks moved into it,
+    removes itself and ends the step. Forward that raised (torch iterates ``module._forward_hooks``
+    itself, so no entry may leave or join it until the exception has left ``module_``): ends the
+    step with ``failed=True`` and stays in that dict, spent, doing nothing, until the callback's next
+    ``on_batch_begin``/``on_batch_end``/``on_train_begin``/``on_train_end``/``initialize``, pickling,
+    or the module's next completed forward, whichever comes first. A pickled copy is a spent guard.
+    """
+
+    __slots__ = ("absorbed", "callback", "entry_exc", "handle")
+
+    def __init__(self, callback: ActivationMonitor | None = None, entry_exc: BaseException | None = None) -> None:
+        self.callback = callback  # None: spent
+        self.entry_exc = entry_exc  # the exception being handled, if any, when the step began
+        self.absorbed: list[tuple[Callable[..., Any], bool]] = []  # (core hook, with_kwargs)
+        self.handle: Any = None
+
+    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
+        callback = self.callback
+        if sys.exc_info()[1] is not self.entry_exc:  # torch's exception path
+            self.callback, self.absorbed, self.entry_exc = None, [], None
+            if callback is not None:
+                callback._end_failed_step()
+            return None
+        absorbed = self.absorbed
+        self.remove(module)
+        result = None
+        for hook, with_kwargs in absorbed:  # the core's, in registration order, before the step ends
+            r = hook(module, args, kwargs, output) if with_kwargs else hook(module, args, output)
+            if r is not None:
+                output = result = r
+        if callback is not None:
+            callback._end_step(failed=False)
+        return result
+
+    def remove(self, module: nn.Module | None = None) -> None:
+        """Spend the guard and take it off its module (by identity for an unpickled copy)."""
+        self.callback, self.absorbed, self.entry_exc = None, [], None
+        handle, self.handle = self.handle, None
+        if handle is not None:
+            handle.remove()
+        elif module is not None:
+            for key in [k for k, hook in module._forward_hooks.items() if hook is self]:
+                del module._forward_hooks[key]
+                module._forward_hooks_with_kwargs.pop(key, None)
+                module._forward_hooks_always_called.pop(key, None)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_StepGuard, ())  # never the callback, the monitor or the core's hooks
 
 
 class ActivationMonitor(Callback):
@@ -171,7 +225,7 @@ class ActivationMonitor(Callback):
         self.epoch_samples_ = 0
         self.stop_requested_ = False
         self.pending_error_: ActivationAlertError | None = None
-        self.guard_: dict[str, Any] | None = None  # hooks/wrapper of the sampled step in progress
+        self.guard_: _StepGuard | None = None  # ends the sampled step in progress (or left spent on module_)
         return self
 
     def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
@@ -188,6 +242,7 @@ class ActivationMonitor(Callback):
 
     def on_batch_begin(self, net: Any, batch: Any = None, training: bool | None = None, **kwargs: Any) -> None:
         if not training:
+            self._drop_spent_guard()
             return  # validation / prediction batches are never sampled
         mon = self.monitor_
         if mon is None or getattr(net, "module_", None) is not mon.model:
@@ -196,9 +251,12 @@ class ActivationMonitor(Callback):
         self._end_step(failed=True)  # a step left open by an exception elsewhere
         step = self.step_
         self.step_ += 1
-        if mon is not None and mon.begin_step(step):
+        if mon is None:
+            return
+        before = set(mon.model._forward_hooks)
+        if mon.begin_step(step):
             self.epoch_samples_ += 1
-            self._guard(mon)
+            self._guard(mon, before)
 
     def on_batch_end(self, net: Any, batch: Any = None, training: bool | None = None, **kwargs: Any) -> None:
         if not training:
@@ -241,6 +299,7 @@ class ActivationMonitor(Callback):
 
     # -- pickling ------------------------------------------------------------------------------
     def __getstate__(self) -> dict[str, Any]:
+        self._drop_spent_guard()
         state = self.__dict__.copy()
         mon = state.get("monitor_")
         if mon is not None:  # keep the plain-data results, drop hooks, threads and the writer
@@ -323,46 +382,44 @@ class ActivationMonitor(Callback):
             self.monitor_ = None
             mon.close()
 
-    def _guard(self, mon: Monitor) -> None:
-        """End the sampled step right after ``module_``'s forward, also when the forward raises."""
+    def _guard(self, mon: Monitor, before: set[int]) -> None:
+        """End the sampled step right after ``module_``'s forward, also when the forward raises.
+
+        One forward hook, registered with ``always_call=True`` after the core's hooks, does it (see
+        :class:`_StepGuard`). Forward hooks the core put on ``module_`` itself (keys of its
+        ``_forward_hooks`` that ``begin_step`` added to ``before``) move into the guard, which runs
+        them in the same place on success: torch iterates that dict itself, not a copy, when the
+        forward raises, so no entry may leave it then, and ending the step must not have to remove one.
+        """
         module = mon.model
-        guard: dict[str, Any] = {"module": module, "had_forward": "forward" in module.__dict__}
-        guard["prev_forward"] = module.__dict__.get("forward")
-        original = module.forward
-
-        def after_forward(mod: nn.Module, args: Any, output: Any) -> None:
-            # registered after the monitor's hooks, so it runs last; the hook dict is iterated
-            # over a copy in this (successful) path, so removing hooks here is safe
-            self._end_step(failed=False)
-
-        def guarded_forward(*args: Any, **kwargs: Any) -> Any:
-            self._restore_forward(guard)
-            try:
-                return original(*args, **kwargs)
-            except BaseException:
-                self._end_step(failed=True)  # before torch iterates the hooks for always_call ones
-                raise
-
-        guard["handle"] = module.register_forward_hook(after_forward)
-        module.__dict__["forward"] = guarded_forward
+        hooks = module._forward_hooks
+        guard = _StepGuard(self, sys.exc_info()[1])
+        for key in [k for k in hooks if k not in before]:
+            guard.absorbed.append((hooks.pop(key), bool(module._forward_hooks_with_kwargs.pop(key, False))))
+            module._forward_hooks_always_called.pop(key, None)
+        guard.handle = module.register_forward_hook(guard, with_kwargs=True, always_call=True)
         self.guard_ = guard
 
-    @staticmethod
-    def _restore_forward(guard: dict[str, Any]) -> None:
-        module = guard["module"]
-        if guard.get("restored"):
-            return
-        guard["restored"] = True
-        if guard["had_forward"]:
-            module.__dict__["forward"] = guard["prev_forward"]
-        else:
-            module.__dict__.pop("forward", None)
+    def _end_failed_step(self) -> None:
+        """The forward raised (called by the guard inside torch's exception path): end the step.
+
+        The core removes its hooks: none is in ``module_._forward_hooks`` (moved into the guard).
+        The guard stays there, inert, until :meth:`_end_step` or the module's next forward.
+        """
+        mon = getattr(self, "monitor_", None)
+        if mon is not None and mon.in_step:
+            mon.end_step(failed=True)
+
+    def _drop_spent_guard(self) -> None:
+        guard = getattr(self, "guard_", None)
+        if guard is not None and guard.callback is None:
+            self.guard_ = None
+            guard.remove()
 
     def _end_step(self, failed: bool) -> None:
         guard, self.guard_ = getattr(self, "guard_", None), None
         if guard is not None:
-            guard["handle"].remove()
-            self._restore_forward(guard)
+            guard.remove()
         mon = getattr(self, "monitor_", None)
         if mon is not None and mon.in_step:
             mon.end_step(failed=failed)

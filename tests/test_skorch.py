@@ -7,6 +7,7 @@ import inspect
 import math
 import pickle
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,7 +33,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.tensorboard import SummaryWriter
 
 from integrations.skorch import ActivationMonitor
-from monitor import ActivationAlertError, MonitorWarning, Thresholds
+from monitor import ActivationAlertError, Monitor, MonitorWarning, Thresholds
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -53,22 +54,61 @@ class WineClassifier(nn.Module):
         return X
 
 
-class FailingWine(WineClassifier):
-    """Raises inside forward on the ``fail_at``-th training forward (0-based)."""
+class Boom(Exception):
+    """The user's exception."""
 
-    def __init__(self, fail_at: int = 3) -> None:
+
+class Bomb(nn.Module):
+    def forward(self, h):
+        raise Boom(f"boom {h.shape[0]}")
+
+
+class FailingWine(WineClassifier):
+    """Raises ``Boom`` on the ``fail_at``-th training forward (0-based), in its own forward or in a
+    submodule's. Records whether its ``__dict__`` holds a ``forward`` on every call."""
+
+    def __init__(self, fail_at: int = 3, fail_in: str = "forward") -> None:
         super().__init__()
         self.fail_at = fail_at
+        self.fail_in = fail_in
         self.calls = 0
+        self.bomb = Bomb()
+        self.forward_in_dict: list[bool] = []
 
     def forward(self, X):
+        self.forward_in_dict.append("forward" in self.__dict__)
         if self.training:
             if self.calls == self.fail_at:
                 self.calls += 1
                 h = F.relu(self.dense0(X))  # a watched activation has run when it fails
-                raise RuntimeError(f"boom {h.shape[0]}")
+                if self.fail_in == "submodule":
+                    self.bomb(h)
+                raise Boom(f"boom {h.shape[0]}")
             self.calls += 1
         return super().forward(X)
+
+
+def _noop_hook(module, args, output):
+    return None
+
+
+class LateRootHook(Callback):
+    """After ActivationMonitor: a user's forward hook on ``module_`` behind the monitor's, for each
+    training batch; records the types of the root's forward hooks it finds there."""
+
+    def __init__(self) -> None:
+        self.handle = None
+        self.seen: list[list[str]] = []
+
+    def on_batch_begin(self, net, batch=None, training=None, **kwargs):
+        if training:
+            self.seen.append([type(h).__name__ for h in net.module_._forward_hooks.values()])
+            self.handle = net.module_.register_forward_hook(_noop_hook)
+
+    def on_batch_end(self, net, batch=None, training=None, **kwargs):
+        if training:
+            self.handle.remove()
+            self.handle = None
 
 
 @pytest.fixture(scope="module")
@@ -299,19 +339,130 @@ def test_hooks_follow_module_(wine):
         assert_clean(m)
 
 
-def test_forward_that_raises_leaves_no_hooks(wine):
-    X, y, _, _ = wine
-    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
-    net = make_net([cb], module=FailingWine, module__fail_at=3, max_epochs=5, batch_size=64, train_split=None)
-    with pytest.raises(RuntimeError, match="boom"):
-        net.fit(X, y)
+_HOOK_DICTS = (
+    "_forward_hooks",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+    "_forward_pre_hooks",
+    "_forward_pre_hooks_with_kwargs",
+    "_backward_hooks",
+    "_backward_pre_hooks",
+)
+
+
+def fail_fit(net, cb, late, X, y):
+    """fit until the sampled step 3 raises; check the user's exception and what is left behind."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(Boom, match="boom 64") as info:  # not torch's "OrderedDict mutated ..."
+            net.fit(X, y)
+    assert info.type is Boom
+    assert not [w for w in caught if "always_call" in str(w.message)]  # no hook failed in torch's except path
+    root = net.module_
     assert cb.step_ == 4  # batches 0..3 started; 3 raised inside a sampled step
     assert cb.monitor_ is not None and not cb.monitor_.in_step
-    assert_clean(net.module_)
-    assert [s for s in net.history[:, "activation_samples"]] == [3]  # epoch 1 complete, epoch 2 interrupted
-    # the net trains again afterwards (a new fit re-initialises the callback)
+    assert torch._C._len_torch_function_stack() == 0
+    assert net.history[:, "activation_samples"] == [3]  # epoch 1 complete, epoch 2 interrupted
+    # during every sampled step the root's forward hooks were the guard alone (plus the user's)
+    assert late.seen and all(seen == ["_StepGuard"] for seen in late.seen)
+    late.seen.clear()
+    assert root.forward_in_dict == [False] * 4 and "forward" not in root.__dict__
+    for name, m in root.named_modules():
+        if name:
+            assert all(not getattr(m, d) for d in _HOOK_DICTS), name
+    late.handle.remove()  # the user's own hook (its on_batch_end never ran)
+    late.handle = None
+    assert all(not getattr(root, d) for d in _HOOK_DICTS if "_forward_hooks" not in d)
+    # the root holds at most the spent guard: nothing of the core, nothing that still does work
+    left = list(root._forward_hooks.values())
+    assert len(left) <= 1
+    if left:
+        assert left[0] is cb.guard_ and left[0].callback is None and not left[0].absorbed
+    return root
+
+
+@pytest.mark.parametrize("fail_in", ["forward", "submodule"])
+# functional: the core hooks the root too (producer tracking); dense* modules only: it does not at step 3
+@pytest.mark.parametrize("options", [{}, {"functional": False, "include": "dense*"}], ids=["functional", "modules"])
+def test_forward_that_raises(wine, options, fail_in):
+    X, y, _, _ = wine
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore", **options)
+    late = LateRootHook()
+    net = make_net(
+        [cb, late],
+        module=FailingWine,
+        module__fail_at=3,
+        module__fail_in=fail_in,
+        max_epochs=5,
+        batch_size=64,
+        train_split=None,
+    )
+
+    # 1. the module's next forward takes the spent guard off
+    first = fail_fit(net, cb, late, X, y)
+    net.predict(X)
+    assert_clean(first)
+    assert cb.step_ == 4 and not cb.monitor_.in_step
+
+    # 2. so does pickling; the pickled copy holds at most a spent guard, gone after its next forward
+    second = fail_fit(net, cb, late, X, y)
+    assert second is not first
+    copy = pickle.loads(pickle.dumps(net))
+    assert_clean(second)
+    assert len(copy.module_._forward_hooks) <= 1
+    copy.predict(X)
+    assert_clean(copy.module_)
+
+    # 3. so does a new fit (net.initialize() re-initialises the callback), which trains normally
+    third = fail_fit(net, cb, late, X, y)
     net.set_params(module__fail_at=10_000)
     net.fit(X, y)
+    assert_clean(third)
+    assert_clean(net.module_)
+    assert net.module_.forward_in_dict and not any(net.module_.forward_in_dict)
+    assert late.seen and all(seen == ["_StepGuard"] for seen in late.seen)
+    assert net.history[:, "activation_samples"] == [3] * 5
+
+
+def test_root_forward_hooks_of_the_core_run_inside_the_step(wine, monkeypatch):
+    """Robust to a core that hooks ``module_`` itself: such a hook runs once per sampled forward,
+    before the step ends, and is never in the root's hook dict when a forward raises."""
+    X, y, _, _ = wine
+    calls = []
+    begin_step, end_step = Monitor.begin_step, Monitor.end_step
+
+    def begin(self, step):
+        sampled = begin_step(self, step)
+        if sampled:
+            self._test_root_handle = self.model.register_forward_hook(lambda m, a, o: calls.append(self.in_step))
+        return sampled
+
+    def end(self, failed=False):
+        handle = self.__dict__.pop("_test_root_handle", None)
+        if handle is not None:
+            handle.remove()
+        end_step(self, failed)
+
+    monkeypatch.setattr(Monitor, "begin_step", begin)
+    monkeypatch.setattr(Monitor, "end_step", end)
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore")
+    late = LateRootHook()
+    net = make_net(
+        [cb, late], module=FailingWine, module__fail_at=10_000, max_epochs=2, batch_size=64, train_split=None
+    )
+    net.fit(X, y)
+    assert calls == [True] * 3  # steps 0, 2, 4: once each, while the step was open
+    assert_clean(net.module_)
+
+    calls.clear()
+    net.set_params(module__fail_at=2)
+    late.seen.clear()
+    with pytest.raises(Boom):
+        net.fit(X, y)
+    assert calls == [True]  # step 0; step 2 raised: a plain hook is not called then (as in torch)
+    late.handle.remove()
+    assert len(net.module_._forward_hooks) <= 1 and not cb.monitor_.in_step
+    net.predict(X)
     assert_clean(net.module_)
 
 
