@@ -7,8 +7,9 @@ third thread that holds the GIL while it runs, so the training thread (which han
 and forth around every PyTorch kernel) waits for it. For the monitor's own output that was the
 largest single cost of a sampled step. Here the checksum comes from ``google-crc32c``'s C code
 (a dependency of the ``tensorboard`` extra) and records are written synchronously on the
-monitor's writer thread, which is already off the training thread. A ``SummaryWriter`` passed in
-keeps its own file and thread; it only gets the compiled checksum (:func:`speed_up_writer`).
+monitor's writer thread, which is already off the training thread. With a ``SummaryWriter``
+passed in, the monitor writes this file of its own into that writer's directory (TensorBoard
+reads all event files of a directory as one run) and never touches the writer itself.
 The scalars and histograms of a sampled step are encoded without protobuf objects
 (:func:`encode_event`).
 """
@@ -21,12 +22,12 @@ import os
 import socket
 import struct
 import time
-import types
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 _MASK_DELTA = 0xA282EAD8
 _uid = itertools.count()
+SUFFIX = "activation-monitor"  # ends our file names: never the name of a SummaryWriter's file
 
 
 @functools.cache
@@ -117,13 +118,28 @@ def encode_event(step: int, values: list[bytes], wall_time: float | None = None)
     return b"\x09" + struct.pack("<d", wall) + b"\x10" + _varint(int(step)) + _field(0x2A, b"".join(values))
 
 
+def _create_event_file(logdir: str) -> tuple[str, BinaryIO]:
+    """A new event file in ``logdir``, created exclusively (``"xb"``): the next counter if the name exists."""
+    stem = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}"
+    for _ in range(10_000):
+        path = os.path.join(logdir, f"{stem}.{next(_uid)}.{SUFFIX}")
+        try:
+            return path, open(path, "xb")  # closed by EventFileWriter.close()
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free event file name in {logdir!r} (tried {stem}.<n>.{SUFFIX})")
+
+
 class EventFileWriter:
     """A minimal, synchronous stand-in for ``SummaryWriter``'s file writer.
 
-    Writes one ``events.out.tfevents.*`` file in ``logdir`` (read by TensorBoard like any other),
-    makes it visible to readers at least every ``flush_secs`` seconds, and does everything on the
-    calling thread: no queue, no extra thread. Not thread-safe; the monitor calls it from its
-    writer thread only.
+    Writes one ``events.out.tfevents.<time>.<host>.<pid>.<n>.activation-monitor`` file in
+    ``logdir`` (read by TensorBoard like any other; the suffix keeps it apart from the files of a
+    ``SummaryWriter`` opened in the same directory in the same second, and the file is created
+    exclusively, never truncating an existing one), makes it visible to readers at least every
+    ``flush_secs`` seconds, and does everything on the calling thread: no queue, no extra thread.
+    Not thread-safe; the monitor calls it from its writer thread only. Construction creates the
+    directory and the file, so it can fail like any file I/O.
 
     >>> import tempfile
     >>> from tensorboard.compat.proto.summary_pb2 import Summary
@@ -137,17 +153,19 @@ class EventFileWriter:
 
         self.log_dir = os.fspath(logdir)
         os.makedirs(self.log_dir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_uid)}"
-        self.path = os.path.join(self.log_dir, name)
-        self._file: BinaryIO = open(self.path, "wb")  # noqa: SIM115 - closed by close()
+        self.path, self._file = _create_event_file(self.log_dir)
         self._event = Event
         self.flush_secs = flush_secs
         self._last_flush = time.monotonic()
         self.closed = False
-        self.add_event(
-            Event(wall_time=time.time(), file_version="brain.Event:2", source_metadata=SourceMetadata(writer="activation-monitor"))
-        )
-        self.flush()
+        try:
+            source = SourceMetadata(writer=SUFFIX)
+            self.add_event(Event(wall_time=time.time(), file_version="brain.Event:2", source_metadata=source))
+            self.flush()
+        except BaseException:
+            self.closed = True
+            self._file.close()
+            raise
 
     def get_logdir(self) -> str:
         return self.log_dir
@@ -175,54 +193,3 @@ class EventFileWriter:
         if not self.closed:
             self.closed = True
             self._file.close()
-
-
-def _tensorboard_event_writer(writer: Any) -> Any | None:
-    """TensorBoard's ``EventFileWriter`` inside ``torch.utils.tensorboard``'s ``SummaryWriter``, or None.
-
-    Other writers (tensorboardX, stubs, our :class:`EventFileWriter`) have none and are left alone.
-    """
-    try:
-        event_writer = writer._get_file_writer().event_writer
-        event_writer._async_writer  # noqa: B018 - the queue both helpers below rely on
-    except Exception:  # noqa: BLE001 - not torch's SummaryWriter
-        return None
-    cls = type(event_writer)
-    return event_writer if cls.__name__ == "EventFileWriter" and cls.__module__.startswith("tensorboard.") else None
-
-
-def speed_up_writer(writer: Any) -> bool:
-    """Give an existing ``SummaryWriter`` the compiled checksum; return whether it could.
-
-    Only this writer's record writer changes (an instance attribute), and it writes the same bytes
-    as before. Skipped when ``google-crc32c`` is missing or the writer is not TensorBoard's.
-    """
-    event_writer = _tensorboard_event_writer(writer)
-    if event_writer is None or not fast_crc():
-        return False
-    record_writer = getattr(event_writer._async_writer, "_writer", None)
-    if type(record_writer).__name__ != "RecordWriter" or not callable(getattr(record_writer._writer, "write", None)):
-        return False
-    if getattr(record_writer, "_activation_monitor_fast", False):
-        return True
-
-    def write(self: Any, data: bytes) -> None:
-        self._writer.write(frame(data))
-
-    record_writer.write = types.MethodType(write, record_writer)
-    record_writer._activation_monitor_fast = True
-    return True
-
-
-def encoded_event_sink(writer: Any) -> Callable[[bytes], None] | None:
-    """A function that writes an encoded ``Event`` to ``writer``'s file, or None if there is none.
-
-    Our :class:`EventFileWriter`, or the queue of TensorBoard's ``EventFileWriter`` inside
-    ``torch.utils.tensorboard``'s ``SummaryWriter`` (its ``add_event`` only checks the type and
-    queues ``event.SerializeToString()``). Other writers (tensorboardX, stubs) get protobuf objects
-    through their public methods.
-    """
-    if isinstance(writer, EventFileWriter):
-        return writer.add_encoded
-    event_writer = _tensorboard_event_writer(writer)
-    return None if event_writer is None else event_writer._async_writer.write

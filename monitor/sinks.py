@@ -1,8 +1,9 @@
 """Where sample records go: plain data in, effects out, off the training thread.
 
 The core builds one :class:`SampleRecord` per sampled step (host numpy only, no tensors) and a
-:class:`Dispatcher` hands it to each :class:`Sink` on a background thread. A sink that fails is
-dropped with one warning; training never sees the exception.
+:class:`Dispatcher` hands it to each :class:`Sink` on a background thread. A sink that fails (in
+``write``, ``batch_done``, ``flush`` or ``close``) is dropped with one warning and closed quietly;
+training never sees the exception.
 """
 
 from __future__ import annotations
@@ -266,14 +267,23 @@ class Dispatcher:
         self._thread.join(timeout=5)
 
     def _call(self, sink: Sink, what: str, *args: object) -> None:
+        """``sink.<what>(*args)``; on failure the sink is dropped with one warning and closed quietly.
+
+        Nothing a sink raises leaves this method (not even a warning turned into an error), so
+        the writer thread, and with it detection and alerts, keeps going.
+        """
         try:
             getattr(sink, what)(*args)
         except Exception as e:
             self._sinks = [s for s in self._sinks if s is not sink]
-            self._warn_once(
-                f"sink:{id(sink)}",
-                f"{type(sink).__name__}.{what} failed ({e!r}); it is disabled and training continues",
-            )
+            with contextlib.suppress(Exception):
+                self._warn_once(
+                    f"sink:{id(sink)}",
+                    f"{type(sink).__name__}.{what} failed ({e!r}); it is disabled and training continues",
+                )
+            if what != "close":  # release its files; what it wrote so far reaches disk if it can
+                with contextlib.suppress(Exception):
+                    sink.close()
 
     def _run(self) -> None:
         # Lowest CPU priority for this thread (Linux: threads are tasks with their own nice value):
@@ -284,10 +294,12 @@ class Dispatcher:
             item = self._queue.get()
             if isinstance(item, tuple) and item and item[0] in (_FLUSH, _CLOSE, _DRAIN):
                 marker, done = item
-                if marker is not _DRAIN:
-                    for sink in list(self._sinks):
-                        self._call(sink, "flush" if marker is _FLUSH else "close")
-                done.set()
+                try:
+                    if marker is not _DRAIN:
+                        for sink in list(self._sinks):
+                            self._call(sink, "flush" if marker is _FLUSH else "close")
+                finally:
+                    done.set()
                 if marker is _CLOSE:
                     return
                 continue

@@ -17,6 +17,10 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 
 Each metric is its own tag prefix, so TensorBoard shows one section per metric with every layer
 in it. Everything here runs on the monitor's background thread.
+
+The monitor writes an event file of its own (:class:`monitor.eventfile.EventFileWriter`), also
+when given a ``SummaryWriter``: it goes into that writer's directory, which TensorBoard reads as
+one run, and the writer itself is never written to, flushed, closed or changed.
 """
 
 from __future__ import annotations
@@ -27,14 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from monitor.eventfile import (
-    EventFileWriter,
-    encode_event,
-    encode_value_histogram,
-    encode_value_scalar,
-    encoded_event_sink,
-    speed_up_writer,
-)
+from monitor.eventfile import SUFFIX, EventFileWriter, encode_event, encode_value_histogram, encode_value_scalar
 from monitor.render import Picture, ScanRow, render_scan, render_timeline
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
@@ -98,8 +95,42 @@ class _Timeline:
         return m
 
 
+def writer_logdir(writer: Any) -> str | None:
+    """The directory a TensorBoard writer writes to, read through its public API; None if it shows none.
+
+    ``get_logdir()`` (``torch.utils.tensorboard`` and tensorboardX ``SummaryWriter``), else a
+    ``logdir`` (tensorboardX) or ``log_dir`` (torch) attribute. Nothing is set or called beyond these.
+    """
+    get = getattr(writer, "get_logdir", None)
+    if callable(get):
+        try:
+            d = get()
+        except Exception:  # noqa: BLE001 - not the method we are looking for
+            d = None
+        if isinstance(d, (str, os.PathLike)) and os.fspath(d):
+            return os.fsdecode(d)
+    for name in ("logdir", "log_dir"):
+        try:
+            d = getattr(writer, name, None)
+        except Exception:  # noqa: BLE001 - a property that fails: no directory from it
+            d = None
+        if isinstance(d, (str, os.PathLike)) and os.fspath(d):
+            return os.fsdecode(d)
+    return None
+
+
 class TensorBoardSink(Sink):
-    """Writes sample records to a ``SummaryWriter`` (its own under ``logdir``, or one passed in)."""
+    """Writes sample records to TensorBoard: an event file of its own under ``logdir``, or beside ``writer``'s.
+
+    With ``writer`` (a ``torch.utils.tensorboard`` or tensorboardX ``SummaryWriter``), the file
+    goes into the writer's directory (read with ``get_logdir()``, or its ``logdir``/``log_dir``);
+    TensorBoard shows both files as one run. The writer is never written to, flushed, closed or
+    modified. Only a writer that shows no directory is used through its public ``add_scalar``,
+    ``add_histogram_raw``, ``add_image`` and ``add_text`` (and flushed, never closed). A directory
+    with a scheme (``s3://``, ``gs://``) gets a ``FileWriter`` of ours (TensorBoard's file system
+    layer). Construction checks types only and does no I/O: the file is created on the first write,
+    on the monitor's writer thread, where a failure disables this sink with one warning.
+    """
 
     def __init__(
         self,
@@ -109,20 +140,40 @@ class TensorBoardSink(Sink):
         timeline_length: int = 100,
     ) -> None:
         require_tensorboard()
+        self.writer = writer  # the caller's, or None
+        self._fallback: Any = None  # a writer with no directory: used through its public methods
         if writer is None:
             if logdir is None:
                 raise ValueError("Expected `logdir` or `writer`, got neither.")
-            if "://" in os.fspath(logdir):  # a remote store (s3://, gs://): TensorBoard's own file system layer
-                from torch.utils.tensorboard import SummaryWriter
-
-                writer = SummaryWriter(log_dir=os.fspath(logdir))
-            else:
-                writer = EventFileWriter(logdir)
-            self._owns = True
+            if not isinstance(logdir, (str, os.PathLike)):
+                hint = " (a writer object goes in `writer=`)" if hasattr(logdir, "add_scalar") else ""
+                raise TypeError(
+                    f"Expected `logdir` to be a directory path (str or os.PathLike), got {logdir!r} "
+                    f"({type(logdir).__name__}){hint}."
+                )
+            directory: str | None = os.fsdecode(os.fspath(logdir))
+            if not directory:
+                raise ValueError("Expected `logdir` to be a directory path, got an empty string.")
         else:
-            self._owns = False
-        speed_up_writer(writer)  # a no-op unless it is torch's SummaryWriter
-        self.writer = writer
+            if logdir is not None:
+                raise ValueError("Expected either `logdir` or `writer`, got both.")
+            if isinstance(writer, (str, bytes, os.PathLike)):
+                raise TypeError(
+                    f"Expected `writer` to be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got the path "
+                    f"{writer!r}; to write into a directory, pass logdir={os.fsdecode(os.fspath(writer))!r} instead."
+                )
+            directory = writer_logdir(writer)
+            if directory is None:
+                if not callable(getattr(writer, "add_scalar", None)):
+                    raise TypeError(
+                        "Expected `writer` to be a SummaryWriter (torch.utils.tensorboard or tensorboardX: one with "
+                        "get_logdir() or a logdir/log_dir attribute) or an object with add_scalar, got "
+                        f"{type(writer).__module__}.{type(writer).__qualname__} ({writer!r:.80})."
+                    )
+                self._fallback = writer
+        self._dir = directory
+        self._out: Any = None  # our EventFileWriter (or, for a remote directory, a FileWriter), opened on first write
+        self._closed = False
         self.images_every = images_every_n_samples
         self.timeline_length = timeline_length
         self._timelines: dict[str, _Timeline] = {}
@@ -130,20 +181,34 @@ class TensorBoardSink(Sink):
         self._last: SampleRecord | None = None
         self._rendered_last = False
         self._timelines_rendered_at = 0
-        if isinstance(writer, EventFileWriter):
-            self._file_writer: Any = writer
-        else:
-            get = getattr(writer, "_get_file_writer", None)
-            self._file_writer = get() if callable(get) else None
-        self._write_encoded = encoded_event_sink(writer)  # scalars and histograms skip protobuf objects
 
     @property
-    def logdir(self) -> str:
-        return str(self.writer.get_logdir() if hasattr(self.writer, "get_logdir") else self.writer.log_dir)
+    def logdir(self) -> str | None:
+        """The directory our event file goes to (None when writing through a writer with no directory)."""
+        return self._dir
+
+    @property
+    def path(self) -> str | None:
+        """Our event file, once it exists (a local directory only)."""
+        return getattr(self._out, "path", None)
+
+    def _output(self) -> Any:
+        """Our file writer, created on first use (on the writer thread); None for a directory-less writer."""
+        if self._out is None and self._dir is not None:
+            if self._closed:
+                raise RuntimeError("TensorBoardSink is closed")
+            if "://" in self._dir:  # a remote store (s3://, gs://): TensorBoard's own file system layer
+                from torch.utils.tensorboard.writer import FileWriter
+
+                self._out = FileWriter(self._dir, filename_suffix=f".{SUFFIX}")
+            else:
+                self._out = EventFileWriter(self._dir)
+        return self._out
 
     # -- Sink ----------------------------------------------------------------------------------
     def write(self, record: SampleRecord) -> None:
-        self._write_scalars_and_histograms(record)
+        out = self._output()
+        self._write_scalars_and_histograms(record, out)
         for layer in record.layers:
             metric, v = ("firing rate", layer.firing) if layer.firing is not None else ("rms", layer.magnitude)
             tl = self._timelines.get(layer.name)
@@ -152,12 +217,14 @@ class TensorBoardSink(Sink):
             tl.append(record.step, v)
         if record.alerts:
             lines = "  \n".join(("RECOVERED " if a.recovered else "ALERT ") + a.message for a in record.alerts)
-            if self._file_writer is None:
-                self.writer.add_text(ALERT_TAG, lines, record.step)
+            if out is None:
+                add_text = getattr(self._fallback, "add_text", None)
+                if callable(add_text):
+                    add_text(ALERT_TAG, lines, record.step)
             else:
                 from torch.utils.tensorboard.summary import text
 
-                self._file_writer.add_summary(text(ALERT_TAG, lines), record.step)
+                out.add_summary(text(ALERT_TAG, lines), record.step)
         self._samples += 1
         self._last = record
         self._rendered_last = False
@@ -171,43 +238,53 @@ class TensorBoardSink(Sink):
                 self._write_images(record, timelines=alert or timeline_due)
 
     def flush(self) -> None:
-        self.writer.flush()
+        if self._out is not None:
+            self._out.flush()
+        elif self._fallback is not None and callable(getattr(self._fallback, "flush", None)):
+            self._fallback.flush()
 
     def batch_done(self) -> None:
-        if isinstance(self.writer, EventFileWriter):
-            self.writer.flush()  # one write(2) per batch: TensorBoard sees the data within seconds
+        if isinstance(self._out, EventFileWriter):
+            self._out.flush()  # one write(2) per batch: TensorBoard sees the data within seconds
 
     def close(self) -> None:
+        if self._closed:
+            return
         try:
             if self._last is not None and not self._rendered_last and self.images_every > 0:
                 self._write_images(self._last, timelines=True)
         finally:
-            self.writer.flush()
-            if self._owns:
-                self.writer.close()
+            self._closed = True
+            if self._out is not None:
+                self._out.close()  # ours: flushed and closed (a writer passed in is neither)
+            else:
+                self.flush()
 
     # -- writing -------------------------------------------------------------------------------
-    def _write_scalars_and_histograms(self, record: SampleRecord) -> None:
+    def _write_scalars_and_histograms(self, record: SampleRecord, out: Any) -> None:
         scalars = scalar_values(record)
-        if self._file_writer is None:
+        if out is None:
+            w = self._fallback
             for tag, v in scalars.items():
-                self.writer.add_scalar(tag, v, record.step)
-            for layer in record.layers:
-                h = layer.histogram()
-                if h is not None:
-                    self.writer.add_histogram_raw(
-                        f"{HIST_TAG}/{layer.name}", h.min, h.max, h.num, h.sum, h.sum_squares,
-                        h.bucket_limits, h.bucket_counts, record.step,
-                    )
+                w.add_scalar(tag, v, record.step)
+            add_histogram_raw = getattr(w, "add_histogram_raw", None)
+            if callable(add_histogram_raw):
+                for layer in record.layers:
+                    h = layer.histogram()
+                    if h is not None:
+                        add_histogram_raw(
+                            f"{HIST_TAG}/{layer.name}", h.min, h.max, h.num, h.sum, h.sum_squares,
+                            h.bucket_limits, h.bucket_counts, record.step,
+                        )
             return
-        if self._write_encoded is not None:  # encode the event directly (see monitor.eventfile)
+        if isinstance(out, EventFileWriter):  # encode the event directly (see monitor.eventfile)
             encoded = [encode_value_scalar(tag, v) for tag, v in scalars.items()]
             for layer in record.layers:
                 yield_gil()
                 fields = layer.histogram_fields()
                 if fields is not None:
                     encoded.append(encode_value_histogram(f"{HIST_TAG}/{layer.name}", *fields))
-            self._write_encoded(encode_event(record.step, encoded))
+            out.add_encoded(encode_event(record.step, encoded))
             return
         from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
 
@@ -221,7 +298,7 @@ class TensorBoardSink(Sink):
                     bucket_limit=h.bucket_limits, bucket=h.bucket_counts,
                 )
                 values.append(Summary.Value(tag=f"{HIST_TAG}/{layer.name}", histo=proto))
-        self._file_writer.add_summary(Summary(value=values), record.step)
+        out.add_summary(Summary(value=values), record.step)
 
     def _write_images(self, record: SampleRecord, timelines: bool) -> None:
         self._rendered_last = True
@@ -248,11 +325,14 @@ class TensorBoardSink(Sink):
                 self._image(f"{TIMELINE_TAG}/{name}", pic, record.step)
 
     def _image(self, tag: str, pic: Picture, step: int) -> None:
-        if self._file_writer is None:
-            self.writer.add_image(tag, pic.rgb(), step, dataformats="HWC")
+        out = self._output()
+        if out is None:
+            add_image = getattr(self._fallback, "add_image", None)
+            if callable(add_image):
+                add_image(tag, pic.rgb(), step, dataformats="HWC")
             return
         from tensorboard.compat.proto.summary_pb2 import Summary
 
         h, w = pic.pixels.shape
         image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=pic.png())
-        self._file_writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
+        out.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)

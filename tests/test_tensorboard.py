@@ -1,6 +1,8 @@
 """TensorBoard output, read back with TensorBoard's own event reader."""
 
 import io
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -173,20 +175,126 @@ def test_own_event_file_is_readable_while_open_and_after_close(tmp_path):
     assert [e.value for e in read(tmp_path).Scalars("x")] == [0.0, 0.5, 1.0, 9.0]
 
 
-def test_an_existing_writer_keeps_writing_valid_records_after_the_speed_up(tmp_path):
+def writer_parts(writer):
+    """The objects inside a torch SummaryWriter: writer, file writer, event writer, async writer, record writer."""
+    fw = vars(writer)["file_writer"]
+    ew = vars(fw)["event_writer"]
+    aw = vars(ew)["_async_writer"]
+    rw = vars(aw)["_writer"]
+    return {"writer": writer, "file_writer": fw, "event_writer": ew, "async_writer": aw, "record_writer": rw}
+
+
+def identities(objs):
+    """{name: (id(obj), {attribute: id(value)})}: any replaced, added or removed attribute shows."""
+    return {name: (id(o), {k: id(v) for k, v in vars(o).items()}) for name, o in objs.items()}
+
+
+def test_an_existing_writer_is_left_untouched_and_both_files_read_as_one_run(tmp_path):
+    from tensorboard.summary.writer.record_writer import RecordWriter
+
     writer = SummaryWriter(tmp_path)
+    parts = writer_parts(writer)
+    before = identities(parts)
     model = WineClassifier()
     with Monitor(model, every_n_steps=1, writer=writer, on_alert="ignore") as mon:
         for step in range(3):
             with mon.step(step):
                 model(torch.randn(32, 13))
-            writer.add_scalar("train/loss", 1.0 / (step + 1), step)  # the user's own events, same file
-    record_writer = writer._get_file_writer().event_writer._async_writer._writer
-    assert getattr(record_writer, "_activation_monitor_fast", False)
+            writer.add_scalar("train/loss", 1.0 / (step + 1), step)  # the user's own events, their own file
+    assert identities(writer_parts(writer)) == before  # nothing replaced, added or removed, anywhere inside
+    record_writer = parts["record_writer"]
+    assert "write" not in vars(record_writer) and type(record_writer).write is RecordWriter.write
+    writer.add_scalar("train/loss", 0.25, 3)  # still open: the monitor neither closed nor used it
     writer.close()
-    ea = read(tmp_path)  # TensorBoard's reader verifies every record's checksum
-    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3])
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 2 and sum(f.endswith(".activation-monitor") for f in files) == 1
+    ea = read(tmp_path)  # one run; TensorBoard's reader verifies every record's checksum
+    assert [e.value for e in ea.Scalars("train/loss")] == pytest.approx([1.0, 0.5, 1 / 3, 0.25])
     assert [e.step for e in ea.Scalars("activation_rms/dense0.relu")] == [0, 1, 2]
+    assert {"activation_scan", "activation_timeline/dense0.relu"} <= set(ea.Tags()["images"])
+
+
+def test_own_file_never_shares_a_name_with_a_writer_opened_in_the_same_second(tmp_path, monkeypatch):
+    import itertools
+    import time
+
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    from monitor import eventfile
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.5)  # every file below: the same second
+    first = SummaryWriter(tmp_path)
+    first.add_scalar("user/first", 1.0, 0)
+    counter = int(next(tmp_path.iterdir()).name.rsplit(".", 1)[1])
+    # Our counter at the value TensorBoard gives the next writer: the old names would be equal.
+    monkeypatch.setattr(eventfile, "_uid", itertools.count(counter + 1))
+    ours = eventfile.EventFileWriter(tmp_path)
+    second = SummaryWriter(tmp_path)
+    second.add_scalar("user/second", 2.0, 0)
+    ours.add_summary(Summary(value=[Summary.Value(tag="ours", simple_value=3.0)]), 0)
+    for w in (first, ours, second):
+        w.close()
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert len(names) == 3
+    # the second writer's file has the name ours had before (same time, host, pid and counter)
+    assert os.path.basename(ours.path).removesuffix(".activation-monitor") in names
+    assert ours.path.endswith(f".{counter + 1}.activation-monitor") and "tfevents.1700000000." in ours.path
+    ea = read(tmp_path)
+    assert [ea.Scalars(t)[0].value for t in ("user/first", "ours", "user/second")] == [1.0, 3.0, 2.0]
+
+
+def test_own_file_is_created_exclusively_and_takes_the_next_name(tmp_path, monkeypatch):
+    import itertools
+    import time
+
+    from monitor import eventfile
+
+    monkeypatch.setattr(time, "time", lambda: 1_700_000_000.0)
+    monkeypatch.setattr(eventfile, "_uid", itertools.count(5))
+    taken = eventfile.EventFileWriter(tmp_path)
+    taken.close()
+    content = Path(taken.path).read_bytes()
+    monkeypatch.setattr(eventfile, "_uid", itertools.count(5))  # would produce the same name again
+    w = eventfile.EventFileWriter(tmp_path)
+    w.close()
+    assert w.path != taken.path and w.path.endswith(".6.activation-monitor")
+    assert Path(taken.path).read_bytes() == content  # not truncated
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, needle",
+    [
+        ({"writer": "runs/oops"}, TypeError, "pass logdir='runs/oops' instead"),
+        ({"logdir": 123}, TypeError, "Expected `logdir` to be a directory path (str or os.PathLike), got 123 (int)"),
+        ({"writer": object()}, TypeError, "get_logdir() or a logdir/log_dir attribute) or an object with add_scalar"),
+        ({"logdir": ""}, ValueError, "got an empty string"),
+        ({}, ValueError, "Expected `logdir` or `writer`, got neither"),
+    ],
+)
+def test_sink_types_are_checked_at_construction(kwargs, exc, needle):
+    from monitor.tensorboard import TensorBoardSink
+
+    with pytest.raises(exc) as e:
+        TensorBoardSink(**kwargs)
+    assert needle in str(e.value)
+
+
+def test_construction_does_no_io_and_the_file_appears_on_the_first_write(tmp_path):
+    from monitor.sinks import SampleRecord
+    from monitor.tensorboard import TensorBoardSink
+
+    target = tmp_path / "not" / "yet"
+    sink = TensorBoardSink(logdir=target)
+    assert not (tmp_path / "not").exists() and sink.path is None
+    sink.write(SampleRecord(step=0, layers=[]))
+    assert sink.path is not None and os.path.dirname(sink.path) == str(target)
+    sink.close()
+    writer = SummaryWriter(tmp_path / "user")
+    sink = TensorBoardSink(writer=writer)
+    assert sink.logdir == str(writer.get_logdir()) and len(list((tmp_path / "user").iterdir())) == 1
+    sink.close()  # nothing written: no file of ours
+    assert len(list((tmp_path / "user").iterdir())) == 1
+    writer.close()
 
 
 def test_nonfinite_units_are_red_and_values_do_not_crash_the_writer(tmp_path):
@@ -224,3 +332,18 @@ def test_own_event_file_is_visible_after_each_batch_without_flush(tmp_path):
         assert [e.step for e in read(tmp_path).Scalars("activation_rms/dense0.relu")] == [0, 1]
     finally:
         mon.close()
+
+
+def test_a_remote_logdir_gets_a_file_writer_of_ours_opened_on_the_first_write(tmp_path):
+    pytest.importorskip("fsspec")  # TensorBoard's file system layer serves memory:// through fsspec
+    from monitor.tensorboard import TensorBoardSink
+
+    logdir = f"memory://activation-monitor-test/{tmp_path.name}"
+    model = WineClassifier()
+    sink = TensorBoardSink(logdir=logdir)
+    assert sink.path is None and sink._out is None  # nothing opened yet
+    with Monitor(model, every_n_steps=1, sinks=[sink], on_alert="ignore") as mon:
+        for step in range(2):
+            with mon.step(step):
+                model(torch.randn(32, 13))
+    assert [e.step for e in read(logdir).Scalars("activation_rms/dense0.relu")] == [0, 1]
