@@ -25,8 +25,8 @@ from typing import Any, Literal, Union
 import torch
 from torch import nn
 
-from monitor import ActivationAlertError, Alert, LayerHealth, Monitor, MonitorWarning, SampleRecord, Sink, Thresholds
-from monitor.core import _ON_ALERT
+from monitor import ActivationAlertError, Alert, LayerHealth, Monitor, MonitorWarning, Options, SampleRecord, Sink, Thresholds
+from monitor.selection import Patterns
 
 try:
     import lightning.pytorch as pl
@@ -40,6 +40,7 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 __all__ = ["ActivationAlertError", "ActivationMonitor"]
 
 LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
+_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors")
 SUBDIR = "activation_monitor"
 
 
@@ -85,21 +86,20 @@ class ActivationMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
         thresholds: Thresholds | None = None,
         on_alert: LightningOnAlert = "warn",
         logdir: str | os.PathLike[str] | None = None,
         **monitor_kwargs: Any,
     ) -> None:
         super().__init__()
-        if not (on_alert == "stop" or callable(on_alert) or on_alert in _ON_ALERT):
-            allowed = ", ".join(map(repr, (*_ON_ALERT, "stop")))
-            raise ValueError(f"Expected `on_alert` to be one of {allowed} or a callable, got {on_alert!r}.")
-        allowed_kw = {"histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background"}
-        unknown = sorted(set(monitor_kwargs) - allowed_kw)
+        unknown = sorted(set(monitor_kwargs) - set(_KWARGS))
         if unknown:
             raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
+        # Every option is validated now, with the core's messages; whether a pattern matches a
+        # module is known at `setup`, on the real model.
+        Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **monitor_kwargs)
         self.every_n_steps = every_n_steps
         self.include = include
         self.exclude = exclude
@@ -107,24 +107,19 @@ class ActivationMonitor(Callback):
         self.on_alert = on_alert
         self.logdir = logdir
         self.monitor_kwargs = monitor_kwargs
-        # Validate every option now, with the core's messages, on a throwaway module. Patterns are
-        # only type-checked here: whether they match a module is known at `setup`, on the real model.
-        from monitor.selection import _normalise
-
-        _normalise("include", include), _normalise("exclude", exclude)
-        Monitor(nn.Identity(), every_n_steps, None, None, thresholds, on_alert="ignore", **monitor_kwargs)
 
         self.monitor: Monitor | None = None  # the core monitor of the current/last fit
         self._pending_state: dict[str, Any] | None = None
         self._queue: _MetricsQueue | None = None
         self._metric_loggers: list[Any] = []
-        self._stop_requested = False
         self._rank_zero = True
 
     # -- identity / results ---------------------------------------------------------------------
     @property
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, include=self.include, exclude=self.exclude)
+        return self._generate_state_key(
+            every_n_steps=self.every_n_steps, include=_stable(self.include), exclude=_stable(self.exclude)
+        )
 
     @property
     def alerts(self) -> list[Alert]:
@@ -143,7 +138,6 @@ class ActivationMonitor(Callback):
         if previous is not None:
             previous.close()
         self._rank_zero = trainer.is_global_zero
-        self._stop_requested = False
         state = self._pending_state
         if state is None and previous is not None and previous.model is pl_module:
             state = previous.state_dict()  # a re-used Trainer continues the same run
@@ -178,8 +172,6 @@ class ActivationMonitor(Callback):
             on_alert=self._core_on_alert(),
             **{**self.monitor_kwargs, "sinks": sinks},
         )
-        if self.on_alert == "stop":
-            mon.background = False  # the stop decision is read right after the step ends
         if trainer.world_size > 1:
             strategy = trainer.strategy
             mon.gather = lambda t: strategy.all_gather(t)  # one collective per sampled step, every rank
@@ -221,20 +213,11 @@ class ActivationMonitor(Callback):
 
     def _core_on_alert(self) -> Any:
         mode = self.on_alert
-        if mode == "raise":
-            return "raise"  # every rank sees the same alerts and raises together
-        if mode == "stop":
-            return self._stop
+        if mode in ("raise", "stop"):
+            return mode  # every rank sees the same alerts: they raise or stop together (rank 0 warns)
         if not self._rank_zero:
             return "ignore"  # only rank 0 warns / calls back
         return mode
-
-    def _stop(self, alert: Alert) -> None:
-        if alert.recovered:
-            return
-        if self._rank_zero:
-            warnings.warn(f"{alert.message} | stopping training (on_alert='stop')", MonitorWarning, stacklevel=2)
-        self._stop_requested = True
 
     # -- the training step --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -254,8 +237,13 @@ class ActivationMonitor(Callback):
     def _end(self, trainer: pl.Trainer) -> None:
         mon = self.monitor
         if mon is not None and mon.in_step:
-            mon.end_step()
-            if self._stop_requested:
+            if self._rank_zero:
+                mon.end_step()
+            else:  # "raise"/"stop" judge on every rank, inline; only rank 0 speaks
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", MonitorWarning)
+                    mon.end_step()
+            if mon.should_stop:
                 trainer.should_stop = True
 
     def _log_metrics(self) -> None:
@@ -297,6 +285,15 @@ class ActivationMonitor(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+
+def _stable(patterns: Any) -> Any:
+    """A description of include/exclude that is the same in every process (checkpoint keys):
+    classes and callables by qualified name, not by their repr (which holds an address)."""
+    if patterns is None or isinstance(patterns, str):
+        return patterns
+    items = patterns if isinstance(patterns, (list, tuple)) else [patterns]
+    return [p if isinstance(p, str) else f"{getattr(p, '__module__', '')}.{getattr(p, '__qualname__', type(p).__qualname__)}" for p in items]
 
 
 def _compiled(module: nn.Module) -> bool:

@@ -6,20 +6,31 @@
 >>> #         loss = loss_fn(model(x), y)
 """
 
-from monitor.core import ActivationAlertError, Monitor, MonitorWarning, OnAlert
-from monitor.detect import Alert, LayerHealth, Thresholds
+from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert
+from monitor.core import Monitor
+from monitor.detectors import Detector, Evidence, LayerView, Verdict
+from monitor.health import LayerHealth
+from monitor.options import Options
+from monitor.selection import Patterns
 from monitor.sinks import LayerSample, SampleRecord, Sink
+from monitor.thresholds import Thresholds
 
 __all__ = [
     "ActivationAlertError",
     "Alert",
+    "Detector",
+    "Evidence",
     "LayerHealth",
     "LayerSample",
+    "LayerView",
     "Monitor",
     "MonitorWarning",
     "OnAlert",
+    "Options",
+    "Patterns",
     "SampleRecord",
     "Sink",
     "Thresholds",
+    "Verdict",
 ]
 __version__ = "0.1.0"

@@ -27,6 +27,7 @@ class Kind:
     nonnegative: bool = False  # outputs are >= 0, so "fired" == "non-zero"
     lower: float | None = None  # saturation bounds (None: unbounded on that side)
     upper: float | None = None
+    activation: bool = True  # an activation function (False: a stack block or another module)
 
     @property
     def bounded(self) -> bool:
@@ -41,8 +42,8 @@ TANH = Kind("tanh", lower=-1.0, upper=1.0)
 SIGMOID = Kind("sigmoid", lower=0.0, upper=1.0)
 HARDSIGMOID = Kind("hardsigmoid", lower=0.0, upper=1.0)
 SOFTSIGN = Kind("softsign", lower=-1.0, upper=1.0)
-BLOCK = Kind("block")
-MODULE = Kind("module")
+BLOCK = Kind("block", activation=False)
+MODULE = Kind("module", activation=False)
 
 
 def hardtanh_kind(min_val: float = -1.0, max_val: float = 1.0) -> Kind:

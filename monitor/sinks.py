@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.detect import Alert, LayerHealth
+from monitor.alerts import Alert
+from monitor.health import LayerHealth
 from monitor.stats import UnitSummary, histogram_edges
 
 _FLOAT_MAX = float(np.finfo(np.float64).max)

@@ -22,22 +22,51 @@ import torch
 
 from monitor.activations import Kind
 
-# Row names and their reductions. NEGMIN stores -min so that every extremum row reduces by max.
+# Row names and their reductions. NEGMIN stores -min so that it reduces by max like MAX.
 FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND = "fired", "max", "negmin", "sumsq", "nonfinite", "at_bound"
-MAX_ROWS = frozenset({MAX, NEGMIN})
+SUMABS = "sumabs"  # sum of |value| per unit (mean |activation|: dormant units)
+# Rows of a ReLU-family layer's *input* (its pre-activation), read in a forward pre-hook, before an
+# in-place ReLU overwrites it: how far below zero a silent unit sits.
+PRE_MAX, PRE_MIN = "pre_max", "pre_min"
+MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX})
+MIN_ROWS = frozenset({PRE_MIN})
+PRE_ROWS = (PRE_MAX, PRE_MIN)
+ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PRE_MAX, PRE_MIN})
 
 
-def rows_for(kind: Kind) -> tuple[str, ...]:
+def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
+    """The statistic rows computed for an output of ``kind`` (plus ``extra`` rows a detector reads).
+
+    Every output gets its extrema, sum of squares and NaN/Inf count. ReLU-family outputs get
+    their pre-activation extrema instead of the output's maximum (it is ``max(pre_max, 0)``), and
+    the firing count; bounded outputs the count at a bound; activations (not blocks or other
+    modules) the sum of magnitudes.
+    """
     rows: list[str] = []
+    if kind.can_die:
+        rows += PRE_ROWS
     if kind.fires:
         rows.append(FIRED)
-    rows.append(MAX)
+    if not kind.can_die:
+        rows.append(MAX)
     if not kind.nonnegative:  # a ReLU's minimum is 0: no need to compute it
         rows.append(NEGMIN)
     rows += [SUMSQ, NONFINITE]
     if kind.bounded:
         rows.append(AT_BOUND)
+    if kind.activation:
+        rows.append(SUMABS)
+    for r in extra:
+        if r not in rows:
+            rows.append(r)
     return tuple(rows)
+
+
+def pre_stat_rows(z: torch.Tensor, dims: tuple[int, ...]) -> list[torch.Tensor]:
+    """The PRE_MAX and PRE_MIN rows of a ReLU's input ``z`` (float32, on z's device, no sync)."""
+    if z.dtype != torch.float32:
+        z = z.float()
+    return [z.amax(dims), z.amin(dims)]
 
 
 def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -55,7 +84,8 @@ def unit_stats(
 ) -> torch.Tensor:
     """Per-unit partial statistics of one activation, shape ``[len(rows), units]``, float32.
 
-    ``dims`` are the dimensions reduced away (all but the unit dimension). Runs on ``x``'s device
+    ``dims`` are the dimensions reduced away (all but the unit dimension); pre-activation rows, if
+    any, are taken from ``x`` itself here (the hooks read them from the layer's input). Runs on ``x``'s device
     with no host synchronisation; float16/bfloat16 inputs are reduced in float32. Pass a detached
     tensor (the hooks do): nothing here should be recorded by autograd.
 
@@ -63,7 +93,8 @@ def unit_stats(
     >>> unit_stats(t, (0,), rows_for(Kind("x", fires=True)), Kind("x", fires=True))[0]
     tensor([1., 1.])
     """
-    return torch.stack(unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr))
+    pre = pre_stat_rows(x, dims) if PRE_MAX in rows else []
+    return torch.stack(pre + unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr))
 
 
 def unit_stat_rows(
@@ -83,6 +114,8 @@ def unit_stat_rows(
         x = x.float()
     out: list[torch.Tensor] = []
     for row in rows:
+        if row in PRE_ROWS:
+            continue  # read from the input by a pre-hook (pre_stat_rows)
         if row == FIRED:
             pos = x if kind.nonnegative else x.clamp(min=0)
             out.append(pos.sign().sum(dims))
@@ -97,6 +130,8 @@ def unit_stat_rows(
             out.append((x * 0).nan_to_num_(nan=1.0).sum(dims))
         elif row == AT_BOUND:
             out.append(_at_bound(x, lo_thr, hi_thr).sum(dims))
+        elif row == SUMABS:
+            out.append(x.sum(dims) if kind.nonnegative else x.abs().sum(dims))
     return out
 
 
@@ -228,8 +263,25 @@ def _edges_np() -> np.ndarray:
 
 def combine_rows(a: list[torch.Tensor], b: list[torch.Tensor], rows: tuple[str, ...]) -> list[torch.Tensor]:
     """Merge two partials of the same watch point (e.g. a module called twice in one step):
-    maximum for extremum rows, sum for the others."""
-    return [torch.maximum(x, y) if row in MAX_ROWS else x + y for x, y, row in zip(a, b, rows)]
+    maximum / minimum for extremum rows, sum for the others."""
+    return [
+        torch.maximum(x, y) if row in MAX_ROWS else torch.minimum(x, y) if row in MIN_ROWS else x + y
+        for x, y, row in zip(a, b, rows)
+    ]
+
+
+def reduce_rows_host(parts: np.ndarray, rows: Sequence[str], units: Sequence[int]) -> np.ndarray:
+    """Combine ``[ranks, n]`` host partials laid out as consecutive ``[rows, units]`` blocks:
+    max / min for extremum rows, sum for everything else (counts, sums)."""
+    how = np.zeros(parts.shape[1], dtype=np.int8)  # 0 sum, 1 max, 2 min
+    offset = 0
+    for block_rows, c in zip(rows, units):
+        for i, row in enumerate(block_rows):
+            how[offset + i * c : offset + (i + 1) * c] = 1 if row in MAX_ROWS else 2 if row in MIN_ROWS else 0
+        offset += len(block_rows) * c
+    out = parts.sum(axis=0)
+    out[: how.size] = np.where(how[: out.size] == 1, parts.max(axis=0), np.where(how[: out.size] == 2, parts.min(axis=0), out))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,8 +299,9 @@ class UnitSummary:
     sumsq: np.ndarray
     nonfinite: np.ndarray
     at_bound: np.ndarray | None
-    hist_counts: np.ndarray | None = None  # scaled to the full tensor
-    hist_sampled: int = 0
+    sumabs: np.ndarray | None = None  # sum of |value| per unit (activation kinds)
+    pre_max: np.ndarray | None = None  # ReLU family: largest / smallest pre-activation per unit
+    pre_min: np.ndarray | None = None
 
     @property
     def units(self) -> int:
@@ -268,24 +321,41 @@ class UnitSummary:
         return float(self.sumsq.sum())
 
 
-def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int) -> UnitSummary:
-    """Host numpy ``[len(rows), units]`` partials -> a :class:`UnitSummary`."""
+def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: float | None = None) -> UnitSummary:
+    """Host ``[len(rows), units]`` partials -> a :class:`UnitSummary` in float64.
+
+    float64 so that layer-wide sums of large per-unit sums never overflow. ``upper`` is the
+    ReLU family's upper bound (``relu6``), used to derive the output maximum from PRE_MAX.
+    """
+    block = np.asarray(block, dtype=np.float64)
     r = {name: block[i] for i, name in enumerate(rows)}
+    pre_max = r.get(PRE_MAX)
+    if MAX in r:
+        mx = r[MAX]
+    else:  # ReLU family: the output's maximum is the clipped pre-activation maximum
+        mx = np.maximum(pre_max, 0.0)
+        if upper is not None:
+            mx = np.minimum(mx, upper)
     return UnitSummary(
         positions=positions,
         fired=r.get(FIRED),
-        max=r[MAX],
-        min=-r[NEGMIN] if NEGMIN in r else np.zeros_like(r[MAX]),  # ReLU family: min is 0
+        max=mx,
+        min=-r[NEGMIN] if NEGMIN in r else np.zeros_like(mx),  # ReLU family: min is 0
         sumsq=r[SUMSQ],
         nonfinite=r[NONFINITE],
         at_bound=r.get(AT_BOUND),
+        sumabs=r.get(SUMABS),
+        pre_max=pre_max,
+        pre_min=r.get(PRE_MIN),
     )
 
 
 def safe_rms(sumsq: np.ndarray, count: float) -> float:
-    """RMS over the finite per-unit sums (NaN units are reported as non-finite, not averaged in)."""
-    finite = np.isfinite(sumsq)
-    n = count * int(finite.sum())
+    """RMS over the per-unit sums that are not NaN (NaN units are reported as non-finite, not
+    averaged in); a unit whose float32 sum overflowed to +inf makes the RMS +inf."""
+    kept = ~np.isnan(sumsq)
+    n = count * int(kept.sum())
     if n == 0:
         return float("nan")
-    return float(math.sqrt(float(sumsq[finite].sum()) / n))
+    with np.errstate(over="ignore"):
+        return float(math.sqrt(float(np.asarray(sumsq[kept], dtype=np.float64).sum()) / n))

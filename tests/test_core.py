@@ -31,7 +31,12 @@ def one_step(mon, model, x, step=0):
     [
         ({"every_n_steps": 0}, ValueError, "Expected `every_n_steps` to be a positive integer, got 0."),
         ({"every_n_steps": 2.5}, ValueError, "got 2.5"),
-        ({"on_alert": "explode"}, ValueError, "'warn', 'raise', 'ignore' or a callable, got 'explode'"),
+        ({"on_alert": "explode"}, ValueError, "'warn', 'raise', 'ignore', 'stop' or a callable, got 'explode'"),
+        ({"writer": "runs/oops"}, TypeError, "got the path 'runs/oops'; pass a directory as `logdir=`"),
+        ({"logdir": 123}, TypeError, "Expected `logdir` to be None or a directory path (str or os.PathLike), got 123."),
+        ({"sinks": [object()]}, TypeError, "Expected `sinks` to hold monitor.Sink objects"),
+        ({"sinks": "x"}, TypeError, "Expected `sinks` to be None or a sequence of monitor.Sink objects, got 'x'."),
+        ({"histograms": "yes"}, TypeError, "Expected `histograms` to be True or False, got 'yes'."),
         ({"include": "dense9*"}, ValueError, "Close names: dense1, dense0."),
         ({"exclude": ["nope"]}, ValueError, "`exclude` pattern 'nope' matches no module name"),
         ({"include": 3}, TypeError, "`include` to be None, a glob pattern string or a sequence"),

@@ -530,7 +530,9 @@ def check_ddp(out: str) -> None:
     assert any("stopping training" in m for m in r0["monitor_warnings"])
     assert r1["monitor_warnings"] == []
     files = glob.glob(os.path.join(out, "tb", "**", "events.out.tfevents.*"), recursive=True)
-    assert len(files) == 1
+    ours = [f for f in files if f.endswith(".activation-monitor")]
+    assert len(ours) == 1 and len(files) == 2  # the logger's (rank 0) and the monitor's, in one run directory
+    assert os.path.dirname(ours[0]) == os.path.dirname(next(f for f in files if f not in ours))
     ev = events(os.path.join(out, "tb"))
     a_curve = ev["scalars"]["activation_dead_fraction/a"]
     assert sorted(s for s, _ in a_curve) == r0["gathers"] and all(v == 0.0 for _, v in a_curve)

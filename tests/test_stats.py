@@ -12,6 +12,9 @@ from monitor.stats import (
     MAX,
     NEGMIN,
     NONFINITE,
+    PRE_MAX,
+    PRE_MIN,
+    SUMABS,
     SUMSQ,
     histogram_counts,
     histogram_counts_batched,
@@ -38,6 +41,9 @@ def reference(x: np.ndarray, unit_axis: int) -> dict:
         NEGMIN: -u.min(0),
         SUMSQ: (u**2).sum(0),
         NONFINITE: (~finite).sum(0),
+        SUMABS: np.abs(u).sum(0),
+        PRE_MAX: u.max(0),
+        PRE_MIN: u.min(0),
     }
 
 
@@ -59,11 +65,52 @@ def test_unit_stats_match_numpy(shape, unit_axis):
 def test_relu_rows_skip_the_minimum_and_count_firing():
     x = torch.tensor([[0.0, 2.0, 0.0], [1.0, 0.0, 0.0], [3.0, 0.5, 0.0]])
     rows = rows_for(RELU)
-    assert NEGMIN not in rows
+    assert NEGMIN not in rows and MAX not in rows and rows[:2] == (PRE_MAX, PRE_MIN)
     s = summarize(unit_stats(x, (0,), rows, RELU).numpy(), rows, positions=3)
     np.testing.assert_array_equal(s.fired, [2, 2, 0])
     np.testing.assert_array_equal(s.max, [3.0, 2.0, 0.0])
     np.testing.assert_array_equal(s.min, [0.0, 0.0, 0.0])
+    np.testing.assert_array_equal(s.sumabs, [4.0, 2.5, 0.0])
+
+
+def test_relu_pre_activation_rows_come_from_the_input_also_in_place():
+    """The pre-hook reads the ReLU's input before an in-place ReLU overwrites it."""
+    from monitor import Monitor
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(5, 6)
+    with torch.no_grad():
+        lin.bias[:3] = -50.0
+    x = torch.randn(32, 5)
+    z = lin(x).detach()  # the test's own pre-activations
+    for inplace in (False, True):
+        model = torch.nn.Sequential(lin, torch.nn.ReLU(inplace=inplace))
+        mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+        got = {}
+        mon._judge.judge = lambda name, kind, step, s, _j=mon._judge.judge: (got.setdefault(name, s), _j(name, kind, step, s))[1]
+        with mon, mon.step(0):
+            model(x)
+        s = got["1"]
+        np.testing.assert_allclose(s.pre_max, z.max(0).values.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(s.pre_min, z.min(0).values.numpy(), rtol=1e-6)
+        np.testing.assert_allclose(s.max, z.clamp(min=0).max(0).values.numpy(), rtol=1e-6)
+        np.testing.assert_array_equal(s.fired, (z > 0).sum(0).numpy())
+
+
+def test_huge_values_do_not_overflow_or_warn():
+    """Sums are combined in float64 on the host: no `RuntimeWarning: overflow` leaks out."""
+    import warnings
+
+    from monitor.judge import base_numbers
+
+    x = torch.full((64, 4), 3e18)
+    rows = rows_for(GELU_LIKE)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s = summarize(unit_stats(x, (0,), rows, GELU_LIKE).numpy(), rows, positions=64)
+        rms, max_abs, nonfinite, _ = base_numbers(GELU_LIKE, s)
+    assert nonfinite == 0 and max_abs == pytest.approx(3e18)
+    assert rms == float("inf")  # squares beyond float32: +inf, judged as exploding, not as NaN
 
 
 def test_nonfinite_values_are_counted_per_unit():

@@ -1,0 +1,350 @@
+"""Capturing one sampled step: hooks, functional activations, and per-unit partials on the device.
+
+:class:`Capture` owns every handle it registers. :meth:`Capture.begin` attaches forward hooks to
+the watched modules (and, for functional activations such as ``F.relu`` inside ``forward``, a
+``TorchFunctionMode`` plus hooks that remember which module produced each tensor);
+:meth:`Capture.end` removes all of them, always, and returns the step's partials: for each watch
+point, a list of ``[units]`` rows on the activation's device (see :mod:`monitor.stats`). Nothing
+in here reads a value back to the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from monitor.activations import conv_like, functional_kind, is_activation_module
+from monitor.selection import Selector, WatchPoint, make_watch_point
+from monitor.stats import PRE_MAX, combine_rows, histogram_sample, pre_stat_rows, sample_stride, unit_stat_rows
+
+_SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
+_SERIAL_BELOW = 1 << 18  # elements
+
+
+def first_tensor(obj: Any) -> torch.Tensor | None:
+    """The first tensor in a module output: a tensor, tuple/list, dict or dataclass."""
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, (tuple, list)):
+        for o in obj:
+            t = first_tensor(o)
+            if t is not None:
+                return t
+        return None
+    if isinstance(obj, dict):
+        for o in obj.values():
+            t = first_tensor(o)
+            if t is not None:
+                return t
+        return None
+    fields = getattr(obj, "__dataclass_fields__", None)
+    if fields:
+        for f in fields:
+            t = first_tensor(getattr(obj, f, None))
+            if t is not None:
+                return t
+    return None
+
+
+@dataclass
+class Pending:
+    """One watch point's partials of the step in progress (on the activation's device)."""
+
+    stats: list[torch.Tensor]  # one [units] row per entry of the watch point's rows
+    units: int
+    hist_samples: list[torch.Tensor]  # binned together at the end of the step
+    positions: int
+    hist_numel: int  # values the histogram stands for
+    hist_sampled: int  # values actually binned
+
+
+class _FunctionalMode(TorchFunctionMode):
+    """Sees functional activations (``F.relu(x)``, ``torch.tanh(x)``, ``x.relu()``) in a forward."""
+
+    def __init__(self, capture: Capture) -> None:
+        super().__init__()
+        self.capture = capture
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        kind = functional_kind(func, args, kwargs)
+        cap = self.capture
+        if kind is None or cap.act_depth or not args:
+            return func(*args, **kwargs)
+        wp = cap.functional_point(kind, args[0])
+        # A ReLU's input is read before the call: an in-place relu_ overwrites it.
+        pre = cap.pre_rows(wp, args[0]) if wp is not None and PRE_MAX in wp.rows else None
+        out = func(*args, **kwargs)
+        if wp is not None:
+            cap.record(wp, out, args[0], pre)
+        return out
+
+
+class Capture:
+    """The hooks of sampled steps on one model. ``begin()`` ... forward ... ``end()``."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        selector: Selector,
+        *,
+        functional: bool,
+        histograms: bool,
+        tolerance: float,
+        rows: Callable[[WatchPoint], tuple[str, ...]],
+        warn_once: Callable[[str, str], None],
+    ) -> None:
+        self.model = model
+        self.selector = selector
+        self.functional = functional
+        self.histograms = histograms
+        self.tolerance = tolerance
+        self._rows = rows
+        self._warn_once = warn_once
+        self.module_points = selector.module_watch_points(model, tolerance)
+        for wp in self.module_points:
+            wp.rows = rows(wp)
+        self.functional_points: dict[tuple, WatchPoint] = {}
+        self.functional_seen = False
+        self.discovered = False  # a sampled step in this process looked for functional activations
+        self.names = {id(m): n for n, m in model.named_modules()}
+        self.active = False
+        self.act_depth = 0
+        self._handles: list[Any] = []
+        self._mode: _FunctionalMode | None = None
+        self._current: dict[WatchPoint, Pending] = {}
+        self._pre: dict[int, list[torch.Tensor]] = {}
+        self._producers: dict[int, tuple[weakref.ref, str, nn.Module]] = {}
+        self._tracking = False
+        self._hooks = {id(wp): self._make_hooks(wp) for wp in self.module_points}
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    def begin(self) -> None:
+        self.active = True
+        self._current = {}
+        self._pre = {}
+        self.act_depth = 0
+        self._producers = {}
+        # Track producers (for functional names and (N, C, L) outputs) until functional calls are
+        # known to exist, then only when they do.
+        self._tracking = self.functional and (not self.discovered or self.functional_seen)
+        handles = self._handles
+        try:
+            for wp in self.module_points:
+                pre, post = self._hooks[id(wp)]
+                if pre is not None:
+                    handles.append(wp.module.register_forward_pre_hook(pre))  # type: ignore[union-attr]
+                handles.append(wp.module.register_forward_hook(post))  # type: ignore[union-attr]
+            if self._tracking or not self.discovered:
+                for name, module in self.model.named_modules():
+                    if not name:
+                        continue  # the root's output is never an input inside its own forward
+                    if is_activation_module(module):
+                        handles.append(module.register_forward_pre_hook(self._enter_activation))
+                        handles.append(module.register_forward_hook(self._leave_activation))
+                    else:
+                        handles.append(module.register_forward_hook(self._track_producer))
+            if self._tracking:
+                self._mode = _FunctionalMode(self)
+                self._mode.__enter__()
+        except BaseException:
+            self.detach()
+            raise
+
+    def detach(self) -> None:
+        """Remove every hook and the functional mode (idempotent)."""
+        mode, self._mode = self._mode, None
+        if mode is not None:
+            with contextlib.suppress(Exception):
+                mode.__exit__(None, None, None)
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._producers = {}
+        self._pre = {}
+        self.active = False
+
+    def end(self) -> dict[WatchPoint, Pending]:
+        """Detach and hand over the step's partials."""
+        try:
+            self.detach()
+        finally:
+            current, self._current = self._current, {}
+        return current
+
+    # -- module hooks --------------------------------------------------------------------------
+    def _make_hooks(self, wp: WatchPoint) -> tuple[Callable[..., None] | None, Callable[..., None]]:
+        key = id(wp)
+
+        def post(module: nn.Module, args: Any, output: Any) -> None:
+            inp = args[0] if args else None
+            self.record(wp, output, inp, self._pre.pop(key, None))
+
+        if PRE_MAX not in wp.rows:
+            return None, post
+
+        def pre(module: nn.Module, args: Any) -> None:
+            if args and isinstance(args[0], torch.Tensor):
+                rows = self.pre_rows(wp, args[0])
+                if rows is not None:
+                    self._pre[key] = rows
+
+        return pre, post
+
+    def _enter_activation(self, module: nn.Module, args: Any) -> None:
+        self.act_depth += 1
+
+    def _leave_activation(self, module: nn.Module, args: Any, output: Any) -> None:
+        self.act_depth = max(0, self.act_depth - 1)
+        self._track_producer(module, args, output)
+
+    def _track_producer(self, module: nn.Module, args: Any, output: Any) -> None:
+        t = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        if t is not None:
+            self._producers[id(t)] = (weakref.ref(t), self.names.get(id(module), ""), module)
+
+    def _producer(self, t: Any) -> tuple[str, nn.Module] | None:
+        if not isinstance(t, torch.Tensor):
+            return None
+        entry = self._producers.get(id(t))
+        if entry is None or entry[0]() is not t:
+            return None
+        return entry[1], entry[2]
+
+    # -- functional activations ----------------------------------------------------------------
+    def _enclosing_module(self) -> str | None:
+        """Qualified name of the innermost module of the model whose code is running, or None when
+        no ``forward`` of the model is on the stack: the call comes from a loss function, the
+        training loop or a LightningModule's ``training_step``, not from the model.
+
+        A method's instance is its first argument, whatever it is called (``self``, ``s``, ...).
+        """
+        frame = sys._getframe(3)
+        innermost: str | None = None
+        for _ in range(100):
+            if frame is None:
+                break
+            code = frame.f_code
+            if code.co_argcount:
+                owner = frame.f_locals.get(code.co_varnames[0])
+                if isinstance(owner, nn.Module) and id(owner) in self.names:
+                    if innermost is None:
+                        innermost = self.names[id(owner)]
+                    if code.co_name == "forward":
+                        return innermost
+            frame = frame.f_back
+        return None
+
+    @staticmethod
+    def _call_site() -> tuple[Any, int]:
+        frame = sys._getframe(3)
+        while frame is not None and frame.f_code.co_filename.startswith(_SKIP_DIRS):
+            frame = frame.f_back
+        return (frame.f_code, frame.f_lineno) if frame is not None else (None, 0)
+
+    def functional_point(self, kind: Any, inp: Any) -> WatchPoint | None:
+        """The watch point of a functional activation call, or None (not the model's, not watched)."""
+        try:
+            enclosing = self._enclosing_module()
+            if enclosing is None:
+                return None  # not part of the model's forward (e.g. F.relu in a hinge loss)
+            producer = self._producer(inp)
+            owner = producer[0] if producer else enclosing
+            base_name = kind.name.split("[")[0]
+            key = (owner, base_name, self._call_site())
+            wp = self.functional_points.get(key)
+            if wp is None:
+                name = f"{owner}.{base_name}" if owner else base_name
+                taken = {p.name for p in self.functional_points.values()} | {p.name for p in self.module_points}
+                if name in taken:
+                    k = 2
+                    while f"{name}#{k}" in taken:
+                        k += 1
+                    name = f"{name}#{k}"
+                wp = make_watch_point(name, kind, None, self.tolerance)
+                wp.rows = self._rows(wp)
+                if producer is not None and conv_like(producer[1]):
+                    wp.unit_dim = 1
+                if not self.selector.wants_functional(name, kind):
+                    wp.rows = ()  # remembered as "not watched"
+                self.functional_points[key] = wp
+            self.functional_seen = True
+            return wp if wp.rows else None
+        except Exception as e:
+            self._warn_once("functional", f"could not record a functional activation: {e!r}")
+            return None
+
+    # -- reductions ----------------------------------------------------------------------------
+    def _resolve_unit_dim(self, wp: WatchPoint, x: torch.Tensor, inp: Any) -> None:
+        if wp.unit_dim is None:
+            if x.ndim <= 2:
+                wp.unit_dim = -1
+            elif x.ndim >= 4:
+                wp.unit_dim = 1
+            else:
+                producer = self._producer(inp)
+                wp.unit_dim = 1 if producer is not None and conv_like(producer[1]) else -1
+
+    def pre_rows(self, wp: WatchPoint, z: torch.Tensor) -> list[torch.Tensor] | None:
+        """PRE_MAX/PRE_MIN rows of a ReLU's input (read before the activation runs)."""
+        try:
+            if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim == 0 or z.numel() == 0:
+                return None
+            self._resolve_unit_dim(wp, z, z)  # before detach: the producer is known by identity
+            return pre_stat_rows(z.detach(), wp.dims(z.ndim))
+        except Exception as e:
+            self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
+            return None
+
+    def record(self, wp: WatchPoint, output: Any, inp: Any, pre: list[torch.Tensor] | None = None) -> None:
+        try:
+            x = output if isinstance(output, torch.Tensor) else first_tensor(output)
+            if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
+                return
+            x = x.detach()
+            self._resolve_unit_dim(wp, x, inp)
+            dims = wp.dims(x.ndim)
+            numel = x.numel()
+            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
+            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
+            threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
+            if threads > 1:
+                torch.set_num_threads(1)
+            try:
+                stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
+                if PRE_MAX in wp.rows:
+                    if pre is None or pre[0].shape != stats[0].shape:
+                        pre = pre_stat_rows(x, dims)  # no usable input: the output stands in (no margin)
+                    stats = pre + stats
+                units = stats[0].shape[0]
+                hist = None
+                sampled = 0
+                if self.histograms:
+                    hist = histogram_sample(x, sample_stride(numel, units))
+                    sampled = hist.numel()
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
+            prev = self._current.get(wp)
+            if prev is None:
+                self._current[wp] = Pending(stats, units, [] if hist is None else [hist], numel // units, numel, sampled)
+            elif prev.units == units:
+                prev.stats = combine_rows(prev.stats, stats, wp.rows)
+                if hist is not None:
+                    prev.hist_samples.append(hist)
+                prev.positions += numel // units
+                prev.hist_numel += numel
+                prev.hist_sampled += sampled
+            else:
+                self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
+        except Exception as e:
+            self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")

@@ -1,0 +1,35 @@
+"""Detectors: each signal is one unit behind one interface (:class:`Detector`).
+
+The built-ins, in the order they are judged: ``dead``, ``saturated``, ``dormant``,
+``exploding``, ``nonfinite``. A detector of your own goes through the same path:
+``Monitor(model, detectors=[MyDetector()])``.
+"""
+
+from monitor.detectors.base import Detector, Evidence, LayerView, Verdict
+from monitor.detectors.dead import Dead
+from monitor.detectors.dormant import Dormant
+from monitor.detectors.exploding import Exploding
+from monitor.detectors.nonfinite import NonFinite
+from monitor.detectors.saturated import Saturated
+
+
+def builtin_detectors() -> list[Detector]:
+    """Fresh instances of the built-in detectors, in the order they are judged."""
+    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite()]
+
+
+BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in builtin_detectors())
+
+__all__ = [
+    "BUILTIN_NAMES",
+    "Dead",
+    "Detector",
+    "Dormant",
+    "Evidence",
+    "Exploding",
+    "LayerView",
+    "NonFinite",
+    "Saturated",
+    "Verdict",
+    "builtin_detectors",
+]

@@ -1,0 +1,91 @@
+"""``dead``: ReLU-family units that never fire (> 0)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from monitor.activations import Kind
+from monitor.detectors.base import Detector, LayerView, Verdict, over, pct
+from monitor.stats import FIRED, PRE_MAX, PRE_MIN
+
+_SPREADS = 8  # recent sampled steps whose spread the margin also trusts
+
+
+class Dead(Detector):
+    """A unit is dead when it did not fire on any value of the evidence (the most recent sampled
+    steps holding ``min_positions`` values per unit), or, at once, when its largest pre-activation
+    on the sampled step sits more than ``dead_margin`` pre-activation spreads below zero (the
+    spread: the median over the layer's units of max - min pre-activation on that step, or the
+    median of that over the layer's last 8 sampled steps if larger: two values can sit close
+    together by chance). The
+    layer alerts when ``dead_fraction`` of its units are dead for certain: all silent units once
+    the evidence is complete, only the far-below-zero ones before.
+    """
+
+    name = "dead"
+    fields = ("dead_fraction", "dead_margin")
+    reads = (FIRED, PRE_MAX, PRE_MIN)
+    windowed = (FIRED,)
+    causes = (
+        "likely a learning rate too high (one large update pushed weights/biases negative) or a "
+        "negative bias init; try a lower LR or warm-up, He init with biases >= 0, LeakyReLU/GELU, "
+        "or normalisation before the ReLU"
+    )
+
+    def applies(self, kind: Kind) -> bool:
+        return kind.can_die
+
+    def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
+        th, s, units = layer.thresholds, layer.summary, layer.units
+        ev = layer.evidence(FIRED)
+        if ev is None:
+            return Verdict(None)
+        silent = ev.sums <= 0.5
+        certain = np.zeros(units, dtype=bool)
+        margin = None
+        if s.pre_max is not None and s.pre_min is not None:
+            with np.errstate(invalid="ignore", over="ignore"):
+                spread = s.pre_max - s.pre_min
+            spread = spread[np.isfinite(spread)]
+            now = float(np.median(spread)) if spread.size else 0.0
+            # Two values can sit close together by chance (near-duplicate inputs): the spread is
+            # the larger of this step's and the layer's recent median, never one lucky batch.
+            recent = memory.setdefault("spreads", [])
+            scale = max(now, float(np.median(recent))) if recent else now
+            if now > 0:
+                recent.append(now)
+                del recent[:-_SPREADS]
+            if scale > 0:
+                with np.errstate(invalid="ignore"):
+                    margin = s.pre_max / scale
+                    certain = margin <= -th.dead_margin  # NaN: not certain
+        dead = silent | certain
+        n_dead, n_certain = int(dead.sum()), int(certain.sum())
+        confirmed = dead if ev.complete else certain
+        confirmed_fraction = float(confirmed.sum()) / units
+        fraction = n_dead / units
+        dead_margin = None
+        if margin is not None and n_dead:
+            m = -margin[dead]
+            m = m[np.isfinite(m)]
+            dead_margin = float(np.median(m)) if m.size else None
+        if confirmed_fraction >= th.dead_fraction:
+            bad: bool | None = True
+        elif ev.complete and fraction < th.release * th.dead_fraction:
+            bad = False
+        else:
+            bad = None
+        what = f"dead: {n_dead}/{units} units ({pct(fraction)}) never fired (> 0) {over(ev.values, ev.steps)}"
+        if n_certain and dead_margin is not None:
+            what += f"; {n_certain} sit far below zero (median {dead_margin:.1f} pre-activation spreads)"
+        if not ev.complete:
+            what += f" (evidence incomplete: {ev.values} of {th.min_positions} values)"
+        what += f", threshold {pct(th.dead_fraction)}"
+        metrics = {
+            "dead_fraction": fraction,
+            "dead_margin": dead_margin,
+            "dead_units": tuple(np.flatnonzero(dead).tolist()),
+        }
+        return Verdict(bad, confirmed_fraction, th.dead_fraction, what, metrics)

@@ -1,0 +1,88 @@
+"""What a verdict says about one layer: :class:`LayerHealth`."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class LayerHealth:
+    """A layer's health at its latest sampled step.
+
+    The base statistics (``rms``, ``max_abs``, ``nonfinite``, ``firing_rate``) are always there;
+    every detector adds its own numbers to ``metrics`` (``dead_fraction``, ``dead_margin``,
+    ``saturated_fraction``, ``dormant_fraction``, and those of your own detectors), readable as
+    attributes too: ``health.dead_fraction``. A number that does not apply to the layer (a
+    dead fraction of a tanh layer) is ``None``. Count-based numbers are computed over the values
+    seen so far: ``evidence_values`` per unit over ``evidence_steps`` sampled steps (a verdict
+    waits until that reaches ``Thresholds.min_positions`` or ``Thresholds.window`` steps).
+
+    Example:
+        >>> h = LayerHealth("fc.relu", "relu", 4, 0, rms=1.0, max_abs=2.0, nonfinite=0,
+        ...                 metrics={"dead_fraction": 0.25, "dead_units": (3,)})
+        >>> h.dead_fraction, h.dead_units, h.saturated_fraction
+        (0.25, (3,), None)
+    """
+
+    layer: str
+    kind: str
+    units: int
+    step: int
+    rms: float
+    max_abs: float
+    nonfinite: int  # NaN/Inf values seen this sampled step
+    firing_rate: float | None = None  # mean fraction of values > 0 (ReLU-like kinds)
+    evidence_values: int = 0  # values per unit behind the count-based numbers
+    evidence_steps: int = 0  # sampled steps those values span
+    metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    # Built-in detectors' numbers, typed (others: ``health.<name>`` or ``health.metrics``).
+    @property
+    def dead_fraction(self) -> float | None:
+        return self.metrics.get("dead_fraction")
+
+    @property
+    def dead_margin(self) -> float | None:
+        """How far below zero the dead units' largest pre-activation sits, in pre-activation spreads."""
+        return self.metrics.get("dead_margin")
+
+    @property
+    def saturated_fraction(self) -> float | None:
+        return self.metrics.get("saturated_fraction")
+
+    @property
+    def dormant_fraction(self) -> float | None:
+        return self.metrics.get("dormant_fraction")
+
+    @property
+    def dead_units(self) -> tuple[int, ...]:
+        return self.metrics.get("dead_units", ())
+
+    @property
+    def saturated_units(self) -> tuple[int, ...]:
+        return self.metrics.get("saturated_units", ())
+
+    @property
+    def dormant_units(self) -> tuple[int, ...]:
+        return self.metrics.get("dormant_units", ())
+
+    def __getattr__(self, name: str) -> Any:
+        metrics = self.__dict__.get("metrics")
+        if name.startswith("_") or metrics is None or name not in metrics:
+            raise AttributeError(f"{type(self).__name__!r} has no attribute or metric {name!r}")
+        return metrics[name]
+
+    def scalars(self) -> dict[str, float]:
+        """Every number of this health that has a value, by name (what sinks and loggers receive)."""
+        out: dict[str, float] = {"rms": self.rms, "max_abs": self.max_abs, "nonfinite": float(self.nonfinite)}
+        if self.firing_rate is not None:
+            out["firing_rate"] = self.firing_rate
+        if self.evidence_values:
+            out["evidence_values"] = float(self.evidence_values)
+        for k, v in self.metrics.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                out[k] = float(v)
+        return {k: v for k, v in out.items() if not math.isnan(v)}

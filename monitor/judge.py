@@ -1,0 +1,230 @@
+"""Judging: per-layer memory across sampled steps, the detectors, and alert transitions.
+
+:class:`Judge` keeps, for each watched layer, the recent evidence (per-unit sums of the rows the
+detectors judge over time), each detector's own memory (e.g. an RMS baseline) and which alerts
+are active. :meth:`Judge.judge` runs every applicable detector on one layer's summary and
+returns its :class:`~monitor.health.LayerHealth` and the alerts for state changes:
+
+- an alert fires once when a detector's verdict turns bad, and a "recovered" alert once after
+  ``recovery_samples`` consecutive clearly-healthy verdicts (below ``release`` x the threshold:
+  hysteresis, so a layer hovering at a threshold does not flap);
+- a verdict of "cannot say" (``None``: not enough evidence, between the two levels) changes
+  nothing, and a step with NaN/Inf values never counts as healthy for any detector.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from monitor.activations import Kind
+from monitor.alerts import Alert
+from monitor.detectors import Detector, Evidence, LayerView
+from monitor.health import LayerHealth
+from monitor.stats import AT_BOUND, FIRED, UnitSummary, safe_rms
+from monitor.thresholds import Thresholds
+
+# NaN in a windowed row: the unit saw NaN/Inf. It is not "dead" (counted as fired) and not at a bound.
+_NAN_AS = {FIRED: 1.0, AT_BOUND: 0.0}
+
+
+@dataclass
+class _Sample:
+    positions: int
+    rows: dict[str, np.ndarray]
+
+
+@dataclass
+class LayerMemory:
+    """What one layer remembers between sampled steps (bounded; round-trips through state_dict)."""
+
+    window: deque = field(default_factory=deque)
+    active: dict[str, int] = field(default_factory=dict)  # alert kind -> consecutive healthy verdicts
+    detectors: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def push(self, sample: _Sample, th: Thresholds) -> None:
+        if self.window:
+            ref = self.window[-1]
+            if ref.rows.keys() != sample.rows.keys() or any(
+                ref.rows[k].shape != v.shape for k, v in sample.rows.items()
+            ):
+                self.window.clear()  # the layer changed width: judge it afresh
+        self.window.append(sample)
+        # Keep only the most recent samples that a verdict can use.
+        kept = values = 0
+        for w in reversed(self.window):
+            kept += 1
+            values += w.positions
+            if values >= th.min_positions or kept >= th.window:
+                break
+        while len(self.window) > kept:
+            self.window.popleft()
+
+    def evidence(self, row: str, th: Thresholds) -> Evidence | None:
+        total: np.ndarray | None = None
+        values = steps = 0
+        for w in reversed(self.window):
+            a = w.rows.get(row)
+            if a is None:
+                return None
+            total = a.copy() if total is None else total + a
+            values += w.positions
+            steps += 1
+            if values >= th.min_positions:
+                break
+        if total is None:
+            return None
+        return Evidence(total, values, steps, values >= th.min_positions or steps >= th.window)
+
+    def state_dict(self) -> dict[str, Any]:
+        import torch
+
+        return {
+            "window": [
+                {"positions": w.positions, "rows": {k: torch.from_numpy(np.asarray(v, np.float64).copy()) for k, v in w.rows.items()}}
+                for w in self.window
+            ],
+            "active": dict(self.active),
+            "detectors": {k: dict(v) for k, v in self.detectors.items()},
+        }
+
+    @classmethod
+    def from_state_dict(cls, state: dict[str, Any]) -> LayerMemory:
+        def arr(x: Any) -> np.ndarray:
+            return np.asarray(x.numpy() if hasattr(x, "numpy") else x, dtype=np.float64)
+
+        mem = cls()
+        if "rows" in (state.get("window") or [{}])[0] or not state.get("window"):
+            for w in state.get("window", []):
+                mem.window.append(_Sample(int(w["positions"]), {k: arr(v) for k, v in w["rows"].items()}))
+        else:  # version 1: fired / at_bound per sample
+            for w in state["window"]:
+                rows = {k: arr(w[k]) for k in (FIRED, AT_BOUND) if w.get(k) is not None}
+                mem.window.append(_Sample(int(w["positions"]), rows))
+        if "baseline_values" in state:  # version 1
+            mem.detectors["exploding"] = {"baseline_values": [float(v) for v in state["baseline_values"]]}
+        mem.detectors.update({str(k): dict(v) for k, v in state.get("detectors", {}).items()})
+        mem.active = {str(k): int(v) for k, v in state["active"].items()}
+        return mem
+
+
+def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float | None]:
+    """(rms, max_abs, nonfinite values, firing rate) of one summary; NaN/Inf never averaged in."""
+    n = s.positions * s.units
+    with np.errstate(over="ignore", invalid="ignore"):
+        total_sq = s.total_sq
+        rms = math.sqrt(total_sq / n) if math.isfinite(total_sq) and n else safe_rms(s.sumsq, s.positions)
+        hi = s.hi
+        lo = 0.0 if kind.nonnegative else s.lo  # the ReLU family's minimum is 0
+        finite_extrema = math.isfinite(hi) and math.isfinite(lo)
+        if finite_extrema:
+            max_abs = max(abs(hi), abs(lo))
+        else:
+            ext = np.concatenate([s.max[np.isfinite(s.max)], s.min[np.isfinite(s.min)]])
+            max_abs = float(np.abs(ext).max()) if ext.size else float("nan")
+        nonfinite = int(np.nansum(s.nonfinite)) if not (math.isfinite(total_sq) and finite_extrema) else 0
+        if nonfinite == 0 and not finite_extrema:
+            nonfinite = 1  # an extremum can only be non-finite if some value was
+        firing = None
+        if s.fired is not None and s.positions:
+            total = float(s.fired.sum())
+            firing = total / n if math.isfinite(total) else None
+    return rms, max_abs, nonfinite, firing
+
+
+class Judge:
+    """Runs the detectors over each layer's summaries and keeps every layer's memory."""
+
+    def __init__(self, thresholds: Thresholds, detectors: Sequence[Detector]) -> None:
+        self.thresholds = thresholds
+        self.detectors = list(detectors)
+        self.layers: dict[str, LayerMemory] = {}
+        self._pending: dict[str, dict[str, Any]] = {}  # restored state of layers not seen yet
+        self._applicable: dict[tuple[str, Kind], tuple[list[Detector], tuple[str, ...]]] = {}
+
+    def _for(self, name: str, kind: Kind) -> tuple[list[Detector], tuple[str, ...]]:
+        hit = self._applicable.get((name, kind))
+        if hit is None:
+            dets = [d for d in self.detectors if d.applies(kind)]
+            windowed = tuple(dict.fromkeys(r for d in dets for r in d.windowed))
+            hit = self._applicable[(name, kind)] = (dets, windowed)
+        return hit
+
+    def memory(self, name: str) -> LayerMemory:
+        mem = self.layers.get(name)
+        if mem is None:
+            state = self._pending.pop(name, None)
+            mem = self.layers[name] = LayerMemory.from_state_dict(state) if state else LayerMemory()
+        return mem
+
+    def judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
+        th = self.thresholds
+        detectors, windowed = self._for(name, kind)
+        mem = self.memory(name)
+        rows = {}
+        for r in windowed:
+            a = getattr(s, r, None)
+            if a is not None:
+                if r in _NAN_AS and np.isnan(a).any():
+                    a = np.where(np.isnan(a), _NAN_AS[r] * (s.positions if r == FIRED else 1.0), a)
+                rows[r] = a
+        mem.push(_Sample(s.positions, rows), th)
+        cache: dict[str, Evidence | None] = {}
+
+        def evidence(row: str) -> Evidence | None:
+            if row not in cache:
+                cache[row] = mem.evidence(row, th)
+            return cache[row]
+
+        rms, max_abs, nonfinite, firing = base_numbers(kind, s)
+        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence)
+        metrics: dict[str, Any] = {}
+        alerts: list[Alert] = []
+        for det in detectors:
+            verdict = det.evaluate(view, mem.detectors.setdefault(det.name, {}))
+            metrics.update(verdict.metrics)
+            bad = verdict.bad
+            if bad is False and nonfinite and det.name != "nonfinite":
+                bad = None  # a step with NaN/Inf values is never evidence of health
+            if bad:
+                if det.name not in mem.active:
+                    msg = f"step {step} | {name} | {verdict.what} | {det.causes}"
+                    alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg))
+                mem.active[det.name] = 0
+            elif bad is False and det.name in mem.active:
+                mem.active[det.name] += 1
+                if mem.active[det.name] >= th.recovery_samples:
+                    del mem.active[det.name]
+                    now = verdict.what.split(": ", 1)[-1]
+                    msg = f"step {step} | {name} | recovered from {det.name}: now {now}"
+                    alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg, True))
+        ev = next((e for e in cache.values() if e is not None), None)
+        health = LayerHealth(
+            layer=name,
+            kind=kind.name,
+            units=s.units,
+            step=step,
+            rms=rms,
+            max_abs=max_abs,
+            nonfinite=nonfinite,
+            firing_rate=firing,
+            evidence_values=ev.values if ev else 0,
+            evidence_steps=ev.steps if ev else 0,
+            metrics=metrics,
+        )
+        return health, alerts
+
+    # -- persistence ---------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, dict[str, Any]]:
+        out = {name: m.state_dict() for name, m in self.layers.items()}
+        out.update({k: v for k, v in self._pending.items() if k not in out})
+        return out
+
+    def load_state_dict(self, layers: dict[str, dict[str, Any]]) -> None:
+        self.layers = {}
+        self._pending = dict(layers)

@@ -1,0 +1,137 @@
+"""Every option of the monitor, validated once, in one place.
+
+:class:`Options` is what ``Monitor`` and the Lightning and skorch callbacks check their
+arguments with, before any model exists: the same messages everywhere ("Expected
+`every_n_steps` to be a positive integer, got 0."). Whether a pattern matches a module is known
+only with the model and is checked when the monitor is built on it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from monitor.alerts import ON_ALERT_MODES, OnAlert
+from monitor.detectors import BUILTIN_NAMES, Detector
+from monitor.selection import Patterns, validate_patterns
+from monitor.sinks import Sink
+from monitor.stats import ALL_ROWS
+from monitor.thresholds import Thresholds
+
+_BASE_METRICS = frozenset({"rms", "max_abs", "nonfinite", "firing_rate", "evidence_values"})
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_on_alert(on_alert: Any, modes: Sequence[str] = ON_ALERT_MODES) -> None:
+    if not (callable(on_alert) or (isinstance(on_alert, str) and on_alert in modes)):
+        raise ValueError(f"Expected `on_alert` to be one of {', '.join(map(repr, modes))} or a callable, got {on_alert!r}.")
+
+
+def check_detectors(detectors: Any) -> tuple[Detector, ...]:
+    """A user's extra detectors: Detector instances with a unique name and known rows."""
+    if detectors is None:
+        return ()
+    if isinstance(detectors, Detector) or not isinstance(detectors, Sequence) or isinstance(detectors, str):
+        raise TypeError(f"Expected `detectors` to be None or a sequence of monitor.Detector instances, got {detectors!r}.")
+    names = set(BUILTIN_NAMES)
+    fields: set[str] = set()
+    for d in detectors:
+        if not isinstance(d, Detector):
+            hint = " (pass an instance, not the class)" if isinstance(d, type) and issubclass(d, Detector) else ""
+            raise TypeError(f"Expected `detectors` to hold monitor.Detector instances, got {d!r}{hint}.")
+        if not isinstance(d.name, str) or not d.name.isidentifier():
+            raise ValueError(f"Expected detector {d!r} to have a `name` that is an identifier, got {d.name!r}.")
+        if d.name in names:
+            raise ValueError(f"Detector name {d.name!r} is taken (built-in names: {', '.join(BUILTIN_NAMES)}).")
+        names.add(d.name)
+        bad_rows = [r for r in (*d.reads, *d.windowed) if r not in ALL_ROWS]
+        if bad_rows:
+            raise ValueError(
+                f"Detector {d.name!r} reads unknown statistic rows {bad_rows}; valid rows: {', '.join(sorted(ALL_ROWS))}."
+            )
+        clash = (set(d.fields) & _BASE_METRICS) | (set(d.fields) & fields)
+        if clash:
+            raise ValueError(f"Detector {d.name!r} declares fields {sorted(clash)} that another number already uses.")
+        fields |= set(d.fields)
+    return tuple(detectors)
+
+
+def check_logdir(logdir: Any) -> None:
+    if logdir is not None and not isinstance(logdir, (str, os.PathLike)):
+        hint = " (a SummaryWriter goes in `writer=`)" if hasattr(logdir, "add_scalar") else ""
+        raise TypeError(f"Expected `logdir` to be None or a directory path (str or os.PathLike), got {logdir!r}{hint}.")
+
+
+def check_writer(writer: Any) -> None:
+    if writer is None:
+        return
+    if isinstance(writer, (str, os.PathLike)):
+        raise TypeError(f"Expected `writer` to be a SummaryWriter, got the path {writer!r}; pass a directory as `logdir=` instead.")
+    if not (hasattr(writer, "get_logdir") or hasattr(writer, "log_dir") or hasattr(writer, "logdir") or hasattr(writer, "add_scalar")):
+        raise TypeError(
+            f"Expected `writer` to be a SummaryWriter (torch.utils.tensorboard or tensorboardX), got {writer!r}."
+        )
+
+
+@dataclass(frozen=True)
+class Options:
+    """The monitor's options, validated. Raises ``TypeError``/``ValueError`` naming the bad value.
+
+    Example:
+        >>> Options(every_n_steps=10).every_n_steps
+        10
+        >>> Options(every_n_steps=0)
+        Traceback (most recent call last):
+        ...
+        ValueError: Expected `every_n_steps` to be a positive integer, got 0.
+    """
+
+    every_n_steps: int = 50
+    include: Patterns = None
+    exclude: Patterns = None
+    thresholds: Thresholds | None = None
+    logdir: str | os.PathLike[str] | None = None
+    writer: Any = None
+    on_alert: OnAlert = "warn"
+    histograms: bool = True
+    images_every_n_samples: int = 20
+    timeline_length: int = 100
+    functional: bool = True
+    sinks: Sequence[Sink] | None = None
+    background: bool = True
+    detectors: Sequence[Detector] | None = None
+    on_alert_modes: tuple[str, ...] = field(default=ON_ALERT_MODES, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
+            raise ValueError(f"Expected `every_n_steps` to be a positive integer, got {self.every_n_steps!r}.")
+        validate_patterns("include", self.include)
+        validate_patterns("exclude", self.exclude)
+        if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
+            raise TypeError(f"Expected `thresholds` to be a monitor.Thresholds, got {self.thresholds!r}.")
+        if self.logdir is not None and self.writer is not None:
+            raise ValueError("Expected either `logdir` or `writer`, got both.")
+        check_logdir(self.logdir)
+        check_writer(self.writer)
+        check_on_alert(self.on_alert, self.on_alert_modes)
+        for name in ("histograms", "functional", "background"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Expected `{name}` to be True or False, got {getattr(self, name)!r}.")
+        if not _is_int(self.images_every_n_samples) or self.images_every_n_samples < 0:
+            raise ValueError(
+                f"Expected `images_every_n_samples` to be a non-negative integer, got {self.images_every_n_samples!r}."
+            )
+        if not _is_int(self.timeline_length) or self.timeline_length < 2:
+            raise ValueError(f"Expected `timeline_length` to be an integer >= 2, got {self.timeline_length!r}.")
+        if self.sinks is not None:
+            if isinstance(self.sinks, (Sink, str)) or not isinstance(self.sinks, Sequence):
+                raise TypeError(f"Expected `sinks` to be None or a sequence of monitor.Sink objects, got {self.sinks!r}.")
+            for s in self.sinks:
+                if not isinstance(s, Sink):
+                    raise TypeError(f"Expected `sinks` to hold monitor.Sink objects (subclass monitor.Sink), got {s!r}.")
+        check_detectors(self.detectors)

@@ -1,0 +1,127 @@
+"""Packing a sampled step: the partials of every layer -> one flat tensor -> host summaries.
+
+:func:`pack` runs on the training thread when a sampled step ends: it concatenates all rows on
+their device (and, under DDP, makes the one collective). :func:`unpack` runs where the step is
+judged (the writer thread by default): the one device-to-host copy, histogram binning for CPU
+models, and a :class:`~monitor.stats.UnitSummary` per layer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from monitor.capture import Pending
+from monitor.selection import WatchPoint
+from monitor.stats import (
+    UnitSummary,
+    histogram_counts_batched,
+    histogram_counts_host,
+    histogram_edges,
+    reduce_rows_host,
+    summarize,
+)
+
+
+@dataclass
+class Job:
+    """One sampled step on its way from the training thread to the host side."""
+
+    seq: int  # sampled steps are judged in this order; an older one arriving late is dropped
+    step: int
+    flat: torch.Tensor | np.ndarray  # all partials, on their device (a host array under DDP)
+    ready: Any  # a CUDA event recorded after the partials, or None
+    points: list[WatchPoint]
+    pending: list[Pending]
+    counts: list[float]  # per point: positions, histogram values sampled, values they stand for
+    bin_on_host: bool
+
+
+def pack(seq: int, step: int, current: dict[WatchPoint, Pending], gather: Callable[[torch.Tensor], torch.Tensor] | None) -> Job:
+    """Concatenate a step's partials into one flat tensor on their device.
+
+    No host sync, except under DDP (``gather``), where the one collective happens here, on every rank.
+    """
+    points = list(current)
+    pieces: list[torch.Tensor] = []
+    device = current[points[0]].stats[0].device
+    hist_samples: list[torch.Tensor] = []
+    hist_groups: list[int] = []
+    # CPU tensors: the host is their device, so the sampled values are binned later on the same
+    # device, off the training thread. Accelerators, and DDP (counts are summed across ranks):
+    # binned here, on the device, without a sync.
+    bin_on_host = gather is None and all(current[wp].stats[0].is_cpu for wp in points)
+    for wp in points:
+        p = current[wp]
+        pieces += p.stats
+        if p.hist_samples:
+            hist_samples += p.hist_samples
+            hist_groups.append(len(p.hist_samples))
+    if hist_samples and bin_on_host:
+        pieces += hist_samples  # binned on the host later; they travel in the same one transfer
+    elif hist_samples:
+        if any(t.device != device for t in hist_samples):  # a model split over devices
+            hist_samples = [t.to(device, non_blocking=True) for t in hist_samples]
+        pieces.append(histogram_counts_batched(hist_samples, hist_groups).reshape(-1))
+    if any(t.device != device for t in pieces):
+        pieces = [t.to(device, non_blocking=True) for t in pieces]
+    counts = [float(v) for wp in points for v in (current[wp].positions, current[wp].hist_sampled, current[wp].hist_numel)]
+    if gather is not None:
+        pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
+    flat: torch.Tensor | np.ndarray = torch.cat(pieces)
+    ready = None
+    pending = [current[wp] for wp in points]
+    if gather is not None:
+        host = gather(flat).reshape(-1, flat.numel()).cpu().numpy()  # the one transfer
+        flat = reduce_rows_host(host, [wp.rows for wp in points], [p.units for p in pending])
+        counts = flat[-len(counts) :].tolist()
+    elif flat.device.type == "cuda":
+        ready = torch.cuda.Event()
+        ready.record(torch.cuda.current_stream(flat.device))
+    return Job(seq, step, flat, ready, points, pending, counts, bin_on_host)
+
+
+def unpack(job: Job) -> Iterator[tuple[WatchPoint, UnitSummary, np.ndarray | None, float]]:
+    """(watch point, summary, histogram bucket counts or None, values per counted value) per layer.
+
+    No ATen kernel runs here: on the writer thread, CPU kernels called from a second thread slowed
+    the training thread about 3x on a 2-core machine (a second OpenMP team).
+    """
+    if isinstance(job.flat, torch.Tensor):
+        if job.flat.device.type == "cpu":
+            host_flat = job.flat.numpy()  # already on the host: a view, no kernel
+        else:
+            if job.ready is not None:
+                job.ready.synchronize()  # waits on this thread only, never the training thread
+            host_flat = job.flat.cpu().numpy()  # the one transfer of this sampled step
+    else:
+        host_flat = job.flat
+    counts = job.counts
+    offset = 0
+    hist_offset = sum(len(p.stats) * p.units for p in job.pending)
+    buckets = len(histogram_edges()) + 1
+    host_counts = None
+    if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy, all layers at once
+        lengths = [int(counts[3 * i + 1]) for i, p in enumerate(job.pending) if p.hist_samples]
+        if lengths:
+            host_counts = iter(histogram_counts_host(host_flat[hist_offset : hist_offset + sum(lengths)], lengths))
+    for i, (wp, p) in enumerate(zip(job.points, job.pending)):
+        r, c = len(p.stats), p.units
+        block = host_flat[offset : offset + r * c].reshape(r, c)
+        offset += r * c
+        positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
+        summary = summarize(block, wp.rows, positions, wp.kind.upper if wp.kind.can_die else None)
+        hist = None
+        scale = 1.0
+        if p.hist_samples:
+            scale = numel / sampled if sampled else 1.0
+            if host_counts is not None:
+                hist = next(host_counts)
+            else:
+                hist = host_flat[hist_offset : hist_offset + buckets]
+                hist_offset += buckets
+        yield wp, summary, hist, scale

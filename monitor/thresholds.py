@@ -1,0 +1,108 @@
+"""The numbers behind the built-in detectors' verdicts: :class:`Thresholds`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"Expected `{name}` to be a positive integer, got {value!r}.")
+
+
+def _fraction(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value <= 1
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be a number in (0, 1], got {value!r}.")
+
+
+def _positive(name: str, value: Any) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0 and math.isfinite(value)
+    if not ok:
+        raise ValueError(f"Expected `{name}` to be a positive finite number, got {value!r}.")
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """When a layer counts as unhealthy. Defaults: silent on healthy runs, loud on clear pathologies.
+
+    Evidence (dead, saturated, dormant):
+        min_positions: values per unit a count-based verdict needs. A unit is judged over the most
+            recent sampled steps that together hold this many values: one step when the batch is
+            large enough, more when batches are small. Numbers are reported from the first
+            sampled step on, over the values seen so far, with how many that is
+            (``LayerHealth.evidence_values``); alerts wait until the evidence is complete.
+        window: the most sampled steps evidence may span; evidence that spans this many steps
+            counts as complete even with fewer than ``min_positions`` values (batch size 1 of a
+            plain MLP: 100 sampled steps hold 100 values).
+
+    Dead (ReLU family):
+        dead_fraction: alert when at least this fraction of a ReLU layer's units are dead.
+        dead_margin: a unit is dead for certain, without waiting for evidence, when its largest
+            pre-activation on the sampled step sits below ``-dead_margin`` times the layer's
+            pre-activation spread (the median over units of max - min pre-activation).
+
+    Saturated (bounded activations):
+        saturation_tolerance: fraction of the output range that counts as "at the bound"
+            (0.01 on tanh: abs(y) >= 0.98; on sigmoid: y <= 0.01 or y >= 0.99).
+        saturated_positions: a unit is saturated when at a bound on at least this fraction of
+            its values.
+        saturated_fraction: alert when at least this fraction of a bounded layer's units saturate.
+
+    Dormant (every activation; Sokar et al. 2023):
+        dormant_tau: a unit is dormant when its mean abs(activation) is at most this times the
+            layer's mean over units (ReLU-family units that are dead count as dead, not dormant).
+        dormant_fraction: alert when at least this fraction of a layer's units are dormant.
+
+    Exploding (every layer):
+        max_rms, max_abs: absolute bounds on a layer's RMS and largest magnitude.
+        growth_factor: alert when a layer's RMS exceeds this multiple of its own baseline
+            (the median RMS of its first ``baseline_samples`` healthy sampled steps).
+
+    Entering and leaving an alert:
+        release: hysteresis. A layer enters an alert at the threshold and leaves it only when
+            its value is below ``release`` times the threshold ...
+        recovery_samples: ... on this many consecutive judged sampled steps ("recovered").
+
+    Example:
+        >>> Thresholds(dead_fraction=0.25, window=10).dead_fraction
+        0.25
+    """
+
+    min_positions: int = 100
+    window: int = 100
+    dead_fraction: float = 0.5
+    dead_margin: float = 4.0
+    saturation_tolerance: float = 0.01
+    saturated_positions: float = 0.95
+    saturated_fraction: float = 0.5
+    dormant_tau: float = 0.1
+    dormant_fraction: float = 0.5
+    max_rms: float = 1e3
+    max_abs: float = 1e4
+    growth_factor: float = 100.0
+    baseline_samples: int = 3
+    release: float = 0.8
+    recovery_samples: int = 2
+
+    def __post_init__(self) -> None:
+        for name in ("min_positions", "window", "baseline_samples", "recovery_samples"):
+            _positive_int(name, getattr(self, name))
+        for name in ("dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release"):
+            _fraction(name, getattr(self, name))
+        ok = isinstance(self.saturation_tolerance, (int, float)) and 0 <= self.saturation_tolerance < 0.5
+        if not ok:
+            raise ValueError(
+                f"Expected `saturation_tolerance` to be a number in [0, 0.5), got {self.saturation_tolerance!r}."
+            )
+        for name in ("max_rms", "max_abs", "growth_factor", "dead_margin", "dormant_tau"):
+            _positive(name, getattr(self, name))
+        if self.growth_factor <= 1:
+            raise ValueError(f"Expected `growth_factor` to be greater than 1, got {self.growth_factor!r}.")
+        if self.dormant_tau >= 1:
+            raise ValueError(f"Expected `dormant_tau` to be a number in (0, 1), got {self.dormant_tau!r}.")
+
+
+THRESHOLD_FIELDS = tuple(f.name for f in fields(Thresholds))
