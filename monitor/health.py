@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -85,4 +84,4 @@ class LayerHealth:
         for k, v in self.metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v)
-        return {k: v for k, v in out.items() if not math.isnan(v)}
+        return out

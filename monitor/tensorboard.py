@@ -3,8 +3,12 @@
 Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, ``layers.0``):
 
 ========================================  ==========================================================
-``activation_dead_fraction/<layer>``      ReLU-family layers: fraction of units dead over the window
+``activation_dead_fraction/<layer>``      ReLU-family layers: fraction of units dead over the evidence
+``activation_dead_margin/<layer>``        ReLU-family layers: how far below zero the dead units sit
 ``activation_saturated_fraction/<layer>`` bounded layers: fraction of units at a bound
+``activation_dormant_fraction/<layer>``   activations: fraction of units dormant (tiny mean abs value)
+``activation_evidence_values/<layer>``    values per unit behind those fractions
+``activation_<field>/<layer>``            every field of a user-defined detector
 ``activation_firing_rate/<layer>``        ReLU-like layers: mean fraction of values > 0
 ``activation_rms/<layer>``                root mean square of the layer's values
 ``activation_max_abs/<layer>``            largest magnitude
@@ -37,14 +41,7 @@ from monitor.sinks import SampleRecord, Sink, yield_gil
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
 
-SCALAR_TAGS = {
-    "dead_fraction": "activation_dead_fraction",
-    "saturated_fraction": "activation_saturated_fraction",
-    "firing_rate": "activation_firing_rate",
-    "rms": "activation_rms",
-    "max_abs": "activation_max_abs",
-    "nonfinite": "activation_nonfinite",
-}
+TAG_PREFIX = "activation_"  # every number of LayerHealth.scalars() is activation_<name>/<layer>
 HIST_TAG = "activation_hist"
 SCAN_TAG = "activation_scan"
 TIMELINE_TAG = "activation_timeline"
@@ -63,11 +60,8 @@ def scalar_values(record: SampleRecord) -> dict[str, float]:
     """``{tag: value}`` for one record (the same names every logger receives)."""
     out: dict[str, float] = {}
     for layer in record.layers:
-        h = layer.health
-        for metric, prefix in SCALAR_TAGS.items():
-            v = getattr(h, metric)
-            if v is not None:
-                out[f"{prefix}/{layer.name}"] = float(v)
+        for metric, v in layer.health.scalars().items():
+            out[f"{TAG_PREFIX}{metric}/{layer.name}"] = v
     return out
 
 
