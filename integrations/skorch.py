@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 import sys
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal, Union
@@ -29,14 +28,13 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
-from monitor.core import ActivationAlertError, Monitor, MonitorWarning
-from monitor.detect import Alert, LayerHealth, Thresholds
-from monitor.sinks import Sink
+from monitor import ActivationAlertError, Alert, Detector, LayerHealth, Monitor, Options, Sink, Thresholds
+from monitor.alerts import warn
+from monitor.selection import Patterns
 
 __all__ = ["HISTORY_KEYS", "ActivationMonitor"]
 
 SkorchOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007 (py3.10)
-_ON_ALERT = ("warn", "raise", "ignore", "stop")
 
 #: Keys written into ``net.history`` at the end of every epoch (``<layer>`` e.g. ``dense0.relu``).
 HISTORY_KEYS = {
@@ -44,10 +42,14 @@ HISTORY_KEYS = {
     "activation_samples": "sampled training steps during this epoch (0: values below are carried over)",
     "activation_dead_fraction_max": "worst dead fraction over ReLU-family layers (NaN: none)",
     "activation_saturated_fraction_max": "worst saturated fraction over bounded layers (NaN: none)",
+    "activation_dormant_fraction_max": "worst dormant fraction over activation layers (NaN: none)",
+    "activation_<field>_max": "the same for every *_fraction field of a user-defined detector",
     "activation_nonfinite": "NaN/Inf values over all layers at their latest sampled step",
     "activation_dead_fraction/<layer>": "per ReLU-family layer (with history_layers=True)",
     "activation_saturated_fraction/<layer>": "per bounded layer (with history_layers=True)",
+    "activation_dormant_fraction/<layer>": "per activation layer (with history_layers=True)",
 }
+_FRACTIONS = ("dead_fraction", "saturated_fraction", "dormant_fraction")
 
 
 def _nan_max(values: list[float | None]) -> float:
@@ -136,8 +138,8 @@ class ActivationMonitor(Callback):
     def __init__(
         self,
         every_n_steps: int = 50,
-        include: str | Sequence[str] | None = None,
-        exclude: str | Sequence[str] | None = None,
+        include: Patterns = None,
+        exclude: Patterns = None,
         thresholds: Thresholds | None = None,
         logdir: str | os.PathLike[str] | None = None,
         on_alert: SkorchOnAlert = "warn",
@@ -147,6 +149,7 @@ class ActivationMonitor(Callback):
         timeline_length: int = 100,
         functional: bool = True,
         sinks: Sequence[Sink] | None = None,
+        detectors: Sequence[Detector] | None = None,
         new_run_per_fit: bool = True,
         history_layers: bool = True,
     ) -> None:
@@ -162,52 +165,26 @@ class ActivationMonitor(Callback):
         self.timeline_length = timeline_length
         self.functional = functional
         self.sinks = sinks
+        self.detectors = detectors
         self.new_run_per_fit = new_run_per_fit
         self.history_layers = history_layers
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self) -> None:
-        def bad(name: str, expected: str) -> ValueError:
-            return ValueError(f"ActivationMonitor: expected `{name}` to be {expected}, got {getattr(self, name)!r}.")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        if not is_int(self.every_n_steps) or self.every_n_steps < 1:
-            raise bad("every_n_steps", "a positive integer")
-        for name in ("include", "exclude"):
-            v = getattr(self, name)
-            if v is not None and not isinstance(v, str) and not (
-                isinstance(v, Sequence) and all(isinstance(p, str) for p in v)
-            ):
-                raise bad(name, "None, a glob pattern or a sequence of glob patterns")
-        if self.thresholds is not None and not isinstance(self.thresholds, Thresholds):
+        """Every option, with the core's validator (the same messages as ``Monitor``)."""
+        if self.logdir is not None and hasattr(self.logdir, "add_scalar"):
             raise TypeError(
-                f"ActivationMonitor: expected `thresholds` to be a monitor.Thresholds, got {self.thresholds!r}."
+                f"ActivationMonitor: expected `logdir` to be None or a directory path, got {self.logdir!r}. Pass a "
+                "directory; to share a run with skorch's TensorBoard callback pass its log dir and new_run_per_fit=False."
             )
-        if self.logdir is not None and not isinstance(self.logdir, (str, os.PathLike)):
-            hint = (
-                " Pass a directory; to share a run with skorch's TensorBoard callback pass its log dir "
-                "and new_run_per_fit=False."
-                if hasattr(self.logdir, "add_scalar")
-                else ""
-            )
-            raise TypeError(
-                f"ActivationMonitor: expected `logdir` to be None or a directory path, got {self.logdir!r}.{hint}"
-            )
-        if not (callable(self.on_alert) or (isinstance(self.on_alert, str) and self.on_alert in _ON_ALERT)):
-            raise bad("on_alert", f"one of {', '.join(map(repr, _ON_ALERT))} or a callable")
-        if not is_int(self.images_every_n_samples) or self.images_every_n_samples < 0:
-            raise bad("images_every_n_samples", "a non-negative integer")
-        if not is_int(self.timeline_length) or self.timeline_length < 2:
-            raise bad("timeline_length", "an integer >= 2")
-        for name in ("histograms", "functional", "new_run_per_fit", "history_layers"):
+        Options(
+            self.every_n_steps, self.include, self.exclude, self.thresholds, self.logdir, None, self.on_alert,
+            self.histograms, self.images_every_n_samples, self.timeline_length, self.functional, self.sinks,
+            True, self.detectors,
+        )
+        for name in ("new_run_per_fit", "history_layers"):
             if not isinstance(getattr(self, name), bool):
-                raise bad(name, "True or False")
-        if self.sinks is not None and not (
-            isinstance(self.sinks, Sequence) and all(isinstance(s, Sink) for s in self.sinks)
-        ):
-            raise bad("sinks", "None or a sequence of monitor.Sink objects")
+                raise TypeError(f"Expected `{name}` to be True or False, got {getattr(self, name)!r}.")
 
     # -- lifecycle -----------------------------------------------------------------------------
     def initialize(self) -> ActivationMonitor:
@@ -221,9 +198,8 @@ class ActivationMonitor(Callback):
         self.health_: dict[str, LayerHealth] = {}  # latest health per layer (kept after close / pickle)
         self.alerts_: list[Alert] = []
         self.module_ref_: weakref.ref | None = None
-        self.epoch_alerts_ = 0
+        self.epoch_start_ = 0  # first step of the current epoch (its alerts are counted in history)
         self.epoch_samples_ = 0
-        self.stop_requested_ = False
         self.pending_error_: ActivationAlertError | None = None
         self.guard_: _StepGuard | None = None  # ends the sampled step in progress (or left spent on module_)
         return self
@@ -232,12 +208,11 @@ class ActivationMonitor(Callback):
         if not hasattr(self, "step_"):
             self.initialize()
         self._start(net)
-        self.epoch_alerts_ = 0
+        self.epoch_start_ = self.step_
         self.epoch_samples_ = 0
-        self.stop_requested_ = False
 
     def on_epoch_begin(self, net: Any, dataset_train: Any = None, dataset_valid: Any = None, **kwargs: Any) -> None:
-        self.epoch_alerts_ = 0
+        self.epoch_start_ = self.step_
         self.epoch_samples_ = 0
 
     def on_batch_begin(self, net: Any, batch: Any = None, training: bool | None = None, **kwargs: Any) -> None:
@@ -272,10 +247,9 @@ class ActivationMonitor(Callback):
             self.health_.update(self.monitor_.health())
         for key, value in self._history_row().items():
             net.history.record(key, value)
-        self.epoch_alerts_ = 0
+        self.epoch_start_ = self.step_
         self.epoch_samples_ = 0
-        if self.stop_requested_:
-            self.stop_requested_ = False
+        if self.monitor_ is not None and self.monitor_.should_stop:
             raise KeyboardInterrupt  # skorch's convention (EarlyStopping): fit ends, on_train_end runs
 
     def on_train_end(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
@@ -338,12 +312,13 @@ class ActivationMonitor(Callback):
             exclude=self.exclude,
             thresholds=self.thresholds,
             logdir=self.run_dir_ if self.logdir is not None else None,
-            on_alert=self._handle_alert,
+            on_alert=self._raise_later if self.on_alert == "raise" else self.on_alert,
             histograms=self.histograms,
             images_every_n_samples=self.images_every_n_samples,
             timeline_length=self.timeline_length,
             functional=self.functional,
             sinks=self.sinks,
+            detectors=self.detectors,
             background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
         )
         if self.monitor_state_ is not None:
@@ -424,38 +399,31 @@ class ActivationMonitor(Callback):
         if mon is not None and mon.in_step:
             mon.end_step(failed=failed)
 
-    def _handle_alert(self, alert: Alert) -> None:
-        if not alert.recovered:
-            self.epoch_alerts_ += 1
-        mode = self.on_alert
-        if callable(mode):
-            mode(alert)
-            return
-        if mode == "ignore":
-            return
-        if mode == "raise" and not alert.recovered:
-            if self.pending_error_ is None:
-                self.pending_error_ = ActivationAlertError(alert)
-            return
-        message = alert.message
-        if mode == "stop" and not alert.recovered:
-            self.stop_requested_ = True
-            message += " | on_alert='stop': training stops at the end of this epoch"
-        warnings.warn(message, MonitorWarning, stacklevel=2)
+    def _raise_later(self, alert: Alert) -> None:
+        """``on_alert="raise"``: the sampled step ends inside the forward (a hook), so the error is
+        raised at the end of the training batch instead, after the monitor is closed."""
+        if alert.recovered:
+            warn(alert.message)
+        elif self.pending_error_ is None:
+            self.pending_error_ = ActivationAlertError(alert)
 
     def _history_row(self) -> dict[str, float]:
         health = self.health_
+        alerts = self.alerts
         row: dict[str, float] = {
-            "activation_alerts": self.epoch_alerts_,
+            "activation_alerts": sum(1 for a in alerts if not a.recovered and a.step >= self.epoch_start_),
             "activation_samples": self.epoch_samples_,
-            "activation_dead_fraction_max": _nan_max([h.dead_fraction for h in health.values()]),
-            "activation_saturated_fraction_max": _nan_max([h.saturated_fraction for h in health.values()]),
-            "activation_nonfinite": float(sum(h.nonfinite for h in health.values())) if health else math.nan,
         }
+        fractions = list(_FRACTIONS) + [
+            f for d in (self.detectors or ()) for f in d.fields if f.endswith("_fraction") and f not in _FRACTIONS
+        ]
+        for f in fractions:
+            row[f"activation_{f}_max"] = _nan_max([h.metrics.get(f) for h in health.values()])
+        row["activation_nonfinite"] = float(sum(h.nonfinite for h in health.values())) if health else math.nan
         if self.history_layers:
             for name, h in health.items():
-                if h.dead_fraction is not None:
-                    row[f"activation_dead_fraction/{name}"] = float(h.dead_fraction)
-                if h.saturated_fraction is not None:
-                    row[f"activation_saturated_fraction/{name}"] = float(h.saturated_fraction)
+                for f in fractions:
+                    v = h.metrics.get(f)
+                    if v is not None:
+                        row[f"activation_{f}/{name}"] = float(v)
         return row

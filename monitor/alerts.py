@@ -87,7 +87,7 @@ def deliver(alerts: list[Alert], on_alert: OnAlert) -> bool:
             on_alert(alert)
         elif on_alert == "stop" and not alert.recovered:
             stop = True
-            warn(f"{alert.message} | stopping training (on_alert='stop')")
+            warn(f"{alert.message} | on_alert='stop': stopping training")
         elif on_alert in ("warn", "stop") or alert.recovered:
             warn(alert.message)
     if on_alert == "raise":

@@ -214,7 +214,7 @@ def test_on_alert_stop_ends_fit_like_early_stopping(wine):
     torch.manual_seed(0)
     cb = ActivationMonitor(every_n_steps=1, on_alert="stop")
     net = make_net([cb], module__dense0_bias=-10.0, max_epochs=10)
-    with pytest.warns(MonitorWarning, match="stops at the end of this epoch"):
+    with pytest.warns(MonitorWarning, match="on_alert='stop': stopping training"):
         net.fit(X, y)
     assert len(net.history) == 1  # of max_epochs=10: stopped after the first epoch; on_train_end ran
     assert net.history[-1, "activation_alerts"] >= 1
@@ -482,8 +482,10 @@ def test_init_stores_arguments_and_initialize_validates():
         ({"thresholds": {"window": 3}}, TypeError, "thresholds"),
         ({"images_every_n_samples": -1}, ValueError, r"images_every_n_samples.*-1"),
         ({"timeline_length": 1}, ValueError, r"timeline_length.*1"),
-        ({"histograms": "yes"}, ValueError, r"histograms.*'yes'"),
-        ({"include": 3}, ValueError, "include"),
+        ({"histograms": "yes"}, TypeError, r"histograms.*'yes'"),
+        ({"include": 3}, TypeError, "include"),
+        ({"new_run_per_fit": 1}, TypeError, r"new_run_per_fit.*True or False"),
+        ({"detectors": [object()]}, TypeError, r"detectors.*monitor.Detector"),
     ]:
         with pytest.raises(err, match=match):
             ActivationMonitor(**kwargs).initialize()
@@ -587,3 +589,40 @@ def test_example_runs(tmp_path, capsys):
     images = read(bad["run_dir"]).Tags()["images"]
     assert "dense0_relu_samples_x_units" in images and "activation_scan" in images
     assert good["run_dir"] != bad["run_dir"]
+
+
+# -- small batches: numbers over the evidence seen, from the first sampled step ---------------------
+
+
+class PartlyDeadWine(WineClassifier):
+    """Units 0 and 1 of dense0 can never fire (bias -100)."""
+
+    def __init__(self) -> None:
+        super().__init__(num_units=20)
+        with torch.no_grad():
+            self.dense0.bias[:2] = -100.0
+
+
+def test_small_batches_report_the_truth_over_the_values_seen_and_history_has_dormant(wine):
+    X, y, _, _ = wine
+    torch.manual_seed(0)
+    seen = {}
+
+    class FirstBatch(Callback):
+        def on_batch_begin(self, net, batch=None, training=None, **kwargs):
+            if training and "x" not in seen:  # the test's own record of the first training batch
+                seen["x"] = batch[0].clone()
+                with torch.no_grad():
+                    seen["z"] = net.module_.dense0(seen["x"])
+
+    cb = ActivationMonitor(every_n_steps=1000, on_alert="ignore")
+    net = make_net([FirstBatch(), cb], module=PartlyDeadWine, max_epochs=1, batch_size=4, train_split=None)
+    net.fit(X, y)
+    truth = (seen["z"] > 0).sum(0) == 0  # units silent on the 4 values of step 0
+    h = cb.health()["dense0.relu"]
+    assert h.step == 0 and (h.evidence_values, h.evidence_steps) == (4, 1)
+    assert h.dead_units == tuple(np.flatnonzero(truth.numpy()).tolist()) and {0, 1} <= set(h.dead_units)
+    assert h.dead_fraction == pytest.approx(truth.float().mean().item())
+    assert net.history[-1, "activation_dead_fraction/dense0.relu"] == pytest.approx(h.dead_fraction)
+    assert not math.isnan(net.history[-1, "activation_dormant_fraction_max"])
+    assert [a for a in cb.alerts if a.kind == "dead" and a.layer == "dense0.relu"] == []  # 2/20 < 50%
