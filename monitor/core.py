@@ -122,7 +122,8 @@ class Monitor:
         self.on_alert: OnAlert = on_alert
         self.histograms = histograms
         self.background = background
-        self.detectors: list[Detector] = builtin_detectors() + list(detectors or ())
+        self._custom = list(detectors or ())
+        self.detectors: list[Detector] = builtin_detectors() + self._custom
         self._warned: set[str] = set()
         self._capture = Capture(
             model,
@@ -165,7 +166,7 @@ class Monitor:
 
     def _rows(self, wp: WatchPoint) -> tuple[str, ...]:
         extra = tuple(
-            r for d in self.detectors[5:] if d.applies(wp.kind) for r in (*d.reads, *d.windowed)
+            r for d in self._custom if d.applies(wp.kind) for r in (*d.reads, *d.windowed)
             if r not in PRE_ROWS or wp.kind.can_die
         )
         return rows_for(wp.kind, extra)
