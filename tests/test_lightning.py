@@ -405,6 +405,236 @@ def test_example_transformer_smoke(tmp_path, capsys):
     assert "activation_scan" in events(str(tmp_path))["images"]
 
 
+# -- verdicts you can trust at any batch size (real data, tiny batches) ---------------------------------
+@pytest.fixture(scope="module")
+def wine() -> TensorDataset:
+    """sklearn's Wine, standardised: 178 samples, 13 features, 3 classes."""
+    import numpy as np
+
+    sk = pytest.importorskip("sklearn.datasets")
+    from sklearn.preprocessing import StandardScaler
+
+    X, y = sk.load_wine(return_X_y=True)
+    X = StandardScaler().fit_transform(X).astype(np.float32)
+    return TensorDataset(torch.tensor(X), torch.tensor(y))
+
+
+class WineNet(L.LightningModule):
+    """13 -> H -> act (net.1) -> H -> act (net.3) -> 3, Adam; ``dead`` units of net.1 get bias -100."""
+
+    def __init__(self, hidden: int = 10, dead: tuple[int, ...] | slice = (), act: type[nn.Module] = nn.ReLU, lr: float = 1e-3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.net = nn.Sequential(nn.Linear(13, hidden), act(), nn.Linear(hidden, hidden), act(), nn.Linear(hidden, 3))
+        with torch.no_grad():
+            self.net[0].bias[list(dead) if isinstance(dead, tuple) else dead] = -100.0
+        self.lr = lr
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+class FirstBatchTruth(L.Callback):
+    """At optimizer step 0, before the forward: the batch and net.1's output from the test's own
+    forward with the weights of that moment (no monitor involved)."""
+
+    def __init__(self) -> None:
+        self.x: torch.Tensor | None = None
+        self.out: torch.Tensor | None = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if trainer.global_step == 0 and self.x is None:
+            self.x = batch[0].clone()
+            with torch.no_grad():
+                self.out = pl_module.net[1](pl_module.net[0](self.x))
+
+
+def wine_loader(ds: TensorDataset, batch_size: int, shuffle: bool = False) -> DataLoader:
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, generator=torch.Generator().manual_seed(0))
+
+
+def test_first_step_numbers_are_the_truth_at_batch_8_and_reach_the_csv_logger(tmp_path, wine):
+    import csv
+
+    model = WineNet(hidden=10, dead=(0, 1))
+    truth_cb = FirstBatchTruth()
+    seen: dict = {}
+
+    class AfterStep0(L.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 0:
+                seen.update(cb.health())
+
+    cb = ActivationMonitor(every_n_steps=50, on_alert="ignore")
+    logger = CSVLogger(str(tmp_path))
+    t = trainer(tmp_path, logger=logger, max_steps=3, limit_val_batches=0, callbacks=[truth_cb, cb, AfterStep0()])
+    with pytest.warns(MonitorWarning, match="no TensorBoardLogger"):
+        t.fit(model, wine_loader(wine, 8, shuffle=True))  # mixed classes in the first batch
+    assert t.global_step == 3
+
+    # the test's own forward of the first batch with the same weights
+    assert truth_cb.x is not None and truth_cb.x.shape == (8, 13)
+    silent = (truth_cb.out > 0).sum(0) == 0
+    truth = silent.float().mean().item()
+    assert silent.nonzero().flatten().tolist() == [0, 1] and truth == pytest.approx(0.2)
+
+    for h in (seen["net.1"], cb.health()["net.1"]):  # right after step 0, and after fit (nothing else sampled)
+        assert h.step == 0 and h.units == 10
+        assert h.dead_fraction == pytest.approx(truth)
+        assert list(h.dead_units) == [0, 1]
+        assert (h.evidence_values, h.evidence_steps) == (8, 1)
+        assert h.firing_rate == pytest.approx((truth_cb.out > 0).float().mean().item())
+    assert [a for a in cb.alerts if a.layer == "net.1"] == []  # 20% < 50%
+
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    dead = [(int(r["step"]), float(r["activation_dead_fraction/net.1"])) for r in rows if r.get("activation_dead_fraction/net.1")]
+    ev = [(int(r["step"]), float(r["activation_evidence_values/net.1"])) for r in rows if r.get("activation_evidence_values/net.1")]
+    assert len(dead) == 1 and dead[0][0] == 0 and dead[0][1] == pytest.approx(truth)
+    assert ev == [(0, 8.0)]
+    assert any(r.get("train_loss") for r in rows)
+
+
+def test_killed_layer_stops_at_the_first_sampled_step_at_batch_2(tmp_path, wine):
+    """The issue's failing case: every_n_steps=10, batch 2, net.1 killed by its bias: stop at step 0."""
+    model = WineNet(hidden=10, dead=slice(None))
+    truth_cb = FirstBatchTruth()
+    cb = ActivationMonitor(every_n_steps=10, on_alert="stop")
+    t = trainer(tmp_path, logger=CSVLogger(str(tmp_path)), max_steps=60, limit_train_batches=None,
+                limit_val_batches=0, callbacks=[truth_cb, cb])
+    with pytest.warns(MonitorWarning, match="stopping training"):
+        t.fit(model, wine_loader(wine, 2))
+    # ground truth: no unit of net.1 fires on the first batch
+    assert truth_cb.x.shape[0] == 2 and bool((truth_cb.out <= 0).all())
+    assert t.global_step == 1 and t.should_stop
+    assert t.state.status == "finished" and not t.interrupted
+    first = cb.alerts[0]
+    assert (first.step, first.layer, first.kind, first.recovered) == (0, "net.1", "dead", False)
+    assert first.value == 1.0
+    h = cb.health()["net.1"]
+    assert h.dead_fraction == 1.0 and h.evidence_values == 2  # alerted before the count evidence was complete
+
+
+def test_healthy_wine_mlp_is_silent_at_batch_2_every_step(tmp_path, wine):
+    model = WineNet(hidden=32)
+    steps = Steps()
+    cb = ActivationMonitor(every_n_steps=1, sinks=[steps])
+    t = trainer(tmp_path, logger=CSVLogger(str(tmp_path)), max_steps=200, max_epochs=-1, limit_train_batches=None,
+                limit_val_batches=0, callbacks=[cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)  # the one "no TensorBoardLogger" note
+        warnings.filterwarnings("error", r".*step \d+ \|", MonitorWarning)  # any alert fails the test
+        t.fit(model, wine_loader(wine, 2, shuffle=True))
+    assert t.global_step == 200
+    assert steps.steps == list(range(200))
+    assert [a.message for a in cb.alerts] == []
+    assert set(cb.health()) == {"net.1", "net.3"} and all(h.step == 199 for h in cb.health().values())
+    # the run really is healthy (the test's own forward over the whole data set)
+    with torch.no_grad():
+        h1 = model.net[1](model.net[0](wine.tensors[0]))
+        h3 = model.net[3](model.net[2](h1))
+    for h in (h1, h3):
+        assert ((h > 0).sum(0) == 0).float().mean().item() < 0.5
+
+
+def test_tensorboard_event_file_beside_the_loggers_one_run_hands_off(tmp_path, wine):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = WineNet(hidden=16)
+    truth_cb = FirstBatchTruth()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore")
+    tb = TensorBoardLogger(str(tmp_path), name="tb")
+    writer = tb.experiment
+    keys_before = set(writer.__dict__)
+    t = trainer(tmp_path, logger=tb, max_steps=6, limit_val_batches=0, callbacks=[truth_cb, cb])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # a TensorBoardLogger is there: nothing to say
+        t.fit(model, wine_loader(wine, 8))
+    assert tb.experiment is writer and set(writer.__dict__) == keys_before
+
+    files = sorted(glob.glob(os.path.join(tmp_path, "**", "events.out.tfevents.*"), recursive=True))
+    ours = [f for f in files if f.endswith(".activation-monitor")]
+    assert len(ours) == 1 and len(files) == 2, files
+    assert os.path.dirname(ours[0]) == os.path.dirname(next(f for f in files if f not in ours)) == os.path.abspath(tb.log_dir)
+
+    acc = EventAccumulator(tb.log_dir, size_guidance={"scalars": 0})
+    acc.Reload()
+    scalars = acc.Tags()["scalars"]
+    assert "train_loss" in scalars and "activation_rms/net.1" in scalars
+    rms = {e.step: e.value for e in acc.Scalars("activation_rms/net.1")}
+    assert sorted(rms) == [0, 2, 4]
+    assert rms[0] == pytest.approx(truth_cb.out.pow(2).mean().sqrt().item(), rel=1e-5)
+
+
+class TanhReluNet(WineNet):
+    """net.1 is Tanh, net.3 ReLU."""
+
+    def __init__(self) -> None:
+        super().__init__(hidden=16)
+        self.net[1] = nn.Tanh()
+
+
+def _startswith_net(name, module):
+    return name.startswith("net.")
+
+
+@pytest.mark.parametrize("how", ["class", "predicate"])
+def test_include_class_and_predicate(tmp_path, wine, how):
+    model = TanhReluNet()
+    include = [nn.Tanh] if how == "class" else (lambda name, m: name.startswith("net."))
+    # ground truth from the module tree, not from the monitor
+    expected = {n for n, m in model.named_modules() if isinstance(m, nn.Tanh)} if how == "class" else {
+        n for n, _ in model.named_modules() if n.startswith("net.")
+    }
+    assert expected == ({"net.1"} if how == "class" else {f"net.{i}" for i in range(5)})
+    steps = Steps()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", include=include, sinks=[steps])
+    t = trainer(tmp_path, logger=TensorBoardLogger(str(tmp_path)), max_steps=6, limit_val_batches=0, callbacks=[cb])
+    t.fit(model, wine_loader(wine, 8))
+    assert steps.steps == [0, 2, 4]
+    assert set(cb.health()) == expected
+    assert cb.health()["net.1"].kind == "tanh"
+    assert "0x" not in cb.state_key
+    if how == "class":
+        assert cb.health()["net.1"].saturated_fraction is not None
+
+
+def test_state_key_of_a_predicate_is_the_same_in_every_process():
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1])\n"
+        "from torch import nn\n"
+        "from integrations.lightning import ActivationMonitor\n"
+        "def f(name, module):\n    return name.startswith('net.')\n"
+        "print(repr(ActivationMonitor(include=f).state_key))\n"
+        "print(repr(ActivationMonitor(include=[nn.Tanh], exclude=f).state_key))\n"
+        "print(hex(id(f)))\n"
+    )
+
+    def once() -> list[str]:
+        proc = subprocess.run([sys.executable, "-c", code, ROOT], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout.splitlines()
+
+    a, b = once(), once()
+    assert a[:2] == b[:2], (a, b)
+    for key in a[:2]:
+        assert "0x" not in key and "<function" not in key and "object at" not in key
+        assert a[2] not in key  # the function's address in that process
+    assert a[0] != a[1] and a[0] != repr(ActivationMonitor().state_key)
+    # in this process: a module-level predicate's key names it, and differs from another predicate's
+    assert ActivationMonitor(include=_startswith_net).state_key != ActivationMonitor(include=[nn.Tanh]).state_key
+    assert "_startswith_net" in ActivationMonitor(include=_startswith_net).state_key
+
+
 # -- DDP (2 CPU processes, gloo) --------------------------------------------------------------------------------
 class SplitNet(L.LightningModule):
     """``a``: 8 ReLU units, 0-3 fire only on rank 0's data, 4-7 only on rank 1's (frozen weights).
