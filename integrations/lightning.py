@@ -19,13 +19,23 @@ import collections
 import os
 import threading
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, Literal, Union
 
 import torch
 from torch import nn
 
-from monitor import ActivationAlertError, Alert, LayerHealth, Monitor, MonitorWarning, Options, SampleRecord, Sink, Thresholds
+from monitor import (
+    ActivationAlertError,
+    Alert,
+    LayerHealth,
+    Monitor,
+    MonitorWarning,
+    Options,
+    SampleRecord,
+    Sink,
+    Thresholds,
+)
 from monitor.selection import Patterns
 
 try:
