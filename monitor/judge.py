@@ -14,6 +14,7 @@ returns its :class:`~monitor.health.LayerHealth` and the alerts for state change
 
 from __future__ import annotations
 
+import copy
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -37,6 +38,7 @@ _NAN_AS = {FIRED: 1.0, AT_BOUND: 0.0}
 class _Sample:
     positions: int
     rows: dict[str, np.ndarray]
+    nonfinite: bool = False  # the step held NaN/Inf values: evidence that includes it proves no health
 
 
 @dataclass
@@ -86,11 +88,15 @@ class LayerMemory:
 
         return {
             "window": [
-                {"positions": w.positions, "rows": {k: torch.from_numpy(np.asarray(v, np.float64).copy()) for k, v in w.rows.items()}}
+                {
+                    "positions": w.positions,
+                    "rows": {k: torch.from_numpy(np.asarray(v, np.float64).copy()) for k, v in w.rows.items()},
+                    "nonfinite": w.nonfinite,
+                }
                 for w in self.window
             ],
             "active": dict(self.active),
-            "detectors": {k: dict(v) for k, v in self.detectors.items()},
+            "detectors": copy.deepcopy(self.detectors),  # a snapshot: later steps must not change it
         }
 
     @classmethod
@@ -101,14 +107,15 @@ class LayerMemory:
         mem = cls()
         if "rows" in (state.get("window") or [{}])[0] or not state.get("window"):
             for w in state.get("window", []):
-                mem.window.append(_Sample(int(w["positions"]), {k: arr(v) for k, v in w["rows"].items()}))
+                rows = {k: arr(v) for k, v in w["rows"].items()}
+                mem.window.append(_Sample(int(w["positions"]), rows, bool(w.get("nonfinite", False))))
         else:  # version 1: fired / at_bound per sample
             for w in state["window"]:
                 rows = {k: arr(w[k]) for k in (FIRED, AT_BOUND) if w.get(k) is not None}
                 mem.window.append(_Sample(int(w["positions"]), rows))
         if "baseline_values" in state:  # version 1
             mem.detectors["exploding"] = {"baseline_values": [float(v) for v in state["baseline_values"]]}
-        mem.detectors.update({str(k): dict(v) for k, v in state.get("detectors", {}).items()})
+        mem.detectors.update({str(k): copy.deepcopy(dict(v)) for k, v in state.get("detectors", {}).items()})
         mem.active = {str(k): int(v) for k, v in state["active"].items()}
         return mem
 
@@ -132,8 +139,8 @@ def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float |
             nonfinite = 1  # an extremum can only be non-finite if some value was
         firing = None
         if s.fired is not None and s.positions:
-            total = float(s.fired.sum())
-            firing = total / n if math.isfinite(total) else None
+            known = s.fired[np.isfinite(s.fired)]  # NaN: a unit that saw NaN/Inf (fired unknown)
+            firing = float(known.sum()) / (s.positions * known.size) if known.size else None
     return rms, max_abs, nonfinite, firing
 
 
@@ -173,7 +180,10 @@ class Judge:
                 if r in _NAN_AS and np.isnan(a).any():
                     a = np.where(np.isnan(a), _NAN_AS[r] * (s.positions if r == FIRED else 1.0), a)
                 rows[r] = a
-        mem.push(_Sample(s.positions, rows), th)
+        rms, max_abs, nonfinite, firing = base_numbers(kind, s)
+        mem.push(_Sample(s.positions, rows, nonfinite > 0), th)
+        # NaN/Inf on this step or in the evidence it is judged with: never evidence of health.
+        tainted = any(w.nonfinite for w in mem.window)
         cache: dict[str, Evidence | None] = {}
 
         def evidence(row: str) -> Evidence | None:
@@ -181,7 +191,6 @@ class Judge:
                 cache[row] = mem.evidence(row, th)
             return cache[row]
 
-        rms, max_abs, nonfinite, firing = base_numbers(kind, s)
         view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence)
         metrics: dict[str, Any] = {}
         alerts: list[Alert] = []
@@ -189,7 +198,7 @@ class Judge:
             verdict = det.evaluate(view, mem.detectors.setdefault(det.name, {}))
             metrics.update(verdict.metrics)
             bad = verdict.bad
-            if bad is False and nonfinite and det.name != "nonfinite":
+            if bad is False and det.name != "nonfinite" and (nonfinite or (tainted and det.windowed)):
                 bad = None  # a step with NaN/Inf values is never evidence of health
             if bad:
                 if det.name not in mem.active:

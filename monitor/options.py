@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from monitor.alerts import ON_ALERT_MODES, OnAlert
-from monitor.detectors import BUILTIN_NAMES, Detector
+from monitor.detectors import BUILTIN_NAMES, Detector, builtin_detectors
 from monitor.selection import Patterns, validate_patterns
 from monitor.sinks import Sink
 from monitor.stats import ALL_ROWS
@@ -39,7 +39,7 @@ def check_detectors(detectors: Any) -> tuple[Detector, ...]:
     if isinstance(detectors, Detector) or not isinstance(detectors, Sequence) or isinstance(detectors, str):
         raise TypeError(f"Expected `detectors` to be None or a sequence of monitor.Detector instances, got {detectors!r}.")
     names = set(BUILTIN_NAMES)
-    fields: set[str] = set()
+    fields: set[str] = {f for d in builtin_detectors() for f in d.fields}
     for d in detectors:
         if not isinstance(d, Detector):
             hint = " (pass an instance, not the class)" if isinstance(d, type) and issubclass(d, Detector) else ""

@@ -336,9 +336,13 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         mx = np.maximum(pre_max, 0.0)
         if upper is not None:
             mx = np.minimum(mx, upper)
+    fired = r.get(FIRED)
+    if fired is not None and r[NONFINITE].any():
+        # torch.sign(NaN) is 0: a unit that saw NaN/Inf did not "not fire"; its count is unknown.
+        fired = np.where(r[NONFINITE] > 0, np.nan, fired)
     return UnitSummary(
         positions=positions,
-        fired=r.get(FIRED),
+        fired=fired,
         max=mx,
         min=-r[NEGMIN] if NEGMIN in r else np.zeros_like(mx),  # ReLU family: min is 0
         sumsq=r[SUMSQ],

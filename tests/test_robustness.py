@@ -382,11 +382,6 @@ def test_a_user_detector_goes_through_detection_health_tensorboard_and_checkpoin
     )
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="LayerMemory.state_dict (monitor/judge.py) copies each detector's memory with dict(v), a shallow "
-    "copy: lists in it (a user detector's, Dead's 'spreads') stay shared with the live memory",
-)
 def test_state_dict_is_a_snapshot_that_later_steps_do_not_change():
     model = _peak_model()
     x = torch.randn(64, 6)
@@ -456,11 +451,6 @@ class _DeadFractionField(_Base):
         return Verdict(None, metrics={"dead_fraction": -1.0})
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="check_detectors (monitor/options.py) only checks fields against _BASE_METRICS and other user "
-    "detectors, not the built-in detectors' fields: a user field 'dead_fraction' silently overwrites Dead's",
-)
 def test_a_field_of_a_builtin_detector_is_rejected():
     model = _peak_model()
     with pytest.raises(ValueError, match="dead_fraction"):
@@ -532,12 +522,6 @@ def test_nan_steps_never_read_as_recovery_from_saturation(background):
     assert not any(a.recovered for a in mon.alerts)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="judge.py: a NaN step's at_bound row (NaN counted as not at a bound) stays in the evidence window; "
-    "a later finite step whose evidence spans it reads as healthy, and 'bad is False and nonfinite' only "
-    "looks at the current step: a still-saturated layer 'recovers', then alerts again",
-)
 def test_nan_steps_in_the_evidence_window_never_read_as_recovery():
     model = _tanh_mlp()
     w0 = model[0].weight.detach().clone()
@@ -557,11 +541,6 @@ def test_nan_steps_in_the_evidence_window_never_read_as_recovery():
     assert saturated == [(3, False)]  # one alert, never a recovery: the layer never stopped saturating
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="stats.py unit_stat_rows: FIRED is x.sign().sum() and torch.sign(NaN) == 0, so NaN values count "
-    "as 'never fired'; judge.py's _NAN_AS (NaN counts as fired) never sees a NaN: a NaN ReLU layer alerts 'dead'",
-)
 def test_a_nan_relu_layer_is_not_reported_dead():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3))
