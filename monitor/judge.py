@@ -202,14 +202,14 @@ class Judge:
                 bad = None  # a step with NaN/Inf values is never evidence of health
             if bad:
                 if det.name not in mem.active:
-                    msg = f"step {step} | {name} | {verdict.what} | {det.causes}"
+                    msg = f"step {step} | {name} | {verdict.describe()} | {det.causes}"
                     alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg))
                 mem.active[det.name] = 0
             elif bad is False and det.name in mem.active:
                 mem.active[det.name] += 1
                 if mem.active[det.name] >= th.recovery_samples:
                     del mem.active[det.name]
-                    now = verdict.what.split(": ", 1)[-1]
+                    now = verdict.describe().split(": ", 1)[-1]
                     msg = f"step {step} | {name} | recovered from {det.name}: now {now}"
                     alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg, True))
         ev = next((e for e in cache.values() if e is not None), None)

@@ -45,14 +45,19 @@ class Verdict:
     clearly healthy (below the leaving level: ``Thresholds.release`` times the threshold), None
     when it cannot say (not enough evidence yet, a non-finite step, or between the two levels).
     ``value``/``threshold``: the number compared and its bound; ``what``: the state in words
-    (``"dead: 3/8 units ..."``); ``metrics``: the numbers it adds to ``LayerHealth``.
+    (``"dead: 3/8 units ..."``), or a function returning it (built only when an alert needs it);
+    ``metrics``: the numbers it adds to ``LayerHealth``.
     """
 
     bad: bool | None
     value: float = math.nan
     threshold: float = math.nan
-    what: str = ""
+    what: str | Callable[[], str] = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> str:
+        """``what`` as text."""
+        return self.what() if callable(self.what) else self.what
 
 
 class LayerView:
@@ -115,6 +120,13 @@ class Detector:
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def median(a: np.ndarray) -> float:
+    """The (lower) median of a non-empty 1-d array: one partition, without np.median's overhead
+    (detectors run once per layer per sampled step on the writer thread)."""
+    k = (a.size - 1) // 2
+    return float(np.partition(a, k)[k])
 
 
 def pct(v: float) -> str:

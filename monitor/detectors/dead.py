@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 
 from monitor.activations import Kind
-from monitor.detectors.base import Detector, LayerView, Verdict, over, pct
+from monitor.detectors.base import Detector, LayerView, Verdict, median, over, pct
 from monitor.stats import FIRED, PRE_MAX, PRE_MIN
 
 _SPREADS = 8  # recent sampled steps whose spread the margin also trusts
@@ -49,11 +49,11 @@ class Dead(Detector):
             with np.errstate(invalid="ignore", over="ignore"):
                 spread = s.pre_max - s.pre_min
             spread = spread[np.isfinite(spread)]
-            now = float(np.median(spread)) if spread.size else 0.0
+            now = median(spread) if spread.size else 0.0
             # Two values can sit close together by chance (near-duplicate inputs): the spread is
             # the larger of this step's and the layer's recent median, never one lucky batch.
             recent = memory.setdefault("spreads", [])
-            scale = max(now, float(np.median(recent))) if recent else now
+            scale = max(now, sorted(recent)[(len(recent) - 1) // 2]) if recent else now
             if now > 0:
                 recent.append(now)
                 del recent[:-_SPREADS]
@@ -70,19 +70,23 @@ class Dead(Detector):
         if margin is not None and n_dead:
             m = -margin[dead]
             m = m[np.isfinite(m)]
-            dead_margin = float(np.median(m)) if m.size else None
+            dead_margin = median(m) if m.size else None
         if confirmed_fraction >= th.dead_fraction:
             bad: bool | None = True
         elif ev.complete and fraction < th.release * th.dead_fraction:
             bad = False
         else:
             bad = None
-        what = f"dead: {n_dead}/{units} units ({pct(fraction)}) never fired (> 0) {over(ev.values, ev.steps)}"
-        if n_certain and dead_margin is not None:
-            what += f"; {n_certain} sit far below zero (median {dead_margin:.1f} pre-activation spreads)"
-        if not ev.complete:
-            what += f" (evidence incomplete: {ev.values} of {th.min_positions} values)"
-        what += f", threshold {pct(th.dead_fraction)}"
+        ev_values, ev_steps, complete = ev.values, ev.steps, ev.complete
+
+        def what() -> str:
+            text = f"dead: {n_dead}/{units} units ({pct(fraction)}) never fired (> 0) {over(ev_values, ev_steps)}"
+            if n_certain and dead_margin is not None:
+                text += f"; {n_certain} sit far below zero (median {dead_margin:.1f} pre-activation spreads)"
+            if not complete:
+                text += f" (evidence incomplete: {ev_values} of {th.min_positions} values)"
+            return text + f", threshold {pct(th.dead_fraction)}"
+
         metrics = {
             "dead_fraction": fraction,
             "dead_margin": dead_margin,

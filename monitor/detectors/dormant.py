@@ -52,7 +52,7 @@ class Dormant(Detector):
                 dormant &= fired.sums > 0.5  # never fired: dead, not dormant
         idx = np.flatnonzero(dormant)
         fraction = idx.size / units
-        what = (
+        what = lambda: (  # noqa: E731 - built only when an alert needs it
             f"dormant: {idx.size}/{units} units ({pct(fraction)}) have a mean |activation| <= "
             f"{th.dormant_tau:g} x the layer mean ({layer_mean:.3g}) {over(ev.values, ev.steps)}, "
             f"threshold {pct(th.dormant_fraction)}"

@@ -3,9 +3,8 @@
 from __future__ import annotations
 
 import math
+import statistics
 from typing import Any
-
-import numpy as np
 
 from monitor.detectors.base import Detector, LayerView, Verdict
 
@@ -25,7 +24,7 @@ class Exploding(Detector):
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         th, rms, max_abs = layer.thresholds, layer.rms, layer.max_abs
         history = memory.setdefault("baseline_values", [])
-        base = float(np.median(history)) if len(history) else None
+        base = float(statistics.median(history)) if history else None
         if layer.nonfinite or math.isnan(rms) or math.isnan(max_abs):
             return Verdict(None, rms, th.max_rms, f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}")
         bad: bool | None

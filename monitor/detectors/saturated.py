@@ -36,10 +36,11 @@ class Saturated(Detector):
             return Verdict(None)
         sat = np.flatnonzero(ev.sums >= th.saturated_positions * ev.values)
         fraction = sat.size / units
-        what = (
+        steps = ev.steps
+        what = lambda: (  # noqa: E731 - built only when an alert needs it
             f"saturated: {sat.size}/{units} units ({pct(fraction)}) sit at a bound of {layer.kind.name} on >= "
             f"{pct(th.saturated_positions)} of {ev.values} values over the last "
-            f"{'sampled step' if ev.steps == 1 else f'{ev.steps} sampled steps'}, threshold {pct(th.saturated_fraction)}"
+            f"{'sampled step' if steps == 1 else f'{steps} sampled steps'}, threshold {pct(th.saturated_fraction)}"
         )
         metrics = {"saturated_fraction": fraction, "saturated_units": tuple(sat.tolist())}
         return Verdict(level(fraction, th.saturated_fraction, th.release, ev.complete), fraction, th.saturated_fraction, what, metrics)
