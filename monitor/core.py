@@ -14,7 +14,6 @@ import atexit
 import contextlib
 import os
 import threading
-import warnings
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -461,4 +460,3 @@ class _SampledStep:
 
 
 _NULL = contextlib.nullcontext()
-warnings.filterwarnings("default", category=MonitorWarning)

@@ -123,7 +123,7 @@ class LayerMemory:
 def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float | None]:
     """(rms, max_abs, nonfinite values, firing rate) of one summary; NaN/Inf never averaged in."""
     n = s.positions * s.units
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(all="ignore"):
         total_sq = s.total_sq
         rms = math.sqrt(total_sq / n) if math.isfinite(total_sq) and n else safe_rms(s.sumsq, s.positions)
         hi = s.hi
@@ -170,6 +170,13 @@ class Judge:
         return mem
 
     def judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
+        """Judge one layer's summary of ``step``: its health and the alerts for state changes.
+
+        Detectors run with numpy's floating-point warnings silenced (NaN/Inf are data here)."""
+        with np.errstate(all="ignore"):
+            return self._judge(name, kind, step, s)
+
+    def _judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
         detectors, windowed = self._for(name, kind)
         mem = self.memory(name)

@@ -55,6 +55,14 @@ def test_model_must_be_a_module():
         Monitor(lambda x: x)
 
 
+@pytest.mark.parametrize("bad", [10.0, "3", True])
+def test_a_step_that_is_not_an_int_is_named(bad):
+    mon = Monitor(WineClassifier(), every_n_steps=1)
+    with pytest.raises(TypeError, match=r"Expected `step` to be an int \(or None for the next one\), got"):
+        mon.step(bad)
+    assert not mon.in_step and mon.health() == {}
+
+
 # -- what is watched ----------------------------------------------------------------------------
 
 

@@ -46,8 +46,7 @@ class Dead(Detector):
         certain = np.zeros(units, dtype=bool)
         margin = None
         if s.pre_max is not None and s.pre_min is not None:
-            with np.errstate(invalid="ignore", over="ignore"):
-                spread = s.pre_max - s.pre_min
+            spread = s.pre_max - s.pre_min
             spread = spread[np.isfinite(spread)]
             now = median(spread) if spread.size else 0.0
             # Two values can sit close together by chance (near-duplicate inputs): the spread is
@@ -58,9 +57,8 @@ class Dead(Detector):
                 recent.append(now)
                 del recent[:-_SPREADS]
             if scale > 0:
-                with np.errstate(invalid="ignore"):
-                    margin = s.pre_max / scale
-                    certain = margin <= -th.dead_margin  # NaN: not certain
+                margin = s.pre_max / scale
+                certain = margin <= -th.dead_margin  # NaN: not certain
         dead = silent | certain
         n_dead, n_certain = int(dead.sum()), int(certain.sum())
         confirmed = dead if ev.complete else certain

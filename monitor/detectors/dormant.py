@@ -40,12 +40,11 @@ class Dormant(Detector):
         if ev is None or not ev.values:
             return Verdict(None)
         mean_abs = ev.sums / ev.values
-        with np.errstate(invalid="ignore", over="ignore"):
-            finite = mean_abs[np.isfinite(mean_abs)]
-            layer_mean = float(finite.mean()) if finite.size else float("nan")
-            if not np.isfinite(layer_mean) or layer_mean <= 0:
-                return Verdict(None, metrics={"dormant_fraction": None})
-            dormant = mean_abs <= th.dormant_tau * layer_mean  # NaN units: not dormant
+        finite = mean_abs[np.isfinite(mean_abs)]
+        layer_mean = float(finite.mean()) if finite.size else float("nan")
+        if not np.isfinite(layer_mean) or layer_mean <= 0:
+            return Verdict(None, metrics={"dormant_fraction": None})
+        dormant = mean_abs <= th.dormant_tau * layer_mean  # NaN units: not dormant
         if layer.kind.can_die:
             fired = layer.evidence(FIRED)
             if fired is not None:
