@@ -184,6 +184,13 @@ class Capture:
     # -- module hooks --------------------------------------------------------------------------
     def _make_hooks(self, wp: WatchPoint) -> tuple[Callable[..., None] | None, Callable[..., None]]:
         key = id(wp)
+        if PRE_MAX in wp.rows and not getattr(wp.module, "inplace", False):
+            # The input is intact after an out-of-place ReLU: read it in the forward hook.
+            def post_with_input(module: nn.Module, args: Any, output: Any) -> None:
+                inp = args[0] if args else None
+                self.record(wp, output, inp, self.pre_rows(wp, inp) if isinstance(inp, torch.Tensor) else None)
+
+            return None, post_with_input
 
         def post(module: nn.Module, args: Any, output: Any) -> None:
             inp = args[0] if args else None
@@ -192,7 +199,7 @@ class Capture:
         if PRE_MAX not in wp.rows:
             return None, post
 
-        def pre(module: nn.Module, args: Any) -> None:
+        def pre(module: nn.Module, args: Any) -> None:  # an in-place ReLU overwrites its input
             if args and isinstance(args[0], torch.Tensor):
                 rows = self.pre_rows(wp, args[0])
                 if rows is not None:

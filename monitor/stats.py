@@ -112,27 +112,27 @@ def unit_stat_rows(
     """
     if x.dtype != torch.float32:
         x = x.float()
-    out: list[torch.Tensor] = []
-    for row in rows:
-        if row in PRE_ROWS:
-            continue  # read from the input by a pre-hook (pre_stat_rows)
-        if row == FIRED:
-            pos = x if kind.nonnegative else x.clamp(min=0)
-            out.append(pos.sign().sum(dims))
-        elif row == MAX:
-            out.append(x.amax(dims))
-        elif row == NEGMIN:
-            out.append(x.amin(dims).neg_())
-        elif row == SUMSQ:
-            out.append((x * x).sum(dims))
-        elif row == NONFINITE:
-            # finite * 0 == 0, while nan * 0 and inf * 0 are nan: count those per unit.
-            out.append((x * 0).nan_to_num_(nan=1.0).sum(dims))
-        elif row == AT_BOUND:
-            out.append(_at_bound(x, lo_thr, hi_thr).sum(dims))
-        elif row == SUMABS:
-            out.append(x.sum(dims) if kind.nonnegative else x.abs().sum(dims))
-    return out
+    return [_REDUCERS[row](x, dims, kind, lo_thr, hi_thr) for row in rows if row not in PRE_ROWS]
+
+
+def _fired(x: torch.Tensor, dims: tuple[int, ...], kind: Kind, lo: float | None, hi: float | None) -> torch.Tensor:
+    return (x if kind.nonnegative else x.clamp(min=0)).sign().sum(dims)
+
+
+def _nonfinite(x: torch.Tensor, dims: tuple[int, ...], kind: Kind, lo: float | None, hi: float | None) -> torch.Tensor:
+    # finite * 0 == 0, while nan * 0 and inf * 0 are nan: count those per unit.
+    return (x * 0).nan_to_num_(nan=1.0).sum(dims)
+
+
+_REDUCERS = {
+    FIRED: _fired,
+    MAX: lambda x, dims, kind, lo, hi: x.amax(dims),
+    NEGMIN: lambda x, dims, kind, lo, hi: x.amin(dims).neg_(),
+    SUMSQ: lambda x, dims, kind, lo, hi: (x * x).sum(dims),
+    NONFINITE: _nonfinite,
+    AT_BOUND: lambda x, dims, kind, lo, hi: _at_bound(x, lo, hi).sum(dims),
+    SUMABS: lambda x, dims, kind, lo, hi: x.sum(dims) if kind.nonnegative else x.abs().sum(dims),
+}
 
 
 def _at_bound(x: torch.Tensor, lo_thr: float | None, hi_thr: float | None) -> torch.Tensor:
