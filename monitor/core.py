@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import functools
 import os
 import threading
 import weakref
@@ -21,7 +22,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver
+from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
 from monitor.capture import Capture, first_tensor
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import LayerHealth
@@ -46,6 +47,26 @@ def _close_open_monitors() -> None:
     for mon in list(_OPEN):
         with contextlib.suppress(Exception):
             mon.close()
+
+
+def _rows(custom: tuple[Detector, ...], wp: WatchPoint) -> tuple[str, ...]:
+    """The statistic rows of a watch point: the built-ins' and those your detectors read."""
+    extra = tuple(
+        r for d in custom if d.applies(wp.kind) for r in (*d.reads, *d.windowed) if r not in PRE_ROWS or wp.kind.can_die
+    )
+    return rows_for(wp.kind, extra)
+
+
+class WarnOnce:
+    """``warn_once(key, message)``: one :class:`MonitorWarning` per key, at the user's line."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.keys:
+            self.keys.add(key)
+            warn(f"activation monitor: {message}")
 
 
 class Monitor:
@@ -123,14 +144,17 @@ class Monitor:
         self.background = background
         self._custom = list(detectors or ())
         self.detectors: list[Detector] = builtin_detectors() + self._custom
-        self._warned: set[str] = set()
+        self._warn_once = WarnOnce()
+        # No reference back to the monitor from its parts: when the last reference to an unclosed
+        # monitor goes, ``__del__`` runs (and judges and writes what is queued) before weak
+        # references to it are cleared.
         self._capture = Capture(
             model,
             Selector(model, include, exclude, functional),
             functional=functional,
             histograms=histograms,
             tolerance=self.thresholds.saturation_tolerance,
-            rows=self._rows,
+            rows=functools.partial(_rows, tuple(self._custom)),
             warn_once=self._warn_once,
         )
         self._judge = Judge(self.thresholds, self.detectors)
@@ -162,13 +186,6 @@ class Monitor:
         self._seq = 0  # sampled steps packed by this monitor (never reset)
         self._judged_seq = 0  # the last of them judged
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by DDP integrations
-
-    def _rows(self, wp: WatchPoint) -> tuple[str, ...]:
-        extra = tuple(
-            r for d in self._custom if d.applies(wp.kind) for r in (*d.reads, *d.windowed)
-            if r not in PRE_ROWS or wp.kind.can_die
-        )
-        return rows_for(wp.kind, extra)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def attach(self) -> Monitor:
@@ -218,8 +235,10 @@ class Monitor:
         self.close()
 
     def __del__(self) -> None:
+        # An unclosed monitor that is no longer referenced: hooks off, the queued steps judged
+        # and written, the writer thread ended.
         with contextlib.suppress(Exception):
-            self._capture.detach()
+            self.close()
 
     @property
     def closed(self) -> bool:
@@ -396,13 +415,6 @@ class Monitor:
         if d is not None and self._queued and not d.on_writer_thread():
             self._queued = False
             d.flush(sinks=False)
-
-    def _warn_once(self, key: str, message: str) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            from monitor.alerts import warn
-
-            warn(f"activation monitor: {message}")
 
     def _compiled(self) -> bool:
         """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""

@@ -676,3 +676,30 @@ def test_hooks_are_gone_when_on_alert_raise_fires_at_the_end_of_the_step():
     _assert_clean(model)
     mon.close()
     _assert_clean(model)
+
+
+def test_an_unreferenced_unclosed_monitor_is_closed_and_writes_everything(tmp_path):
+    """No reference from the monitor's parts back to it: when the user's last reference goes,
+    ``__del__`` judges and writes the queued steps and ends the writer thread (no leak)."""
+    import gc
+    import weakref
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+
+    def train():
+        mon = Monitor(model, every_n_steps=1, logdir=tmp_path, on_alert="ignore")
+        for s in range(30):
+            with mon.step(s):
+                model(torch.randn(16, 4))
+        return weakref.ref(mon), mon._dispatcher._thread
+
+    ref, thread = train()
+    gc.collect()
+    thread.join(timeout=30)
+    assert ref() is None and not thread.is_alive()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("activation_rms/1")] == list(range(30))
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
