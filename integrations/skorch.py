@@ -30,6 +30,7 @@ from torch import nn
 
 from monitor import ActivationAlertError, Alert, Detector, LayerHealth, Monitor, Options, Sink, Thresholds
 from monitor.alerts import warn
+from monitor.detectors import builtin_detectors
 from monitor.selection import Patterns
 
 __all__ = ["HISTORY_KEYS", "ActivationMonitor"]
@@ -49,7 +50,7 @@ HISTORY_KEYS = {
     "activation_saturated_fraction/<layer>": "per bounded layer (with history_layers=True)",
     "activation_dormant_fraction/<layer>": "per activation layer (with history_layers=True)",
 }
-_FRACTIONS = ("dead_fraction", "saturated_fraction", "dormant_fraction")
+_FRACTIONS = tuple(f for d in builtin_detectors() for f in d.fields if f.endswith("_fraction"))
 
 
 def _nan_max(values: list[float | None]) -> float:

@@ -270,17 +270,19 @@ def combine_rows(a: list[torch.Tensor], b: list[torch.Tensor], rows: tuple[str, 
     ]
 
 
-def reduce_rows_host(parts: np.ndarray, rows: Sequence[str], units: Sequence[int]) -> np.ndarray:
-    """Combine ``[ranks, n]`` host partials laid out as consecutive ``[rows, units]`` blocks:
-    max / min for extremum rows, sum for everything else (counts, sums)."""
-    how = np.zeros(parts.shape[1], dtype=np.int8)  # 0 sum, 1 max, 2 min
+def reduce_rows_host(parts: np.ndarray, rows: Sequence[Sequence[str]], units: Sequence[int]) -> np.ndarray:
+    """Combine ``[ranks, n]`` host partials whose first entries are consecutive ``[rows, units]``
+    blocks (one per watch point): max / min for extremum rows, sum for everything else (counts,
+    sums, and whatever follows the blocks)."""
+    out = parts.sum(axis=0)
     offset = 0
     for block_rows, c in zip(rows, units):
-        for i, row in enumerate(block_rows):
-            how[offset + i * c : offset + (i + 1) * c] = 1 if row in MAX_ROWS else 2 if row in MIN_ROWS else 0
-        offset += len(block_rows) * c
-    out = parts.sum(axis=0)
-    out[: how.size] = np.where(how[: out.size] == 1, parts.max(axis=0), np.where(how[: out.size] == 2, parts.min(axis=0), out))
+        for row in block_rows:
+            if row in MAX_ROWS:
+                out[offset : offset + c] = parts[:, offset : offset + c].max(axis=0)
+            elif row in MIN_ROWS:
+                out[offset : offset + c] = parts[:, offset : offset + c].min(axis=0)
+            offset += c
     return out
 
 
