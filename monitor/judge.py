@@ -139,8 +139,12 @@ def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float |
             nonfinite = 1  # an extremum can only be non-finite if some value was
         firing = None
         if s.fired is not None and s.positions:
-            known = s.fired[np.isfinite(s.fired)]  # NaN: a unit that saw NaN/Inf (fired unknown)
-            firing = float(known.sum()) / (s.positions * known.size) if known.size else None
+            total = float(s.fired.sum())
+            if math.isfinite(total):
+                firing = total / n
+            else:
+                known = s.fired[np.isfinite(s.fired)]  # NaN: a unit that saw NaN/Inf (fired unknown)
+                firing = float(known.sum()) / (s.positions * known.size) if known.size else None
     return rms, max_abs, nonfinite, firing
 
 
@@ -180,14 +184,14 @@ class Judge:
         th = self.thresholds
         detectors, windowed = self._for(name, kind)
         mem = self.memory(name)
+        rms, max_abs, nonfinite, firing = base_numbers(kind, s)
         rows = {}
         for r in windowed:
             a = getattr(s, r, None)
             if a is not None:
-                if r in _NAN_AS and np.isnan(a).any():
+                if nonfinite and r in _NAN_AS:  # NaN only where a unit saw NaN/Inf
                     a = np.where(np.isnan(a), _NAN_AS[r] * (s.positions if r == FIRED else 1.0), a)
                 rows[r] = a
-        rms, max_abs, nonfinite, firing = base_numbers(kind, s)
         mem.push(_Sample(s.positions, rows, nonfinite > 0), th)
         # NaN/Inf on this step or in the evidence it is judged with: never evidence of health.
         tainted = any(w.nonfinite for w in mem.window)

@@ -384,6 +384,8 @@ def test_a_user_detector_goes_through_detection_health_tensorboard_and_checkpoin
 
 def test_state_dict_is_a_snapshot_that_later_steps_do_not_change():
     model = _peak_model()
+    with torch.no_grad():
+        model[0].bias[:2] = -5.0  # two units below zero: the dead detector keeps its spread history
     x = torch.randn(64, 6)
     mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False, detectors=[PeakGuard()])
     for step in range(3):

@@ -45,7 +45,8 @@ class Dead(Detector):
         silent = ev.sums <= 0.5
         certain = np.zeros(units, dtype=bool)
         margin = None
-        if s.pre_max is not None and s.pre_min is not None:
+        # Only a unit whose largest pre-activation is below zero can be dead for certain.
+        if s.pre_max is not None and s.pre_min is not None and not s.pre_max.min() >= 0:
             spread = s.pre_max - s.pre_min
             spread = spread[np.isfinite(spread)]
             now = median(spread) if spread.size else 0.0
