@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import cache, cached_property, lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -290,6 +290,20 @@ def reduce_rows_host(parts: np.ndarray, rows: Sequence[Sequence[str]], units: Se
 # Host side
 
 
+class _once:  # noqa: N801 - used like functools.cached_property
+    """A lazily computed attribute, cached in the instance: ``functools.cached_property`` without
+    its lock (Python 3.11 takes an RLock on every first access; here, once per layer per step)."""
+
+    def __init__(self, fn):  # type: ignore[no-untyped-def]
+        self.fn, self.name = fn, fn.__name__
+
+    def __get__(self, obj, cls=None):  # type: ignore[no-untyped-def]
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.fn(obj)
+        return value
+
+
 @dataclass
 class UnitSummary:
     """One watch point on one sampled step, per unit, on the host."""
@@ -310,15 +324,15 @@ class UnitSummary:
         return int(self.max.shape[0])
 
     # Layer-wide reductions, computed once (detection and the histogram both read them).
-    @cached_property
+    @_once
     def hi(self) -> float:
         return float(self.max.max())
 
-    @cached_property
+    @_once
     def lo(self) -> float:
         return float(self.min.min())
 
-    @cached_property
+    @_once
     def total_sq(self) -> float:
         return float(self.sumsq.sum())
 
