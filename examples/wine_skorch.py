@@ -10,7 +10,7 @@ Besides the monitor's own output (scalars, histograms, ``activation_scan``,
 (rows: samples, columns: units, colour: activation / largest activation).
 
 A unit that is 0 for those 5 samples is not necessarily dead: the monitor calls a unit dead only
-if it never fired on any training value over its window of sampled steps (here: the last epoch).
+if it never fired on any training value of its evidence (here: the last epoch's training batch).
 """
 
 from __future__ import annotations
@@ -87,8 +87,9 @@ def main(argv: list[str] | None = None) -> dict:
     X_test = scaler.transform(X_test).astype(np.float32)
 
     torch.manual_seed(args.seed)
-    # skorch's defaults (batch_size 128, 20% held out for validation) give 1 training batch per
-    # epoch: a window of 2 sampled steps judges units over the training data of 2 epochs.
+    # skorch's defaults (batch_size 128, 20% held out for validation) give 1 training batch of
+    # 113 samples per epoch, more than `min_positions` (100): each sampled step is judged on its
+    # own batch; `window=2` caps how far back the evidence of smaller batches may reach.
     monitor = ActivationMonitor(
         every_n_steps=args.every,
         thresholds=Thresholds(window=2),
