@@ -264,6 +264,8 @@ class Dispatcher:
         self._hand_over()
         done = threading.Event()
         self._queue.put((_CLOSE, done))
+        if self.on_writer_thread():
+            return  # closed from one of its own callbacks (e.g. the monitor collected there): no self-wait
         done.wait(timeout)
         self._thread.join(timeout=5)
 
