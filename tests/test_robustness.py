@@ -705,3 +705,27 @@ def test_an_unreferenced_unclosed_monitor_is_closed_and_writes_everything(tmp_pa
     ea.Reload()
     assert [e.step for e in ea.Scalars("activation_rms/1")] == list(range(30))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_closing_the_monitor_inside_its_own_alert_callback_does_not_hang():
+    """The callback runs on the writer thread; close() there must not wait for that thread."""
+    import time
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    with torch.no_grad():
+        model[0].bias.fill_(-100.0)
+    holder = {}
+
+    def on_alert(alert):
+        mon = holder.pop("mon", None)
+        if mon is not None:
+            mon.close()
+
+    mon = Monitor(model, every_n_steps=1, on_alert=on_alert)
+    holder["mon"] = mon
+    t0 = time.monotonic()
+    with mon.step(0):
+        model(torch.randn(16, 4))
+    mon.flush()
+    assert mon.closed and time.monotonic() - t0 < 10
+    assert [a.kind for a in mon.alerts] == ["dead"]
