@@ -188,7 +188,7 @@ class Capture:
             # The input is intact after an out-of-place ReLU: read it in the forward hook.
             def post_with_input(module: nn.Module, args: Any, output: Any) -> None:
                 inp = args[0] if args else None
-                self.record(wp, output, inp, self.pre_rows(wp, inp) if isinstance(inp, torch.Tensor) else None)
+                self.record(wp, output, inp, pre_input=inp)  # reduced inside record's one-thread region
 
             return None, post_with_input
 
@@ -312,7 +312,11 @@ class Capture:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
             return None
 
-    def record(self, wp: WatchPoint, output: Any, inp: Any, pre: list[torch.Tensor] | None = None) -> None:
+    def record(
+        self, wp: WatchPoint, output: Any, inp: Any, pre: list[torch.Tensor] | None = None, pre_input: Any = None
+    ) -> None:
+        """Reduce one output of ``wp`` to its rows. ReLU family: ``pre`` holds the rows of its input
+        read earlier (in-place ReLUs), or ``pre_input`` is that input, still intact."""
         try:
             x = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
@@ -329,6 +333,8 @@ class Capture:
             try:
                 stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
                 if PRE_MAX in wp.rows:
+                    if pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
+                        pre = pre_stat_rows(pre_input.detach(), dims)
                     if pre is None or pre[0].shape != stats[0].shape:
                         pre = pre_stat_rows(x, dims)  # no usable input: the output stands in (no margin)
                     stats = pre + stats
