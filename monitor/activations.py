@@ -28,14 +28,16 @@ class Kind:
     lower: float | None = None  # saturation bounds (None: unbounded on that side)
     upper: float | None = None
     activation: bool = True  # an activation function (False: a stack block or another module)
+    clamps: bool = False  # output = clamp(input, 0[, upper]): its maximum follows from the input's
 
     @property
     def bounded(self) -> bool:
         return self.lower is not None or self.upper is not None
 
 
-RELU = Kind("relu", can_die=True, fires=True, nonnegative=True)
-RELU6 = Kind("relu6", can_die=True, fires=True, nonnegative=True, upper=6.0)
+RELU = Kind("relu", can_die=True, fires=True, nonnegative=True, clamps=True)
+RELU6 = Kind("relu6", can_die=True, fires=True, nonnegative=True, upper=6.0, clamps=True)
+RELU2 = Kind("relu2", can_die=True, fires=True, nonnegative=True)  # relu(x) ** 2
 LEAKY = Kind("leaky_relu", fires=True)
 SMOOTH_RELU = {n: Kind(n, fires=True) for n in ("elu", "selu", "celu", "gelu", "silu", "mish", "softplus", "hardswish")}
 TANH = Kind("tanh", lower=-1.0, upper=1.0)
@@ -73,6 +75,28 @@ _MODULE_KINDS: dict[type, Kind] = {
 }
 
 
+# Hugging Face ``transformers.activations`` classes (what ``ACT2FN[config.hidden_act]`` builds),
+# known by name so that transformers is never imported here. Each is one activation, watched at
+# its output; the torch.tanh / torch.sigmoid / F.gelu they call inside are not separate layers.
+_HF_MODULE = "transformers.activations"
+_HF_KINDS: dict[str, Kind | None] = {
+    **dict.fromkeys(
+        (
+            "GELUActivation", "NewGELUActivation", "FastGELUActivation", "QuickGELUActivation",
+            "AccurateGELUActivation", "ClippedGELUActivation", "GELUTanh", "PytorchGELUTanh",
+        ),
+        SMOOTH_RELU["gelu"],
+    ),
+    "SiLUActivation": SMOOTH_RELU["silu"],
+    "MishActivation": SMOOTH_RELU["mish"],
+    "ReLUSquaredActivation": RELU2,
+    "LaplaceActivation": Kind("laplace", lower=0.0, upper=1.0),  # a smooth step in [0, 1]
+    "SqrtSoftplusActivation": Kind("sqrtsoftplus", fires=True),
+    "XIELUActivation": Kind("xielu", fires=True),
+    "LinearActivation": None,  # the identity: not an activation
+}
+
+
 def module_kind(module: nn.Module) -> Kind | None:
     """The kind of an activation module, or None if ``module`` is not an activation."""
     if isinstance(module, nn.ReLU6):  # subclass of Hardtanh: check first
@@ -83,6 +107,8 @@ def module_kind(module: nn.Module) -> Kind | None:
         kind = _MODULE_KINDS.get(cls)
         if kind is not None:
             return kind
+        if cls.__module__ == _HF_MODULE and cls.__name__ in _HF_KINDS:
+            return _HF_KINDS[cls.__name__]
     return None
 
 

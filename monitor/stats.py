@@ -38,8 +38,8 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The statistic rows computed for an output of ``kind`` (plus ``extra`` rows a detector reads).
 
     Every output gets its extrema, sum of squares and NaN/Inf count. ReLU-family outputs get
-    their pre-activation extrema instead of the output's maximum (it is ``max(pre_max, 0)``), and
-    the firing count; bounded outputs the count at a bound; activations (not blocks or other
+    their pre-activation extrema (instead of the output's maximum where that is
+    ``max(pre_max, 0)``), and the firing count; bounded outputs the count at a bound; activations (not blocks or other
     modules) the sum of magnitudes.
     """
     rows: list[str] = []
@@ -47,7 +47,7 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
         rows += PRE_ROWS
     if kind.fires:
         rows.append(FIRED)
-    if not kind.can_die:
+    if not kind.clamps:
         rows.append(MAX)
     if not kind.nonnegative:  # a ReLU's minimum is 0: no need to compute it
         rows.append(NEGMIN)
