@@ -7,6 +7,7 @@ Non-finite cells are drawn in red.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -67,7 +68,7 @@ class Picture:
         """Draw labels: ((x, y), text, align) with align in "left", "right", "centre"."""
         h, w = self.pixels.shape
         for (x, y), text, align in items:
-            mask = _text_mask(text)
+            mask = text_mask(text)
             mh, mw = mask.shape
             if align != "left":
                 x -= mw if align == "right" else mw // 2
@@ -114,7 +115,26 @@ def _font(size: int):  # type: ignore[no-untyped-def]
 
 
 def text_width(text: str) -> int:
-    return _text_mask(text).shape[1]
+    return text_mask(text).shape[1]
+
+
+_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
+
+
+def text_mask(text: str) -> np.ndarray:
+    """Boolean bitmap of ``text``. A trailing number (a step, which changes in every image) is
+    composed from cached digit bitmaps instead of rendering the whole text anew."""
+    m = _TRAILING_NUMBER.match(text)
+    if m is None or len(text) < 3:
+        return _text_mask(text)
+    head, digits = m.groups()
+    parts = [_text_mask(d) for d in digits]
+    if head.strip():
+        head_mask = _text_mask(head.rstrip())
+        gap = 4 if head.endswith(" ") else 0  # the trimmed space
+        parts.insert(0, np.pad(head_mask, ((0, 0), (0, gap))))
+    height = max(p.shape[0] for p in parts)
+    return np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 0))) for p in parts], axis=1)
 
 
 @lru_cache(maxsize=1024)
@@ -162,7 +182,7 @@ def render_scan(rows: Sequence[ScanRow], step: int, width: int = 640, row_height
     h = top + len(rows) * (row_height + gap) + bottom
     legend = "firing rate | RMS / layer max   (red: NaN/Inf)"
     pic = Picture(h, max(label_w + width + 12, label_w + min(200, width) + text_width(legend) + 24))
-    items = [((6, 5), f"activation scan @ step {step}: layers x units", "left")]
+    items = [((6, 5), f"activation scan: layers x units @ step {step}", "left")]
     for i, (r, text) in enumerate(zip(rows, labels)):
         binned = bin_units(r.values, width)
         cols = (np.arange(width) * binned.shape[0] // width).clip(0, binned.shape[0] - 1)

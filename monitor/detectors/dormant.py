@@ -40,8 +40,10 @@ class Dormant(Detector):
         if ev is None or not ev.values:
             return Verdict(None)
         mean_abs = ev.sums / ev.values
-        finite = mean_abs[np.isfinite(mean_abs)]
-        layer_mean = float(finite.mean()) if finite.size else float("nan")
+        layer_mean = float(mean_abs.mean())
+        if not np.isfinite(layer_mean):  # units that saw NaN/Inf: the mean of the others
+            finite = mean_abs[np.isfinite(mean_abs)]
+            layer_mean = float(finite.mean()) if finite.size else float("nan")
         if not np.isfinite(layer_mean) or layer_mean <= 0:
             return Verdict(None, metrics={"dormant_fraction": None})
         dormant = mean_abs <= th.dormant_tau * layer_mean  # NaN units: not dormant
