@@ -173,6 +173,7 @@ class Monitor:
         self._health: dict[str, LayerHealth] = {}
         self._alerts: list[Alert] = []
         self._order: list[str] = []  # layer names in first-seen forward order
+        self._order_set: set[str] = set()
         self._samples = 0
         self._auto_step = 0
         self._last_sampled: int | None = None
@@ -386,8 +387,12 @@ class Monitor:
                 layers.append(LayerSample(wp.name, wp.kind.name, health, summary, hist, scale))
                 self._health[wp.name] = health
                 alerts += new
-            if len(self._health) != len(self._order) or self._order[-1] != layers[-1].name:
-                self._order.extend(ls.name for ls in layers if ls.name not in self._order)
+            if len(self._order_set) != len(self._order) or not self._order_set.issuperset(self._health):
+                self._order_set = set(self._order)  # restored by load_state_dict
+            new_names = [ls.name for ls in layers if ls.name not in self._order_set]
+            if new_names:
+                self._order.extend(new_names)
+                self._order_set.update(new_names)
             self._alerts.extend(alerts)
             if len(self._alerts) > _MAX_ALERTS:
                 del self._alerts[: len(self._alerts) - _MAX_ALERTS]
@@ -452,6 +457,7 @@ class Monitor:
             last = state["last_sampled"]
             self._last_sampled = None if last is None else int(last)
             self._order = list(state["order"])
+            self._order_set = set(self._order)
             self._alerts = [Alert(**a) for a in state["alerts"]]
             self._judge.load_state_dict(dict(state["layers"]))
 

@@ -8,8 +8,9 @@ returns its :class:`~monitor.health.LayerHealth` and the alerts for state change
 - an alert fires once when a detector's verdict turns bad, and a "recovered" alert once after
   ``recovery_samples`` consecutive clearly-healthy verdicts (below ``release`` x the threshold:
   hysteresis, so a layer hovering at a threshold does not flap);
-- a verdict of "cannot say" (``None``: not enough evidence, between the two levels) changes
-  nothing, and a step with NaN/Inf values never counts as healthy for any detector.
+- a verdict of "cannot say" (``None``: not enough evidence) changes nothing; one between the two
+  levels (``band``) or on a step with NaN/Inf values is not healthy: a recovery in progress
+  starts over.
 """
 
 from __future__ import annotations
@@ -208,9 +209,10 @@ class Judge:
         for det in detectors:
             verdict = det.evaluate(view, mem.detectors.setdefault(det.name, {}))
             metrics.update(verdict.metrics)
-            bad = verdict.bad
-            if bad is False and det.name != "nonfinite" and (nonfinite or (tainted and det.windowed)):
-                bad = None  # a step with NaN/Inf values is never evidence of health
+            bad = None if verdict.bad is None else bool(verdict.bad)  # numpy bools too
+            unhealthy = verdict.band  # judged, between the two levels: not (yet) healthy
+            if det.name != "nonfinite" and not bad and (nonfinite or (tainted and det.windowed)):
+                bad, unhealthy = None, True  # a step with NaN/Inf values is never evidence of health
             if bad:
                 if det.name not in mem.active:
                     msg = f"step {step} | {name} | {verdict.describe()} | {det.causes}"
@@ -223,6 +225,8 @@ class Judge:
                     now = verdict.describe().split(": ", 1)[-1]
                     msg = f"step {step} | {name} | recovered from {det.name}: now {now}"
                     alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg, True))
+            elif unhealthy and det.name in mem.active:
+                mem.active[det.name] = 0  # recovery needs consecutive healthy verdicts: start over
         ev = next((e for e in cache.values() if e is not None), None)
         health = LayerHealth(
             layer=name,

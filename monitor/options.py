@@ -8,6 +8,7 @@ only with the model and is checked when the monitor is built on it.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -15,6 +16,7 @@ from typing import Any
 
 from monitor.alerts import ON_ALERT_MODES, OnAlert
 from monitor.detectors import BUILTIN_NAMES, Detector, builtin_detectors
+from monitor.health import LayerHealth
 from monitor.selection import Patterns, validate_patterns
 from monitor.sinks import Sink
 from monitor.stats import ALL_ROWS
@@ -39,7 +41,10 @@ def check_detectors(detectors: Any) -> tuple[Detector, ...]:
     if isinstance(detectors, Detector) or not isinstance(detectors, Sequence) or isinstance(detectors, str):
         raise TypeError(f"Expected `detectors` to be None or a sequence of monitor.Detector instances, got {detectors!r}.")
     names = set(BUILTIN_NAMES)
-    fields: set[str] = {f for d in builtin_detectors() for f in d.fields}
+    # Fields become LayerHealth attributes: none may shadow an attribute or a built-in number.
+    fields: set[str] = {f for d in builtin_detectors() for f in d.fields} | {
+        n for n in dir(LayerHealth) if not n.startswith("_")
+    } | {f.name for f in dataclasses.fields(LayerHealth)} | {f"{n}_units" for n in BUILTIN_NAMES}
     for d in detectors:
         if not isinstance(d, Detector):
             hint = " (pass an instance, not the class)" if isinstance(d, type) and issubclass(d, Detector) else ""
@@ -56,7 +61,10 @@ def check_detectors(detectors: Any) -> tuple[Detector, ...]:
             )
         clash = (set(d.fields) & _BASE_METRICS) | (set(d.fields) & fields)
         if clash:
-            raise ValueError(f"Detector {d.name!r} declares fields {sorted(clash)} that another number already uses.")
+            raise ValueError(
+                f"Detector {d.name!r} declares fields {sorted(clash)} that another number or a LayerHealth attribute "
+                "already uses; choose other names."
+            )
         fields |= set(d.fields)
     return tuple(detectors)
 

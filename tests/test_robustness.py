@@ -434,7 +434,7 @@ class _BadName(_Base):
         ([_Dead()], ValueError, "Detector name 'dead' is taken"),
         ([_Base(), _Base()], ValueError, "Detector name 'mine' is taken"),
         ([_BadRow()], ValueError, "reads unknown statistic rows ['maximum']; valid rows:"),
-        ([_RmsField()], ValueError, "declares fields ['rms'] that another number already uses"),
+        ([_RmsField()], ValueError, "declares fields ['rms'] that another number or a LayerHealth attribute already uses"),
         ([_BadName()], ValueError, "to have a `name` that is an identifier, got 'my detector'"),
     ],
 )

@@ -43,7 +43,8 @@ class Verdict:
 
     ``bad``: True when the layer is unhealthy (at or beyond the entering level), False when it is
     clearly healthy (below the leaving level: ``Thresholds.release`` times the threshold), None
-    when it cannot say (not enough evidence yet, a non-finite step, or between the two levels).
+    when it cannot say (not enough evidence yet, a non-finite step) or the value lies between the
+    two levels; then ``band=True`` says it was judged there (a recovery in progress starts over).
     ``value``/``threshold``: the number compared and its bound; ``what``: the state in words
     (``"dead: 3/8 units ..."``), or a function returning it (built only when an alert needs it);
     ``metrics``: the numbers it adds to ``LayerHealth``.
@@ -54,6 +55,7 @@ class Verdict:
     threshold: float = math.nan
     what: str | Callable[[], str] = ""
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    band: bool = False
 
     def describe(self) -> str:
         """``what`` as text."""
@@ -137,13 +139,14 @@ def over(values: int, steps: int) -> str:
     return f"on {values} values each over the last {'sampled step' if steps == 1 else f'{steps} sampled steps'}"
 
 
-def level(value: float, threshold: float, release: float, judged: bool) -> bool | None:
-    """The usual entering/leaving rule: bad at or above ``threshold``, clear below
-    ``release * threshold``, None in between or when not ``judged``."""
+def level(value: float, threshold: float, release: float, judged: bool) -> tuple[bool | None, bool]:
+    """The usual entering/leaving rule, as ``(bad, band)``: bad at or above ``threshold``, clear
+    below ``release * threshold``, in the band (None, True) between them, (None, False) when not
+    ``judged``."""
     if not judged:
-        return None
+        return None, False
     if value >= threshold:
-        return True
+        return True, False
     if value < release * threshold:
-        return False
-    return None
+        return False, False
+    return None, True

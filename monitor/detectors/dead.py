@@ -70,12 +70,13 @@ class Dead(Detector):
             m = -margin[dead]
             m = m[np.isfinite(m)]
             dead_margin = median(m) if m.size else None
+        band = False
         if confirmed_fraction >= th.dead_fraction:
             bad: bool | None = True
         elif ev.complete and fraction < th.release * th.dead_fraction:
             bad = False
         else:
-            bad = None
+            bad, band = None, ev.complete
         ev_values, ev_steps, complete = ev.values, ev.steps, ev.complete
 
         def what() -> str:
@@ -91,4 +92,4 @@ class Dead(Detector):
             "dead_margin": dead_margin,
             "dead_units": tuple(np.flatnonzero(dead).tolist()),
         }
-        return Verdict(bad, confirmed_fraction, th.dead_fraction, what, metrics)
+        return Verdict(bad, confirmed_fraction, th.dead_fraction, what, metrics, band)

@@ -59,4 +59,5 @@ class Dormant(Detector):
             f"threshold {pct(th.dormant_fraction)}"
         )
         metrics = {"dormant_fraction": fraction, "dormant_units": tuple(idx.tolist())}
-        return Verdict(level(fraction, th.dormant_fraction, th.release, ev.complete), fraction, th.dormant_fraction, what, metrics)
+        bad, band = level(fraction, th.dormant_fraction, th.release, ev.complete)
+        return Verdict(bad, fraction, th.dormant_fraction, what, metrics, band)

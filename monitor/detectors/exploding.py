@@ -28,6 +28,7 @@ class Exploding(Detector):
         if layer.nonfinite or math.isnan(rms) or math.isnan(max_abs):
             return Verdict(None, rms, th.max_rms, f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}")
         bad: bool | None
+        band = False
         if rms > th.max_rms:
             bad, value, limit, what = True, rms, th.max_rms, f"exploding: RMS {rms:.3g} > {th.max_rms:.3g}"
         elif max_abs > th.max_abs:
@@ -42,7 +43,8 @@ class Exploding(Detector):
             if base is not None and base > 1e-8:
                 clear = clear and rms < r * th.growth_factor * base
             bad, value, limit = (False if clear else None), rms, th.max_rms
+            band = not clear
             what = f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}"
             if len(history) < th.baseline_samples:
                 history.append(rms)
-        return Verdict(bad, value, limit, what)
+        return Verdict(bad, value, limit, what, band=band)

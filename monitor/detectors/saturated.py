@@ -43,5 +43,6 @@ class Saturated(Detector):
             f"{'sampled step' if steps == 1 else f'{steps} sampled steps'}, threshold {pct(th.saturated_fraction)}"
         )
         metrics = {"saturated_fraction": fraction, "saturated_units": tuple(sat.tolist())}
-        return Verdict(level(fraction, th.saturated_fraction, th.release, ev.complete), fraction, th.saturated_fraction, what, metrics)
+        bad, band = level(fraction, th.saturated_fraction, th.release, ev.complete)
+        return Verdict(bad, fraction, th.saturated_fraction, what, metrics, band)
 
