@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -78,7 +79,7 @@ class _FunctionalMode(TorchFunctionMode):
         kwargs = kwargs or {}
         kind = functional_kind(func, args, kwargs)
         cap = self.capture
-        if kind is None or cap.act_depth or not args:
+        if kind is None or cap.act_depth or not args or not cap.active:
             return func(*args, **kwargs)
         wp = cap.functional_point(kind, args[0])
         # A ReLU's input is read before the call: an in-place relu_ overwrites it.
@@ -121,6 +122,7 @@ class Capture:
         self.act_depth = 0
         self._handles: list[Any] = []
         self._mode: _FunctionalMode | None = None
+        self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._producers: dict[int, tuple[weakref.ref, str, nn.Module]] = {}
@@ -129,6 +131,7 @@ class Capture:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
+        self._owner = threading.get_ident()
         self.active = True
         self._current = {}
         self._pre = {}
@@ -161,9 +164,15 @@ class Capture:
             raise
 
     def detach(self) -> None:
-        """Remove every hook and the functional mode (idempotent)."""
-        mode, self._mode = self._mode, None
-        if mode is not None:
+        """Remove every hook and the functional mode (idempotent).
+
+        The functional mode lives on the thread that began the step: called from another thread
+        (a monitor closed in an alert callback on the writer thread), the mode is left for that
+        thread's ``end()`` and does nothing until then.
+        """
+        mode = self._mode
+        if mode is not None and threading.get_ident() == self._owner:
+            self._mode = None
             with contextlib.suppress(Exception):
                 mode.__exit__(None, None, None)
         handles, self._handles = self._handles, []
@@ -171,7 +180,7 @@ class Capture:
             h.remove()
         self._producers = {}
         self._pre = {}
-        self.active = False
+        self.active = self._mode is not None  # left for the owner's end()
 
     def end(self) -> dict[WatchPoint, Pending]:
         """Detach and hand over the step's partials."""

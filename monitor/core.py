@@ -338,8 +338,8 @@ class Monitor:
 
     def _end(self, failed: bool) -> None:
         current = self._capture.end()
-        if failed:
-            return  # the user's forward raised: record nothing, the exception propagates
+        if failed or self._closed:
+            return  # the forward raised (the exception propagates), or the monitor was closed meanwhile
         self._last_sampled = self._step
         if not current:
             self._warn_once(

@@ -119,11 +119,6 @@ class _FunctionalNet(nn.Module):
         return F.relu(self.fc(x))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Monitor.close -> Capture.detach exits the TorchFunctionMode on the calling (writer) thread; the "
-    "mode is thread-local, so it stays on the training thread's stack forever and keeps recording every F.relu",
-)
 def test_closing_in_the_alert_callback_during_a_step_leaves_no_torch_function_mode():
     model = _FunctionalNet()
     holder = {}
