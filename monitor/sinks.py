@@ -181,7 +181,9 @@ class Dispatcher:
     Records are handed over in batches, at most ``max_delay`` seconds apart: every wake-up of a
     background Python thread costs the training thread far more than the work it does (they
     share the GIL), so one wake-up per couple of seconds is much cheaper than one per sample.
-    TensorBoard reloads every 30 s by default, so nobody sees the difference.
+    TensorBoard reloads every 30 s by default, so nobody sees the difference. The thread also
+    wakes every ``max_delay`` seconds on its own and takes a batch that is due, so the alerts of
+    a lone sampled step arrive within about that long, not at the next sampled step.
     """
 
     def __init__(
@@ -199,6 +201,7 @@ class Dispatcher:
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._batch: list[object] = []  # records, or steps still to be judged
         self._batch_started = 0.0
+        self._lock = threading.Lock()  # the waiting batch: appended by the caller, taken by either thread
         self.max_delay = max_delay
         self.max_batch = max_batch
         self.busy_seconds = 0.0  # CPU time spent in sinks (benchmarks read it)
@@ -211,35 +214,51 @@ class Dispatcher:
 
     def submit(self, record: object) -> None:
         now = time.monotonic()
-        if not self._batch:
-            self._batch_started = now
-        self._batch.append(record)
-        if now - self._batch_started >= self.max_delay or len(self._batch) >= self.max_batch:
+        with self._lock:
+            if not self._batch:
+                self._batch_started = now
+            self._batch.append(record)
+            due = now - self._batch_started >= self.max_delay or len(self._batch) >= self.max_batch
+        if due:
             self._hand_over()
 
     def _hand_over(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch = self._batch, []
-        try:
-            self._queue.put_nowait(batch)
-        except queue.Full:
-            # The sinks are stuck or far too slow. Detection must not wait for them: take the
-            # queued batches back, judge their steps here in order (oldest first), drop their
-            # output, and from now on the caller judges inline (``overloaded``).
-            self._warn_once("queue", "the writer is falling behind; some samples were not written")
-            self.overloaded = True
-            taken: list = []
-            with contextlib.suppress(queue.Empty):
-                while True:
-                    taken.append(self._queue.get_nowait())
-            markers = [b for b in taken if isinstance(b, tuple)]
-            for b in [b for b in taken if not isinstance(b, tuple)] + [batch]:
-                for item in b:
-                    if not isinstance(item, SampleRecord):
-                        self._judge_item(item)
-            for m in markers:
-                self._queue.put_nowait(m)
+        with self._lock:
+            if not self._batch:
+                return
+            batch, self._batch = self._batch, []
+            try:
+                self._queue.put_nowait(batch)
+                return
+            except queue.Full:
+                # The sinks are stuck or far too slow. Detection must not wait for them: take the
+                # queued batches back, judge their steps here in order (oldest first), drop their
+                # output, and from now on the caller judges inline (``overloaded``).
+                self.overloaded = True
+                taken: list = []
+                with contextlib.suppress(queue.Empty):
+                    while True:
+                        taken.append(self._queue.get_nowait())
+                markers = [b for b in taken if isinstance(b, tuple)]
+                for m in markers:
+                    self._queue.put_nowait(m)
+        self._warn_once("queue", "the writer is falling behind; some samples were not written")
+        for b in [b for b in taken if not isinstance(b, tuple)] + [batch]:
+            for item in b:
+                if not isinstance(item, SampleRecord):
+                    self._judge_item(item)
+
+    def _take_due(self) -> list[object] | None:
+        """Writer thread, after ``max_delay`` without a hand-over: the waiting batch, if it is due
+        and nothing older is queued (steps are processed in order). So an alert of a lone
+        sampled step arrives within ~``max_delay`` even if no further step comes."""
+        with self._lock:
+            if not self._batch or not self._queue.empty():
+                return None
+            if time.monotonic() - self._batch_started < self.max_delay:
+                return None
+            batch, self._batch = self._batch, []
+            return batch
 
     def flush(self, timeout: float = 60.0, sinks: bool = True) -> None:
         """Wait until everything submitted so far is processed (and, with ``sinks``, flushed)."""
@@ -294,7 +313,12 @@ class Dispatcher:
         with contextlib.suppress(Exception):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         while True:
-            item = self._queue.get()
+            try:
+                item = self._queue.get(timeout=self.max_delay)
+            except queue.Empty:
+                item = self._take_due()
+                if item is None:
+                    continue
             if isinstance(item, tuple) and item and item[0] in (_FLUSH, _CLOSE, _DRAIN):
                 marker, done = item
                 try:

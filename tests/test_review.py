@@ -30,12 +30,6 @@ def _dead_relu(width: int = 8) -> nn.Sequential:
 # -- alert delivery on the writer thread -----------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sinks.Dispatcher.submit hands a batch to the writer thread only from a later submit "
-    "(>= max_delay after the first, or 64 items): nothing wakes the hand-over, so with sparse sampled "
-    "steps an alert waits until the next sampled step (or flush), not the documented ~2 s",
-)
 def test_background_alert_is_delivered_within_a_few_seconds_without_further_steps():
     model = _dead_relu()
     got = []
