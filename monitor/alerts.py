@@ -48,26 +48,30 @@ OnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], No
 ON_ALERT_MODES = ("warn", "raise", "ignore", "stop")
 
 
-_SKIP: tuple[str, ...] = ()
+_FRAMEWORKS = ("lightning", "pytorch_lightning", "lightning_fabric", "skorch", "transformers", "accelerate")
+
+
+def _skipped_dirs() -> tuple[str, ...]:
+    """Directories whose frames are not the user's: this project, torch, and the training
+    frameworks already imported (so a warning inside ``trainer.fit`` points at that call)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    dirs = [os.path.join(root, "monitor"), os.path.join(root, "integrations")]
+    for name in ("torch", *_FRAMEWORKS):
+        mod = sys.modules.get(name)
+        path = getattr(mod, "__file__", None)
+        if path:
+            dirs.append(os.path.dirname(path))
+    return (*(d + os.sep for d in dirs), os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py")
 
 
 def warn(message: str) -> None:
-    """A :class:`MonitorWarning` attributed to the first frame outside this project and torch:
-    the user's line (on the monitor's writer thread there is none; the thread's frame is used)."""
-    global _SKIP
-    if not _SKIP:
-        import torch
-
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        _SKIP = (
-            os.path.join(root, "monitor") + os.sep,
-            os.path.join(root, "integrations") + os.sep,
-            os.path.dirname(torch.__file__) + os.sep,
-            os.path.dirname(contextlib.__file__) + os.sep + "contextlib.py",
-        )
+    """A :class:`MonitorWarning` attributed to the first frame outside this project, torch and
+    the training frameworks: the user's line (on the monitor's writer thread there is none; the
+    thread's frame is used)."""
+    skip = _skipped_dirs()
     frame = sys._getframe(1)
     level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(_SKIP):
+    while frame is not None and frame.f_code.co_filename.startswith(skip):
         frame = frame.f_back
         level += 1
     warnings.warn(message, MonitorWarning, stacklevel=level if frame is not None else 2)
