@@ -782,3 +782,38 @@ def test_ddp_reduces_across_ranks_and_agrees_on_stop(tmp_path, strategy):
 
 if __name__ == "__main__":
     ddp_main(sys.argv[1], sys.argv[2])
+
+
+def test_a_user_detector_plugs_into_the_callback_and_its_field_reaches_the_logger(tmp_path, wine):
+    """`detectors=[...]` through Lightning: the user's number is a logger metric, its alert a stop."""
+    import csv
+
+    import numpy as np
+
+    from monitor import Detector, Verdict
+    from monitor.stats import MAX
+
+    class Peak(Detector):
+        name = "low_peak"
+        fields = ("peak",)
+        reads = (MAX,)
+        causes = "a layer whose largest output stays below 1000: try anything"
+
+        def evaluate(self, layer, memory):
+            peak = float(np.nanmax(layer.summary.max))
+            return Verdict(peak < 1000.0, peak, 1000.0, f"low peak: {peak:.3g}", {"peak": peak})
+
+    model = WineNet(hidden=10)
+    truth_cb = FirstBatchTruth()
+    cb = ActivationMonitor(every_n_steps=5, on_alert="stop", detectors=[Peak()])
+    logger = CSVLogger(str(tmp_path))
+    t = trainer(tmp_path, logger=logger, max_steps=20, limit_val_batches=0, callbacks=[truth_cb, cb])
+    with pytest.warns(MonitorWarning, match="low peak"):
+        t.fit(model, wine_loader(wine, 8, shuffle=True))
+    assert t.global_step == 1 and t.should_stop  # the user's alert stopped training at step 0
+    assert sorted((a.step, a.layer, a.kind) for a in cb.alerts) == [(0, "net.1", "low_peak"), (0, "net.3", "low_peak")]
+    peak = cb.health()["net.1"].peak
+    assert peak == pytest.approx(float(truth_cb.out.clamp(min=0).max()), rel=1e-5)
+    with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r.get("activation_peak/net.1")]
+    assert [(int(r["step"]), float(r["activation_peak/net.1"])) for r in rows] == [(0, pytest.approx(peak))]
