@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
-from monitor.capture import Capture, first_tensor
+from monitor.capture import Capture
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import LayerHealth
 from monitor.judge import Judge
@@ -34,7 +34,7 @@ from monitor.sinks import Dispatcher, LayerSample, SampleRecord, Sink
 from monitor.stats import PRE_ROWS, rows_for
 from monitor.thresholds import Thresholds
 
-__all__ = ["ActivationAlertError", "Monitor", "MonitorWarning", "OnAlert", "first_tensor"]
+__all__ = ["ActivationAlertError", "Monitor", "MonitorWarning", "OnAlert"]
 
 _MAX_ALERTS = 10_000
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from monitor.alerts import ON_ALERT_MODES, OnAlert
@@ -113,7 +113,6 @@ class Options:
     sinks: Sequence[Sink] | None = None
     background: bool = True
     detectors: Sequence[Detector] | None = None
-    on_alert_modes: tuple[str, ...] = field(default=ON_ALERT_MODES, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
@@ -126,7 +125,7 @@ class Options:
             raise ValueError("Expected either `logdir` or `writer`, got both.")
         check_logdir(self.logdir)
         check_writer(self.writer)
-        check_on_alert(self.on_alert, self.on_alert_modes)
+        check_on_alert(self.on_alert)
         for name in ("histograms", "functional", "background"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Expected `{name}` to be True or False, got {getattr(self, name)!r}.")

@@ -114,7 +114,7 @@ def unpack(job: Job) -> Iterator[tuple[WatchPoint, UnitSummary, np.ndarray | Non
         block = host_flat[offset : offset + r * c].reshape(r, c)
         offset += r * c
         positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
-        summary = summarize(block, wp.rows, positions, wp.kind.upper if wp.kind.can_die else None)
+        summary = summarize(block, wp.rows, positions, wp.kind.upper if wp.kind.clamps else None)
         hist = None
         scale = 1.0
         if p.hist_samples:
