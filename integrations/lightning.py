@@ -5,9 +5,14 @@ The callback only translates Lightning events into core calls:
 ============================  ==================================================================
 ``setup("fit")``              build the :class:`~monitor.Monitor` on the LightningModule, choose
                               where output goes (the trainer's ``TensorBoardLogger`` if any)
-``on_train_batch_start``      ``begin_step(trainer.global_step)`` (optimizer steps)
-``on_before_backward``        ``end_step()``: only forward + loss are captured
-``on_train_batch_end``        fallback ``end_step()``; scalars to non-TensorBoard loggers
+``on_train_batch_start``      ``begin_step(trainer.global_step)`` (optimizer steps; with gradient
+                              accumulation, the step spans every micro-batch of that optimizer step)
+``on_before_backward``        ``end_step()`` only with ``gradients=False`` (forward + loss captured)
+``on_before_optimizer_step``  ``record_gradients()``: the parameters' gradients, final (accumulated,
+                              all-reduced under DDP, unscaled under fp16 AMP) and *before* clipping
+``on_train_batch_end``        ``end_step()`` once the optimizer stepped (the update ratio spans that
+                              step); scalars to non-TensorBoard loggers
+``on_validation_start``       ``end_step()``: validation forwards are never recorded
 ``on_exception`` / teardown   ``end_step(failed=True)`` and ``close()``: hooks are always removed
 ``state_dict`` / load         the core's ``state_dict()`` in the checkpoint
 ============================  ==================================================================
@@ -50,7 +55,9 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
 __all__ = ["ActivationAlertError", "ActivationMonitor"]
 
 LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
-_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors")
+_KWARGS = (
+    "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
+)
 SUBDIR = "activation_monitor"
 
 
@@ -123,6 +130,7 @@ class ActivationMonitor(Callback):
         self._queue: _MetricsQueue | None = None
         self._metric_loggers: list[Any] = []
         self._rank_zero = True
+        self._stepped = False  # the optimizer stepped inside the sampled step in progress
 
     # -- identity / results ---------------------------------------------------------------------
     @property
@@ -233,19 +241,37 @@ class ActivationMonitor(Callback):
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
         mon = self.monitor
         if mon is not None and not mon.in_step and mon.should_sample(trainer.global_step):
+            self._stepped = False
             mon.begin_step(trainer.global_step)
 
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        self._end(trainer)
+        if not self.monitor_kwargs.get("gradients", True):
+            self._end(trainer)
+
+    def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
+        mon = self.monitor
+        if mon is not None and mon.in_step:
+            mon.record_gradients()  # before Lightning clips them (its next call)
+            self._stepped = True
 
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        # With gradient accumulation, a micro-batch without an optimizer step leaves the step open.
+        if self._stepped or not self.monitor_kwargs.get("gradients", True) or not pl_module.automatic_optimization:
+            self._end(trainer)
+        self._log_metrics()
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._end(trainer)
         self._log_metrics()
 
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._end(trainer)
+
     def _end(self, trainer: pl.Trainer) -> None:
         mon = self.monitor
+        self._stepped = False
         if mon is not None and mon.in_step:
             if self._rank_zero:
                 mon.end_step()

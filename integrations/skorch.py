@@ -92,7 +92,7 @@ class _StepGuard:
             if r is not None:
                 output = result = r
         if callback is not None:
-            callback._end_step(failed=False)
+            callback._forward_done()
         return result
 
     def remove(self, module: nn.Module | None = None) -> None:
@@ -116,7 +116,8 @@ class ActivationMonitor(Callback):
 
     Takes the keyword options of :class:`monitor.Monitor` (``every_n_steps``, ``include``,
     ``exclude``, ``thresholds``, ``logdir``, ``on_alert``, ``histograms``,
-    ``images_every_n_samples``, ``timeline_length``, ``functional``, ``sinks``) and:
+    ``images_every_n_samples``, ``timeline_length``, ``functional``, ``sinks``, ``detectors``,
+    ``gradients``: the step spans the batch's backward and optimizer step) and:
 
     Args:
         logdir: a base directory; each fit writes TensorBoard events to a fresh numbered
@@ -151,6 +152,7 @@ class ActivationMonitor(Callback):
         functional: bool = True,
         sinks: Sequence[Sink] | None = None,
         detectors: Sequence[Detector] | None = None,
+        gradients: bool = True,
         new_run_per_fit: bool = True,
         history_layers: bool = True,
     ) -> None:
@@ -167,6 +169,7 @@ class ActivationMonitor(Callback):
         self.functional = functional
         self.sinks = sinks
         self.detectors = detectors
+        self.gradients = gradients
         self.new_run_per_fit = new_run_per_fit
         self.history_layers = history_layers
 
@@ -181,7 +184,7 @@ class ActivationMonitor(Callback):
         Options(
             self.every_n_steps, self.include, self.exclude, self.thresholds, self.logdir, None, self.on_alert,
             self.histograms, self.images_every_n_samples, self.timeline_length, self.functional, self.sinks,
-            True, self.detectors,
+            True, self.detectors, self.gradients,
         )
         for name in ("new_run_per_fit", "history_layers"):
             if not isinstance(getattr(self, name), bool):
@@ -321,6 +324,7 @@ class ActivationMonitor(Callback):
             sinks=self.sinks,
             detectors=self.detectors,
             background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
+            gradients=self.gradients,
         )
         if self.monitor_state_ is not None:
             mon.load_state_dict(self.monitor_state_)
@@ -375,6 +379,17 @@ class ActivationMonitor(Callback):
             module._forward_hooks_always_called.pop(key, None)
         guard.handle = module.register_forward_hook(guard, with_kwargs=True, always_call=True)
         self.guard_ = guard
+
+    def _forward_done(self) -> None:
+        """``module_``'s forward completed (called by the guard): with gradients, the step goes on
+        through backward and the optimizer step until ``on_batch_end``; without, it ends here."""
+        self.guard_ = None
+        mon = getattr(self, "monitor_", None)
+        if mon is not None and mon.in_step:
+            if self.gradients:
+                mon.end_forward()
+            else:
+                mon.end_step()
 
     def _end_failed_step(self) -> None:
         """The forward raised (called by the guard inside torch's exception path): end the step.

@@ -11,6 +11,7 @@ in here reads a value back to the host.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import sys
 import threading
@@ -25,7 +26,16 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.activations import conv_like, functional_kind, is_activation_module
 from monitor.selection import Selector, WatchPoint, make_watch_point
-from monitor.stats import PRE_MAX, combine_rows, histogram_sample, pre_stat_rows, sample_stride, unit_stat_rows
+from monitor.stats import (
+    GRAD_ROWS,
+    PRE_MAX,
+    combine_rows,
+    grad_stat_rows,
+    histogram_sample,
+    pre_stat_rows,
+    sample_stride,
+    unit_stat_rows,
+)
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 _SERIAL_BELOW = 1 << 18  # elements
@@ -66,6 +76,8 @@ class Pending:
     positions: int
     hist_numel: int  # values the histogram stands for
     hist_sampled: int  # values actually binned
+    grad: list[torch.Tensor] | None = None  # GRAD_ROWS of the gradient w.r.t. this output, once backward reached it
+    grad_positions: int = 0
 
 
 class _FunctionalMode(TorchFunctionMode):
@@ -100,6 +112,7 @@ class Capture:
         *,
         functional: bool,
         histograms: bool,
+        gradients: bool,
         tolerance: float,
         rows: Callable[[WatchPoint], tuple[str, ...]],
         warn_once: Callable[[str, str], None],
@@ -108,6 +121,7 @@ class Capture:
         self.selector = selector
         self.functional = functional
         self.histograms = histograms
+        self.gradients = gradients
         self.tolerance = tolerance
         self._rows = rows
         self._warn_once = warn_once
@@ -121,12 +135,14 @@ class Capture:
         self.active = False
         self.act_depth = 0
         self._handles: list[Any] = []
+        self._grad_handles: list[Any] = []  # tensor hooks on this step's watched outputs
         self._mode: _FunctionalMode | None = None
         self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._producers: dict[int, tuple[weakref.ref, str, nn.Module]] = {}
         self._tracking = False
+        self._grad_lock = threading.Lock()  # CUDA backward runs tensor hooks on autograd's device threads
         self._hooks = {id(wp): self._make_hooks(wp) for wp in self.module_points}
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -170,6 +186,15 @@ class Capture:
         (a monitor closed in an alert callback on the writer thread), the mode is left for that
         thread's ``end()`` and does nothing until then.
         """
+        self.end_forward()
+        handles, self._grad_handles = self._grad_handles, []
+        for h in handles:
+            h.remove()
+        self.active = self._mode is not None  # left for the owner's end()
+
+    def end_forward(self) -> None:
+        """Stop watching forward passes (hooks and the functional mode removed); the gradient hooks
+        of the outputs already seen stay until :meth:`end`."""
         mode = self._mode
         if mode is not None and threading.get_ident() == self._owner:
             self._mode = None
@@ -180,7 +205,6 @@ class Capture:
             h.remove()
         self._producers = {}
         self._pre = {}
-        self.active = self._mode is not None  # left for the owner's end()
 
     def end(self) -> dict[WatchPoint, Pending]:
         """Detach and hand over the step's partials."""
@@ -327,9 +351,12 @@ class Capture:
         """Reduce one output of ``wp`` to its rows. ReLU family: ``pre`` holds the rows of its input
         read earlier (in-place ReLUs), or ``pre_input`` is that input, still intact."""
         try:
+            if torch._C._current_graph_task_id() != -1:
+                return  # a forward re-run inside backward (activation checkpointing): seen already
             x = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
                 return
+            raw = x
             x = x.detach()
             self._resolve_unit_dim(wp, x, inp)
             dims = wp.dims(x.ndim)
@@ -368,5 +395,32 @@ class Capture:
                 prev.hist_sampled += sampled
             else:
                 self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
+                return
+            if self.gradients and raw.requires_grad:
+                # Fires when backward reaches this output (if it runs before the step ends); removed with the rest.
+                self._grad_handles.append(raw.register_hook(functools.partial(self._record_grad, wp, dims)))
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
+
+    def _record_grad(self, wp: WatchPoint, dims: tuple[int, ...], g: torch.Tensor | None) -> None:
+        """Tensor hook: reduce the gradient with respect to one watched output to its GRAD_ROWS."""
+        try:
+            if g is None or not g.is_floating_point() or not self.active:
+                return
+            numel = g.numel()
+            threads = torch.get_num_threads() if g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
+            if threads > 1:
+                torch.set_num_threads(1)
+            try:
+                rows = grad_stat_rows(g.detach(), dims)
+            finally:
+                if threads > 1:
+                    torch.set_num_threads(threads)
+            with self._grad_lock:
+                p = self._current.get(wp)
+                if p is None or rows[0].shape[0] != p.units:
+                    return
+                p.grad = rows if p.grad is None else combine_rows(p.grad, rows, GRAD_ROWS)
+                p.grad_positions += numel // p.units
+        except Exception as e:
+            self._warn_once(f"grad:{wp.name}", f"could not record the gradient of {wp.name}: {e!r}")

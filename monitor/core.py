@@ -1,7 +1,9 @@
 """The :class:`Monitor`: a thin facade over capture, packing, judging and the sinks.
 
 One sampled step, as data: ``Monitor.step`` -> :class:`~monitor.capture.Capture` registers hooks
--> forward -> each hook appends per-unit rows on the device -> the capture ends (hooks removed)
+(and :class:`~monitor.params.ParameterCapture` its parameter and optimizer hooks) -> forward ->
+each hook appends per-unit rows on the device (and registers a tensor hook for the gradient) ->
+backward and the optimizer step, if inside the step -> the capture ends (hooks removed)
 -> :func:`~monitor.pack.pack` concatenates them (one DDP collective) -> the writer thread
 (:class:`~monitor.sinks.Dispatcher`) copies them to the host once -> :func:`~monitor.pack.unpack`
 -> :class:`~monitor.judge.Judge` runs each detector -> :func:`~monitor.alerts.deliver` acts ->
@@ -25,10 +27,11 @@ from torch import nn
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
 from monitor.capture import Capture
 from monitor.detectors import Detector, builtin_detectors
-from monitor.health import LayerHealth
+from monitor.health import LayerHealth, ParameterHealth
 from monitor.judge import Judge
 from monitor.options import Options
 from monitor.pack import Job, pack, unpack
+from monitor.params import ParameterCapture
 from monitor.selection import Patterns, Selector, WatchPoint
 from monitor.sinks import Dispatcher, LayerSample, SampleRecord, Sink
 from monitor.stats import PRE_ROWS, rows_for
@@ -70,7 +73,8 @@ class WarnOnce:
 
 
 class Monitor:
-    """Watch a model's activations on every N-th step; detect dead, saturated, dormant, exploding units.
+    """Watch a model's activations (and gradients) on every N-th step; detect dead, saturated, dormant,
+    exploding units and vanishing or exploding gradients.
 
     Args:
         model: the ``nn.Module`` to watch. It is never modified: hooks exist only during sampled
@@ -100,6 +104,10 @@ class Monitor:
             and ``state_dict()`` first wait for the steps already taken. ``"raise"``, ``"stop"``,
             DDP (``gather``) and ``background=False`` judge on the training thread when the step ends.
         detectors: extra :class:`~monitor.detectors.Detector` instances, judged after the built-ins.
+        gradients: when the backward (and optimizer step) of a sampled step run inside
+            ``with mon.step(...)``, also record the gradient with respect to each watched output,
+            each parameter's gradient norm and update-to-weight ratio. Costs nothing when only
+            the forward is inside the step.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -129,12 +137,13 @@ class Monitor:
         sinks: Sequence[Sink] | None = None,
         background: bool = True,
         detectors: Sequence[Detector] | None = None,
+        gradients: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
         opts = Options(
             every_n_steps, include, exclude, thresholds, logdir, writer, on_alert, histograms,
-            images_every_n_samples, timeline_length, functional, sinks, background, detectors,
+            images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients,
         )
         self.model = model
         self.every_n_steps = every_n_steps
@@ -153,10 +162,12 @@ class Monitor:
             Selector(model, include, exclude, functional),
             functional=functional,
             histograms=histograms,
+            gradients=gradients,
             tolerance=self.thresholds.saturation_tolerance,
             rows=functools.partial(_rows, tuple(self._custom)),
             warn_once=self._warn_once,
         )
+        self._params = ParameterCapture(model, self._warn_once) if gradients else None
         self._judge = Judge(self.thresholds, self.detectors)
 
         self._sinks: list[Sink] = list(opts.sinks or [])
@@ -171,6 +182,7 @@ class Monitor:
         self._dispatcher: Dispatcher | None = None
 
         self._health: dict[str, LayerHealth] = {}
+        self._param_health: dict[str, ParameterHealth] = {}
         self._alerts: list[Alert] = []
         self._order: list[str] = []  # layer names in first-seen forward order
         self._order_set: set[str] = set()
@@ -216,6 +228,8 @@ class Monitor:
         Idempotent. Also runs at interpreter exit for a monitor that was never closed.
         """
         self._capture.detach()
+        if self._params is not None:
+            self._params.detach()
         if self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None
@@ -252,10 +266,12 @@ class Monitor:
         return self._enabled and step % self.every_n_steps == 0 and step != self._last_sampled
 
     def step(self, step: int | None = None) -> contextlib.AbstractContextManager[Any]:
-        """Context manager around one training step (at least its forward pass).
+        """Context manager around one training step: its forward pass, or all of it.
 
         On non-sampled steps it is a shared no-op context: no hooks, no work. On sampled steps the
-        watched outputs are reduced on their device while the forward runs, and on exit the
+        watched outputs are reduced on their device while the forward runs; if ``backward()`` runs
+        inside too, so are the gradients with respect to them and each parameter's gradient
+        norm, and an optimizer step inside gives the update-to-weight ratios. On exit the
         statistics reach the host in one transfer and are judged. ``step`` is an ``int``
         (default: one more than the last).
 
@@ -298,6 +314,13 @@ class Monitor:
         if self._capture.active:
             self._end(failed=failed)
 
+    def end_forward(self) -> None:
+        """In the sampled step in progress, stop watching forward passes; its gradients, parameter
+        norms and optimizer step are still recorded until :meth:`end_step`. For integrations whose
+        framework reports a finished forward but no exception (skorch)."""
+        if self._capture.active:
+            self._capture.end_forward()
+
     @property
     def in_step(self) -> bool:
         """Whether a sampled step is being recorded right now."""
@@ -322,6 +345,23 @@ class Monitor:
         with self._lock:
             return {n: self._health[n] for n in self._order if n in self._health}
 
+    def parameter_health(self) -> dict[str, ParameterHealth]:
+        """Each trainable parameter's gradient norm and update ratio at the latest sampled step
+        whose backward ran inside the step (empty until one did)."""
+        self._drain()
+        with self._lock:
+            return dict(self._param_health)
+
+    def record_gradients(self) -> None:
+        """Read the parameters' gradients now, in the sampled step in progress (a no-op outside one).
+
+        For integrations that know where gradients are final (Lightning's
+        ``on_before_optimizer_step``: after gradient accumulation and the DDP all-reduce, before
+        clipping); the norms read here replace those seen during backward.
+        """
+        if self._capture.active and self._params is not None:
+            self._params.read_gradients()
+
     @property
     def layers(self) -> list[str]:
         """Names of the layers seen so far, in forward order."""
@@ -335,11 +375,27 @@ class Monitor:
             raise RuntimeError("Monitor.step() contexts cannot be nested.")
         self._step = step
         self._capture.begin()
+        if self._params is not None:
+            try:
+                self._params.begin()
+            except BaseException:
+                self._capture.detach()
+                raise
 
     def _end(self, failed: bool) -> None:
-        current = self._capture.end()
+        try:
+            current = self._capture.end()
+        finally:
+            params = self._params.end() if self._params is not None else None
         if failed or self._closed:
-            return  # the forward raised (the exception propagates), or the monitor was closed meanwhile
+            return  # the step raised (the exception propagates), or the monitor was closed meanwhile
+        if params is not None and params.backward and not params.stepped:
+            self._warn_once(
+                "no-optimizer-step",
+                f"a backward ran inside sampled step {self._step} but no optimizer step did, so update ratios are "
+                "skipped: put `optimizer.step()` inside `with monitor.step(...)` (a GradScaler that skips a step "
+                "with inf gradients also gives this once)",
+            )
         self._last_sampled = self._step
         if not current:
             self._warn_once(
@@ -350,7 +406,7 @@ class Monitor:
             return
         try:
             self._seq += 1
-            job = pack(self._seq, self._step, current, self.gather)
+            job = pack(self._seq, self._step, current, self.gather, params)
             self._samples += 1
             self._capture.discovered = True
             if self._background:
@@ -382,11 +438,19 @@ class Monitor:
             if job.seq <= self._judged_seq:
                 return None  # a newer step was judged first (writer overload): windows stay in order
             self._judged_seq = job.seq
-            for wp, summary, hist, scale in unpack(job):
-                health, new = self._judge.judge(wp.name, wp.kind, job.step, summary)
+            unpacked, params = unpack(job)
+            healths, alerts = self._judge.judge_step(
+                job.step, [(wp.name, wp.kind, summary) for wp, summary, _, _ in unpacked], params.grad_norms
+            )
+            for (wp, summary, hist, scale), health in zip(unpacked, healths):
                 layers.append(LayerSample(wp.name, wp.kind.name, health, summary, hist, scale))
                 self._health[wp.name] = health
-                alerts += new
+            parameters = [
+                ParameterHealth(name, job.step, params.grad_norms.get(name), params.update_ratios.get(name))
+                for name in dict.fromkeys([*params.grad_norms, *params.update_ratios])
+            ]
+            if parameters:
+                self._param_health = {p.name: p for p in parameters}
             if len(self._order_set) != len(self._order) or not self._order_set.issuperset(self._health):
                 self._order_set = set(self._order)  # restored by load_state_dict
             new_names = [ls.name for ls in layers if ls.name not in self._order_set]
@@ -396,7 +460,7 @@ class Monitor:
             self._alerts.extend(alerts)
             if len(self._alerts) > _MAX_ALERTS:
                 del self._alerts[: len(self._alerts) - _MAX_ALERTS]
-        return SampleRecord(job.step, layers, alerts), alerts
+        return SampleRecord(job.step, layers, alerts, parameters), alerts
 
     def _judge_in_background(self, job: Job) -> SampleRecord | None:
         """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""

@@ -37,6 +37,10 @@ class LayerHealth:
     evidence_values: int = 0  # values per unit behind the count-based numbers
     evidence_steps: int = 0  # sampled steps those values span
     metrics: Mapping[str, Any] = field(default_factory=dict)
+    # The gradient with respect to the layer's output (None: no backward ran inside the sampled step).
+    grad_rms: float | None = None
+    grad_max_abs: float | None = None
+    grad_nonfinite: int | None = None  # NaN/Inf gradient values
 
     # Built-in detectors' numbers, typed (others: ``health.<name>`` or ``health.metrics``).
     @property
@@ -81,7 +85,32 @@ class LayerHealth:
             out["firing_rate"] = self.firing_rate
         if self.evidence_values:
             out["evidence_values"] = float(self.evidence_values)
+        if self.grad_rms is not None:
+            out["grad_rms"] = self.grad_rms
+            out["grad_max_abs"] = float(self.grad_max_abs)  # type: ignore[arg-type]
+            out["grad_nonfinite"] = float(self.grad_nonfinite or 0)
         for k, v in self.metrics.items():
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 out[k] = float(v)
         return out
+
+
+@dataclass(frozen=True)
+class ParameterHealth:
+    """One parameter tensor at the latest sampled step whose backward ran inside the step.
+
+    ``grad_norm``: the L2 norm of its gradient, as backward left it (before clipping; in Lightning,
+    read at ``on_before_optimizer_step``). ``update_ratio``: ``||w_after - w_before|| / ||w_before||``
+    over the optimizer step(s) inside the sampled step, from a fixed strided sample of at most 4096
+    elements (exact below that); ``None`` when no optimizer step ran inside the step, or the weight
+    was all zeros. Practitioners read roughly 1e-4..1e-2 as "learning".
+
+    Example:
+        >>> ParameterHealth("fc.weight", 100, grad_norm=0.3, update_ratio=1e-3).update_ratio
+        0.001
+    """
+
+    name: str
+    step: int
+    grad_norm: float | None
+    update_ratio: float | None

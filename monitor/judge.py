@@ -31,6 +31,15 @@ from monitor.health import LayerHealth
 from monitor.stats import AT_BOUND, FIRED, UnitSummary, safe_rms
 from monitor.thresholds import Thresholds
 
+PARAMETERS = "(parameters)"  # the subject of model-wide verdicts (the total gradient norm)
+_REFERENCE_LAYERS = 3  # the watched layers nearest the loss whose median gradient RMS is the reference
+
+
+def gradient_reference(grad_rms: Sequence[float | None]) -> float | None:
+    """The median gradient RMS of the last (up to) three layers, in forward order, that have a finite one."""
+    known = [g for g in grad_rms if g is not None and math.isfinite(g)]
+    return float(np.median(known[-_REFERENCE_LAYERS:])) if known else None
+
 # NaN in a windowed row: the unit saw NaN/Inf. It is not "dead" (counted as fired) and not at a bound.
 _NAN_AS = {FIRED: 1.0, AT_BOUND: 0.0}
 
@@ -174,14 +183,66 @@ class Judge:
             mem = self.layers[name] = LayerMemory.from_state_dict(state) if state else LayerMemory()
         return mem
 
+    def judge_step(
+        self, step: int, layers: Sequence[tuple[str, Kind, UnitSummary]], grad_norms: dict[str, float] | None = None
+    ) -> tuple[list[LayerHealth], list[Alert]]:
+        """Judge every layer of one sampled step (in forward order), then the model-wide gradient norm."""
+        with np.errstate(all="ignore"):
+            grads = [s.grad.numbers() if s.grad is not None else None for _, _, s in layers]
+            ref = gradient_reference([g[0] if g is not None and not g[2] else None for g in grads])
+            healths, alerts = [], []
+            for (name, kind, s), g in zip(layers, grads):
+                h, new = self._judge(name, kind, step, s, g, ref)
+                healths.append(h)
+                alerts += new
+            if grad_norms:
+                alerts += self._judge_parameters(step, grad_norms)
+        return healths, alerts
+
     def judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
         """Judge one layer's summary of ``step``: its health and the alerts for state changes.
 
         Detectors run with numpy's floating-point warnings silenced (NaN/Inf are data here)."""
         with np.errstate(all="ignore"):
-            return self._judge(name, kind, step, s)
+            g = s.grad.numbers() if s.grad is not None else None
+            return self._judge(name, kind, step, s, g, None)
 
-    def _judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
+    def _judge_parameters(self, step: int, grad_norms: dict[str, float]) -> list[Alert]:
+        values = np.asarray(list(grad_norms.values()), dtype=np.float64)
+        bad_norms = int((~np.isfinite(values)).sum())
+        total = float(np.sqrt(np.square(values[np.isfinite(values)]).sum()))
+        mem = self.memory(PARAMETERS)
+        alerts: list[Alert] = []
+        for det in self.detectors:
+            judge = getattr(det, "evaluate_parameters", None)
+            if judge is not None:
+                v = judge(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)
+                self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
+        return alerts
+
+    def _transition(
+        self, mem: LayerMemory, det: Detector, verdict: Any, bad: bool | None, unhealthy: bool, step: int, name: str, alerts: list[Alert]
+    ) -> None:
+        """Alert on entering; "recovered" after ``recovery_samples`` consecutive healthy verdicts."""
+        th = self.thresholds
+        if bad:
+            if det.name not in mem.active:
+                msg = f"step {step} | {name} | {verdict.describe()} | {det.causes}"
+                alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg))
+            mem.active[det.name] = 0
+        elif bad is False and det.name in mem.active:
+            mem.active[det.name] += 1
+            if mem.active[det.name] >= th.recovery_samples:
+                del mem.active[det.name]
+                now = verdict.describe().split(": ", 1)[-1]
+                msg = f"step {step} | {name} | recovered from {det.name}: now {now}"
+                alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg, True))
+        elif unhealthy and det.name in mem.active:
+            mem.active[det.name] = 0  # recovery needs consecutive healthy verdicts: start over
+
+    def _judge(
+        self, name: str, kind: Kind, step: int, s: UnitSummary, grad: tuple[float, float, int] | None, grad_ref: float | None
+    ) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
         detectors, windowed = self._for(name, kind)
         mem = self.memory(name)
@@ -203,7 +264,7 @@ class Judge:
                 cache[row] = mem.evidence(row, th)
             return cache[row]
 
-        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence)
+        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence, grad, grad_ref)
         metrics: dict[str, Any] = {}
         alerts: list[Alert] = []
         for det in detectors:
@@ -213,20 +274,7 @@ class Judge:
             unhealthy = verdict.band  # judged, between the two levels: not (yet) healthy
             if det.name != "nonfinite" and not bad and (nonfinite or (tainted and det.windowed)):
                 bad, unhealthy = None, True  # a step with NaN/Inf values is never evidence of health
-            if bad:
-                if det.name not in mem.active:
-                    msg = f"step {step} | {name} | {verdict.describe()} | {det.causes}"
-                    alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg))
-                mem.active[det.name] = 0
-            elif bad is False and det.name in mem.active:
-                mem.active[det.name] += 1
-                if mem.active[det.name] >= th.recovery_samples:
-                    del mem.active[det.name]
-                    now = verdict.describe().split(": ", 1)[-1]
-                    msg = f"step {step} | {name} | recovered from {det.name}: now {now}"
-                    alerts.append(Alert(step, name, det.name, float(verdict.value), float(verdict.threshold), msg, True))
-            elif unhealthy and det.name in mem.active:
-                mem.active[det.name] = 0  # recovery needs consecutive healthy verdicts: start over
+            self._transition(mem, det, verdict, bad, unhealthy, step, name, alerts)
         ev = next((e for e in cache.values() if e is not None), None)
         health = LayerHealth(
             layer=name,
@@ -240,6 +288,9 @@ class Judge:
             evidence_values=ev.values if ev else 0,
             evidence_steps=ev.steps if ev else 0,
             metrics=metrics,
+            grad_rms=grad[0] if grad is not None else None,
+            grad_max_abs=grad[1] if grad is not None else None,
+            grad_nonfinite=grad[2] if grad is not None else None,
         )
         return health, alerts
 

@@ -113,6 +113,7 @@ class Options:
     sinks: Sequence[Sink] | None = None
     background: bool = True
     detectors: Sequence[Detector] | None = None
+    gradients: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
@@ -126,7 +127,7 @@ class Options:
         check_logdir(self.logdir)
         check_writer(self.writer)
         check_on_alert(self.on_alert)
-        for name in ("histograms", "functional", "background"):
+        for name in ("histograms", "functional", "background", "gradients"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Expected `{name}` to be True or False, got {getattr(self, name)!r}.")
         if not _is_int(self.images_every_n_samples) or self.images_every_n_samples < 0:

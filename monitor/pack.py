@@ -3,12 +3,16 @@
 :func:`pack` runs on the training thread when a sampled step ends: it concatenates all rows on
 their device (and, under DDP, makes the one collective). :func:`unpack` runs where the step is
 judged (the writer thread by default): the one device-to-host copy, histogram binning for CPU
-models, and a :class:`~monitor.stats.UnitSummary` per layer.
+models, a :class:`~monitor.stats.UnitSummary` per layer and the parameters' numbers.
+
+Layout of the flat vector: per watch point its activation rows, then its gradient rows (if
+backward reached it); the parameters' gradient norms, update norms and weight norms; the
+histogram samples or counts; under DDP, the counts.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,15 +20,30 @@ import numpy as np
 import torch
 
 from monitor.capture import Pending
+from monitor.params import ParameterPartials
 from monitor.selection import WatchPoint
 from monitor.stats import (
+    GRAD_ROWS,
     UnitSummary,
     histogram_counts_batched,
     histogram_counts_host,
     histogram_edges,
     reduce_rows_host,
     summarize,
+    summarize_grad,
 )
+
+COUNTS = 4  # per watch point: positions, histogram values sampled, values they stand for, gradient positions
+
+
+@dataclass
+class ParameterNumbers:
+    """The parameters' numbers of one sampled step, on the host (names in model order)."""
+
+    grad_norms: dict[str, float]
+    update_ratios: dict[str, float | None]  # None: the weight's norm was 0 (ratio undefined)
+    backward: bool
+    stepped: bool
 
 
 @dataclass
@@ -37,15 +56,23 @@ class Job:
     ready: Any  # a CUDA event recorded after the partials, or None
     points: list[WatchPoint]
     pending: list[Pending]
-    counts: list[float]  # per point: positions, histogram values sampled, values they stand for
+    counts: list[float]  # per point: COUNTS numbers
     bin_on_host: bool
+    params: ParameterPartials
 
 
-def pack(seq: int, step: int, current: dict[WatchPoint, Pending], gather: Callable[[torch.Tensor], torch.Tensor] | None) -> Job:
+def pack(
+    seq: int,
+    step: int,
+    current: dict[WatchPoint, Pending],
+    gather: Callable[[torch.Tensor], torch.Tensor] | None,
+    params: ParameterPartials | None = None,
+) -> Job:
     """Concatenate a step's partials into one flat tensor on their device.
 
     No host sync, except under DDP (``gather``), where the one collective happens here, on every rank.
     """
+    params = params if params is not None else ParameterPartials()
     points = list(current)
     pieces: list[torch.Tensor] = []
     device = current[points[0]].stats[0].device
@@ -58,9 +85,13 @@ def pack(seq: int, step: int, current: dict[WatchPoint, Pending], gather: Callab
     for wp in points:
         p = current[wp]
         pieces += p.stats
+        if p.grad is not None:
+            pieces += p.grad
         if p.hist_samples:
             hist_samples += p.hist_samples
             hist_groups.append(len(p.hist_samples))
+    param_at = sum(t.numel() for t in pieces)
+    pieces += [t.reshape(1) for t in params.tensors()]
     if hist_samples and bin_on_host:
         pieces += hist_samples  # binned on the host later; they travel in the same one transfer
     elif hist_samples:
@@ -69,7 +100,11 @@ def pack(seq: int, step: int, current: dict[WatchPoint, Pending], gather: Callab
         pieces.append(histogram_counts_batched(hist_samples, hist_groups).reshape(-1))
     if any(t.device != device for t in pieces):
         pieces = [t.to(device, non_blocking=True) for t in pieces]
-    counts = [float(v) for wp in points for v in (current[wp].positions, current[wp].hist_sampled, current[wp].hist_numel)]
+    counts = [
+        float(v)
+        for wp in points
+        for v in (current[wp].positions, current[wp].hist_sampled, current[wp].hist_numel, current[wp].grad_positions)
+    ]
     if gather is not None:
         pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
     flat: torch.Tensor | np.ndarray = torch.cat(pieces)
@@ -77,16 +112,20 @@ def pack(seq: int, step: int, current: dict[WatchPoint, Pending], gather: Callab
     pending = [current[wp] for wp in points]
     if gather is not None:
         host = gather(flat).reshape(-1, flat.numel()).cpu().numpy()  # the one transfer
-        flat = reduce_rows_host(host, [wp.rows for wp in points], [p.units for p in pending])
+        rows = [wp.rows + (GRAD_ROWS if p.grad is not None else ()) for wp, p in zip(points, pending)]
+        flat = reduce_rows_host(host, rows, [p.units for p in pending])
+        # Parameter gradients are all-reduced and weights are in sync: every rank holds (nearly) the same numbers.
+        flat[param_at : param_at + len(params)] = host[:, param_at : param_at + len(params)].mean(axis=0)
         counts = flat[-len(counts) :].tolist()
     elif flat.device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(flat.device))
-    return Job(seq, step, flat, ready, points, pending, counts, bin_on_host)
+    return Job(seq, step, flat, ready, points, pending, counts, bin_on_host, params)
 
 
-def unpack(job: Job) -> Iterator[tuple[WatchPoint, UnitSummary, np.ndarray | None, float]]:
-    """(watch point, summary, histogram bucket counts or None, values per counted value) per layer.
+def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | None, float]], ParameterNumbers]:
+    """Per layer (watch point, summary, histogram bucket counts or None, values per counted value),
+    in forward order, and the parameters' numbers.
 
     No ATen kernel runs here: on the writer thread, CPU kernels called from a second thread slowed
     the training thread about 3x on a 2-core machine (a second OpenMP team).
@@ -102,19 +141,26 @@ def unpack(job: Job) -> Iterator[tuple[WatchPoint, UnitSummary, np.ndarray | Non
         host_flat = job.flat
     counts = job.counts
     offset = 0
-    hist_offset = sum(len(p.stats) * p.units for p in job.pending)
+    param_at = sum((len(p.stats) + (len(GRAD_ROWS) if p.grad is not None else 0)) * p.units for p in job.pending)
+    params = _params(job.params, np.asarray(host_flat[param_at : param_at + len(job.params)], dtype=np.float64))
+    hist_offset = param_at + len(job.params)
     buckets = len(histogram_edges()) + 1
     host_counts = None
     if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy, all layers at once
-        lengths = [int(counts[3 * i + 1]) for i, p in enumerate(job.pending) if p.hist_samples]
+        lengths = [int(counts[COUNTS * i + 1]) for i, p in enumerate(job.pending) if p.hist_samples]
         if lengths:
             host_counts = iter(histogram_counts_host(host_flat[hist_offset : hist_offset + sum(lengths)], lengths))
+    layers = []
     for i, (wp, p) in enumerate(zip(job.points, job.pending)):
         r, c = len(p.stats), p.units
         block = host_flat[offset : offset + r * c].reshape(r, c)
         offset += r * c
-        positions, sampled, numel = int(counts[3 * i]), counts[3 * i + 1], counts[3 * i + 2]
-        summary = summarize(block, wp.rows, positions, wp.kind.upper if wp.kind.clamps else None)
+        positions, sampled, numel, grad_positions = (counts[COUNTS * i + k] for k in range(COUNTS))
+        summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
+        if p.grad is not None:
+            g = len(GRAD_ROWS) * c
+            summary.grad = summarize_grad(host_flat[offset : offset + g].reshape(len(GRAD_ROWS), c), int(grad_positions))
+            offset += g
         hist = None
         scale = 1.0
         if p.hist_samples:
@@ -124,4 +170,15 @@ def unpack(job: Job) -> Iterator[tuple[WatchPoint, UnitSummary, np.ndarray | Non
             else:
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
-        yield wp, summary, hist, scale
+        layers.append((wp, summary, hist, scale))
+    return layers, params
+
+
+def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:
+    n, r = len(pp.norms), len(pp.deltas)
+    norms = dict(zip(pp.norm_names, values[:n].tolist()))
+    deltas, weights = values[n : n + r], values[n + r : n + 2 * r]
+    ratios = {
+        name: (float(d / w) if w > 0 else None) for name, d, w in zip(pp.ratio_names, deltas.tolist(), weights.tolist())
+    }
+    return ParameterNumbers(norms, ratios, pp.backward, pp.stepped)

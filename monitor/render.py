@@ -1,4 +1,5 @@
-"""Heatmaps as RGB images: a "scan" (layers x units) and per-layer timelines (units x time).
+"""Heatmaps as RGB images: a "scan" (layers x units), per-layer timelines (units x time) and the
+gradient flow (layers x time).
 
 Pure numpy for the pixels (a viridis colour map from its published polynomial fit) and Pillow
 for the labels, so rendering takes a few milliseconds and needs no matplotlib.
@@ -144,7 +145,7 @@ def _text_mask(text: str) -> np.ndarray:
 
     font = _font(12)
     left, top, right, bottom = font.getbbox(text)
-    img = Image.new("1", (int(right) + 16, max(int(bottom) + 3, 15)), 0)
+    img = Image.new("1", (int(right) * 5 // 4 + 16, max(int(bottom) + 3, 15)), 0)  # unhinted bbox: too narrow
     draw = ImageDraw.Draw(img)
     draw.fontmode = "1"  # no anti-aliasing: text stays one palette colour
     draw.text((0, 0), text, fill=1, font=font)
@@ -221,5 +222,53 @@ def render_timeline(layer: str, metric: str, values: np.ndarray, steps: Sequence
         items.append(((left, top + gh + 3), f"step {steps[0]}", "left"))
         items.append(((left + gw, top + gh + 3), str(steps[-1]), "right"))
     items += _colorbar(pic, left, top + gh + 24, 160, 8, f"{metric} (red: NaN/Inf)")
+    pic.labels(items)
+    return pic
+
+
+FLOW_LOW, FLOW_HIGH = -6.0, 2.0  # log10 range of the gradient-flow colours
+
+
+def render_gradient_flow(layers: Sequence[str], ratios: np.ndarray, steps: Sequence[int]) -> Picture:
+    """Layers (rows, forward order: the input at the top, the loss at the bottom) x sampled steps
+    (columns); colour: log10 of the layer's gradient RMS over that of the layers nearest the loss
+    on the same step, from 1e-6 (dark) to 1e2 (yellow). A vanishing gradient is a dark band
+    growing from the top; white: no gradient reached the layer on that step.
+
+    ``ratios`` is ``[layers, samples]`` (NaN where there is none).
+    """
+    r = np.asarray(ratios, dtype=np.float64)
+    n, samples = r.shape
+    with np.errstate(divide="ignore", invalid="ignore"):
+        v = (np.log10(np.where(r > 0, r, 1e-300)) - FLOW_LOW) / (FLOW_HIGH - FLOW_LOW)
+    missing = np.isnan(r)
+    cell_h = int(np.clip(360 // max(n, 1), 3, 18))
+    cell_w = int(np.clip(480 // max(samples, 1), 3, 32))
+    label_every = max(1, -(-14 // cell_h))  # a label needs ~14 px
+    names = [layers[i] for i in range(0, n, label_every)]
+    left = max([text_width(s) for s in names] + [60]) + 12
+    top, right, bottom = 24, 16, 52
+    gh, gw = n * cell_h, samples * cell_w
+    title = "gradient flow: layers x sampled steps, gradient RMS / layers nearest the loss"
+    h, w = top + gh + bottom, max(left + gw + right, text_width(title) + 12, left + 420)
+    pic = Picture(h, w)
+    grid = color_index(np.where(np.isfinite(v), np.clip(v, 0.0, 1.0), np.inf))  # Inf (NaN/Inf gradients): red
+    grid[missing] = WHITE
+    pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)
+    items = [((6, 5), title, "left")]
+    for i in range(0, n, label_every):
+        items.append(((left - 6, top + i * cell_h + cell_h // 2 - 7), layers[i], "right"))
+    if steps:
+        items.append(((left, top + gh + 3), f"step {steps[0]}", "left"))
+        items.append(((left + gw, top + gh + 3), str(steps[-1]), "right"))
+    x, y, width = left, top + gh + 24, 200
+    pic.pixels[y : y + 8, x : x + width] = color_index(np.linspace(0, 1, width))[None, :]
+    items += [
+        ((x, y + 10), "1e-6", "left"),
+        ((x + width * 4 // 8, y + 10), "1e-2", "centre"),
+        ((x + width * 6 // 8, y + 10), "1", "centre"),
+        ((x + width, y + 10), "1e2", "right"),
+        ((x + width + 10, y - 3), "(white: no gradient, red: NaN/Inf)", "left"),
+    ]
     pic.labels(items)
     return pic

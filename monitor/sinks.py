@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.alerts import Alert
-from monitor.health import LayerHealth
+from monitor.health import LayerHealth, ParameterHealth
 from monitor.stats import UnitSummary, histogram_edges
 
 _FLOAT_MAX = float(np.finfo(np.float64).max)
@@ -129,6 +129,7 @@ class SampleRecord:
     step: int
     layers: list[LayerSample]
     alerts: list[Alert] = field(default_factory=list)
+    parameters: list[ParameterHealth] = field(default_factory=list)  # when a backward ran inside the step
 
 
 class Sink:

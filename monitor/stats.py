@@ -28,7 +28,11 @@ SUMABS = "sumabs"  # sum of |value| per unit (mean |activation|: dormant units)
 # Rows of a ReLU-family layer's *input* (its pre-activation), read in a forward pre-hook, before an
 # in-place ReLU overwrites it: how far below zero a silent unit sits.
 PRE_MAX, PRE_MIN = "pre_max", "pre_min"
-MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX})
+# Rows of the gradient with respect to a watched output, read by a tensor hook during backward:
+# per-unit sum of squares, largest magnitude, and count of NaN/Inf values.
+GRAD_SUMSQ, GRAD_MAX, GRAD_NONFINITE = "grad_sumsq", "grad_max", "grad_nonfinite"
+GRAD_ROWS = (GRAD_SUMSQ, GRAD_MAX, GRAD_NONFINITE)
+MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX, GRAD_MAX})
 MIN_ROWS = frozenset({PRE_MIN})
 PRE_ROWS = (PRE_MAX, PRE_MIN)
 ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PRE_MAX, PRE_MIN})
@@ -67,6 +71,17 @@ def pre_stat_rows(z: torch.Tensor, dims: tuple[int, ...]) -> list[torch.Tensor]:
     if z.dtype != torch.float32:
         z = z.float()
     return [z.amax(dims), z.amin(dims)]
+
+
+def grad_stat_rows(g: torch.Tensor, dims: tuple[int, ...]) -> list[torch.Tensor]:
+    """The GRAD_ROWS of a gradient ``g`` with respect to a watched output (float32, on g's device, no sync).
+
+    >>> [r.tolist() for r in grad_stat_rows(torch.tensor([[3.0, -1.0], [-4.0, float("nan")]]), (0,))]
+    [[25.0, nan], [4.0, 1.0], [0.0, 1.0]]
+    """
+    if g.dtype != torch.float32:
+        g = g.float()
+    return [(g * g).sum(dims), g.abs().amax(dims), _nonfinite(g, dims, None, None, None)]  # type: ignore[arg-type]
 
 
 def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -318,6 +333,7 @@ class UnitSummary:
     sumabs: np.ndarray | None = None  # sum of |value| per unit (activation kinds)
     pre_max: np.ndarray | None = None  # ReLU family: largest / smallest pre-activation per unit
     pre_min: np.ndarray | None = None
+    grad: GradSummary | None = None  # the gradient with respect to this output; None: no backward seen
 
     @property
     def units(self) -> int:
@@ -335,6 +351,33 @@ class UnitSummary:
     @_once
     def total_sq(self) -> float:
         return float(self.sumsq.sum())
+
+
+@dataclass
+class GradSummary:
+    """The gradient with respect to one watched output on one sampled step, per unit, on the host."""
+
+    positions: int  # gradient values per unit (over every backward of the step)
+    sumsq: np.ndarray
+    max: np.ndarray  # largest magnitude
+    nonfinite: np.ndarray
+
+    def numbers(self) -> tuple[float, float, int]:
+        """(RMS, largest magnitude, NaN/Inf count) over the finite values; +inf when a float32 sum overflowed."""
+        with np.errstate(all="ignore"):
+            nonfinite = int(np.nansum(self.nonfinite))
+            rms = safe_rms(self.sumsq, self.positions)
+            finite = self.max[np.isfinite(self.max)]
+            max_abs = float(finite.max()) if finite.size else float("nan")
+            if np.isposinf(self.max).any() and not nonfinite:
+                max_abs = float("inf")
+        return rms, max_abs, nonfinite
+
+
+def summarize_grad(block: np.ndarray, positions: int) -> GradSummary:
+    """Host ``[len(GRAD_ROWS), units]`` partials -> a :class:`GradSummary` in float64."""
+    block = np.asarray(block, dtype=np.float64)
+    return GradSummary(positions, block[0], block[1], block[2])
 
 
 def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: float | None = None) -> UnitSummary:

@@ -16,7 +16,20 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_hist/<layer>``               histogram of the values
 ``activation_scan``                       image: layers x units
 ``activation_timeline/<layer>``           image: units x sampled steps
-``activation_alerts``                     text: one line per alert
+``activation_alerts``                     text: one line per alert (also the gradient alerts)
+========================================  ==========================================================
+
+When the backward (and the optimizer step) of a sampled step run inside the step:
+
+========================================  ==========================================================
+``gradient_rms/<layer>``                  RMS of the gradient with respect to the layer's output
+``gradient_max_abs/<layer>``              its largest magnitude
+``gradient_nonfinite/<layer>``            its NaN/Inf values
+``gradient_ratio/<layer>``                gradient RMS / that of the 3 layers nearest the loss
+``gradient_norm/<parameter>``             L2 norm of a parameter's gradient (before clipping)
+``gradient_norm/(total)``                 L2 norm over all parameters' gradients
+``update_ratio/<parameter>``              ||w_after - w_before|| / ||w_before|| over the optimizer step
+``gradient_flow``                         image: layers x sampled steps, log colour of gradient_ratio
 ========================================  ==========================================================
 
 Each metric is its own tag prefix, so TensorBoard shows one section per metric with every layer
@@ -36,7 +49,8 @@ from typing import Any
 import numpy as np
 
 from monitor.eventfile import SUFFIX, EventFileWriter, encode_event, encode_value_histogram, encode_value_scalar
-from monitor.render import Picture, ScanRow, render_scan, render_timeline
+from monitor.judge import gradient_reference
+from monitor.render import Picture, ScanRow, render_gradient_flow, render_scan, render_timeline
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
@@ -46,6 +60,8 @@ HIST_TAG = "activation_hist"
 SCAN_TAG = "activation_scan"
 TIMELINE_TAG = "activation_timeline"
 ALERT_TAG = "activation_alerts"
+FLOW_TAG = "gradient_flow"
+_GRAD = "grad_"  # LayerHealth numbers grad_<x> are written as gradient_<x>/<layer>
 
 
 def require_tensorboard() -> None:
@@ -61,8 +77,29 @@ def scalar_values(record: SampleRecord) -> dict[str, float]:
     out: dict[str, float] = {}
     for layer in record.layers:
         for metric, v in layer.health.scalars().items():
-            out[f"{TAG_PREFIX}{metric}/{layer.name}"] = v
+            if metric.startswith(_GRAD):
+                out[f"gradient_{metric[len(_GRAD):]}/{layer.name}"] = v
+            else:
+                out[f"{TAG_PREFIX}{metric}/{layer.name}"] = v
+    norms = []
+    for p in record.parameters:
+        if p.grad_norm is not None:
+            out[f"gradient_norm/{p.name}"] = p.grad_norm
+            norms.append(p.grad_norm)
+        if p.update_ratio is not None:
+            out[f"update_ratio/{p.name}"] = p.update_ratio
+    if norms:
+        out["gradient_norm/(total)"] = float(np.sqrt(np.square(np.asarray(norms, dtype=np.float64)).sum()))
     return out
+
+
+def gradient_ratios(record: SampleRecord) -> dict[str, float]:
+    """Each layer's gradient RMS over the reference of its step (inf: NaN/Inf gradients)."""
+    hs = [layer.health for layer in record.layers if layer.health.grad_rms is not None]
+    ref = gradient_reference([h.grad_rms if not h.grad_nonfinite else None for h in hs])
+    if ref is None or ref <= 0:
+        return {}
+    return {h.layer: (np.inf if h.grad_nonfinite else h.grad_rms / ref) for h in hs}  # type: ignore[operator]
 
 
 class _Timeline:
@@ -171,6 +208,8 @@ class TensorBoardSink(Sink):
         self.images_every = images_every_n_samples
         self.timeline_length = timeline_length
         self._timelines: dict[str, _Timeline] = {}
+        self._flow: deque[tuple[int, dict[str, float]]] = deque(maxlen=timeline_length)
+        self._flow_layers: dict[str, None] = {}  # layers with a gradient, in first-seen forward order
         self._samples = 0
         self._last: SampleRecord | None = None
         self._rendered_last = False
@@ -209,6 +248,10 @@ class TensorBoardSink(Sink):
             if tl is None:
                 tl = self._timelines[layer.name] = _Timeline(self.timeline_length, "rms" if metric == "rms" else "firing")
             tl.append(record.step, v)
+        ratios = gradient_ratios(record)
+        if ratios:
+            self._flow.append((record.step, ratios))
+            self._flow_layers.update(dict.fromkeys(ratios))
         if record.alerts:
             lines = "  \n".join(("RECOVERED " if a.recovered else "ALERT ") + a.message for a in record.alerts)
             if out is None:
@@ -308,6 +351,11 @@ class TensorBoardSink(Sink):
         if rows:
             yield_gil()
             self._image(SCAN_TAG, render_scan(rows, record.step), record.step)
+        if self._flow:
+            yield_gil()
+            names = list(self._flow_layers)
+            m = np.array([[r.get(n, np.nan) for _, r in self._flow] for n in names]).reshape(len(names), -1)
+            self._image(FLOW_TAG, render_gradient_flow(names, m, [s for s, _ in self._flow]), record.step)
         if not timelines:
             return
         self._timelines_rendered_at = self._samples

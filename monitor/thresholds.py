@@ -61,6 +61,17 @@ class Thresholds:
         growth_factor: alert when a layer's RMS exceeds this multiple of its own baseline
             (the median RMS of its first ``baseline_samples`` healthy sampled steps).
 
+    Gradients (on sampled steps whose backward runs inside ``Monitor.step``). The reference is the
+    median gradient RMS of the (up to) three watched layers nearest the loss on the same step:
+        vanishing_orders: a layer's gradient RMS this many orders of magnitude below the reference
+            (1e-3) on ``vanishing_samples`` consecutive sampled steps is vanishing ...
+        vanishing_orders_at_once: ... and at once this many orders below (1e-6).
+        exploding_orders: a layer's gradient RMS this many orders above the reference is exploding
+            (a gradient growing toward the input) ...
+        grad_growth_factor: ... and so is one above this multiple of its own baseline (the median
+            of its first ``baseline_samples`` judged sampled steps), and ...
+        max_grad_norm: ... the model's total gradient norm (all parameters, before clipping) above this.
+
     Entering and leaving an alert:
         release: hysteresis. A layer enters an alert at the threshold and leaves it only when
             its value is below ``release`` times the threshold ...
@@ -84,11 +95,17 @@ class Thresholds:
     max_abs: float = 1e4
     growth_factor: float = 100.0
     baseline_samples: int = 3
+    vanishing_orders: float = 3.0
+    vanishing_orders_at_once: float = 6.0
+    vanishing_samples: int = 2
+    exploding_orders: float = 4.0
+    grad_growth_factor: float = 100.0
+    max_grad_norm: float = 1e3
     release: float = 0.8
     recovery_samples: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("min_positions", "window", "baseline_samples", "recovery_samples"):
+        for name in ("min_positions", "window", "baseline_samples", "recovery_samples", "vanishing_samples"):
             _positive_int(name, getattr(self, name))
         for name in ("dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release"):
             _fraction(name, getattr(self, name))
@@ -97,10 +114,19 @@ class Thresholds:
             raise ValueError(
                 f"Expected `saturation_tolerance` to be a number in [0, 0.5), got {self.saturation_tolerance!r}."
             )
-        for name in ("max_rms", "max_abs", "growth_factor", "dead_margin", "dormant_tau"):
+        for name in (
+            "max_rms", "max_abs", "growth_factor", "dead_margin", "dormant_tau", "vanishing_orders",
+            "vanishing_orders_at_once", "exploding_orders", "grad_growth_factor", "max_grad_norm",
+        ):
             _positive(name, getattr(self, name))
-        if self.growth_factor <= 1:
-            raise ValueError(f"Expected `growth_factor` to be greater than 1, got {self.growth_factor!r}.")
+        for name in ("growth_factor", "grad_growth_factor"):
+            if getattr(self, name) <= 1:
+                raise ValueError(f"Expected `{name}` to be greater than 1, got {getattr(self, name)!r}.")
+        if self.vanishing_orders_at_once < self.vanishing_orders:
+            raise ValueError(
+                f"Expected `vanishing_orders_at_once` ({self.vanishing_orders_at_once!r}) to be at least "
+                f"`vanishing_orders` ({self.vanishing_orders!r})."
+            )
         if self.dormant_tau >= 1:
             raise ValueError(f"Expected `dormant_tau` to be a number in (0, 1), got {self.dormant_tau!r}.")
 

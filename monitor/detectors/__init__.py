@@ -1,7 +1,7 @@
 """Detectors: each signal is one unit behind one interface (:class:`Detector`).
 
 The built-ins, in the order they are judged: ``dead``, ``saturated``, ``dormant``,
-``exploding``, ``nonfinite``. A detector of your own goes through the same path:
+``exploding``, ``nonfinite``, ``vanishing_gradient``, ``exploding_gradient``. A detector of your own goes through the same path:
 ``Monitor(model, detectors=[MyDetector()])``.
 """
 
@@ -9,13 +9,14 @@ from monitor.detectors.base import Detector, Evidence, LayerView, Verdict
 from monitor.detectors.dead import Dead
 from monitor.detectors.dormant import Dormant
 from monitor.detectors.exploding import Exploding
+from monitor.detectors.gradients import ExplodingGradient, VanishingGradient
 from monitor.detectors.nonfinite import NonFinite
 from monitor.detectors.saturated import Saturated
 
 
 def builtin_detectors() -> list[Detector]:
     """Fresh instances of the built-in detectors, in the order they are judged."""
-    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite()]
+    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite(), VanishingGradient(), ExplodingGradient()]
 
 
 BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in builtin_detectors())
@@ -27,9 +28,11 @@ __all__ = [
     "Dormant",
     "Evidence",
     "Exploding",
+    "ExplodingGradient",
     "LayerView",
     "NonFinite",
     "Saturated",
+    "VanishingGradient",
     "Verdict",
     "builtin_detectors",
 ]

@@ -1,0 +1,105 @@
+"""``vanishing_gradient`` and ``exploding_gradient``: the gradient flowing back through each layer.
+
+Both read the gradient with respect to a watched layer's output on a sampled step whose backward
+ran inside the step (``LayerView.grad_rms``), and compare it with the *reference*: the median
+gradient RMS of the (up to) three watched layers nearest the loss on the same step (the last
+ones in forward order). A ratio is scale-free: the loss's reduction, the batch size and a loss
+scale cancel out, so the same thresholds hold for any of them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from typing import Any
+
+from monitor.detectors.base import Detector, LayerView, Verdict, level
+
+
+def orders(ratio: float) -> float:
+    """Orders of magnitude a ratio lies below 1 (``inf`` for 0)."""
+    return math.inf if ratio <= 0 else -math.log10(ratio)
+
+
+class VanishingGradient(Detector):
+    """The gradient reaching a layer is orders of magnitude below that of the layers nearest the loss.
+
+    ``grad_ratio``: the layer's gradient RMS over the reference. Bad at once when it lies at least
+    ``vanishing_orders_at_once`` orders below (1e-6: no healthy layer gets there), or at least
+    ``vanishing_orders`` orders below (1e-3) on ``vanishing_samples`` consecutive sampled steps;
+    clear again above ``release`` x those orders.
+    """
+
+    name = "vanishing_gradient"
+    fields = ("grad_ratio",)
+    causes = (
+        "likely saturating activations (sigmoid/tanh) stacked deep, a too-small init, or a dead layer "
+        "above it; try ReLU/GELU, He/Xavier init, residual connections or normalisation (BatchNorm/LayerNorm)"
+    )
+
+    def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
+        th, rms, ref = layer.thresholds, layer.grad_rms, layer.grad_reference
+        if rms is None or ref is None or not (ref > 0 and math.isfinite(ref)) or not math.isfinite(rms) or layer.grad_nonfinite:
+            return Verdict(None)
+        ratio = rms / ref
+        below = orders(ratio)
+        streak = memory["streak"] = memory.get("streak", 0) + 1 if below >= th.vanishing_orders else 0
+
+        def what() -> str:
+            return (
+                f"vanishing gradient: RMS {rms:.3g} is {ratio:.2g} of the layers nearest the loss ({ref:.3g}), "
+                f"threshold 1e-{th.vanishing_orders:g}"
+            )
+
+        metrics = {"grad_ratio": ratio}
+        if below >= th.vanishing_orders_at_once or (below >= th.vanishing_orders and streak >= th.vanishing_samples):
+            return Verdict(True, below, th.vanishing_orders, what, metrics)
+        bad, band = level(below, th.vanishing_orders, th.release, True)
+        return Verdict(False if bad is False else None, below, th.vanishing_orders, what, metrics, band=band or bool(bad))
+
+
+class ExplodingGradient(Detector):
+    """The gradient reaching a layer is non-finite, or far too large: ``exploding_orders`` orders
+    above the layers nearest the loss (the front of a gradient that grows toward the input), or
+    ``grad_growth_factor`` times the layer's own baseline (the median gradient RMS of its first
+    ``baseline_samples`` judged sampled steps): a blow-up over time, caught before the loss turns
+    NaN. The model-wide gradient norm above ``max_grad_norm`` is judged once per step
+    (:meth:`evaluate_parameters`, reported for ``"(parameters)"``)."""
+
+    name = "exploding_gradient"
+    causes = (
+        "likely a learning rate too high, a too-large init, or missing normalisation; try a lower LR or "
+        "warm-up, torch.nn.utils.clip_grad_norm_, He/Xavier init, LayerNorm/BatchNorm or residual scaling"
+    )
+
+    def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
+        th, rms, ref = layer.thresholds, layer.grad_rms, layer.grad_reference
+        if rms is None:
+            return Verdict(None)
+        if layer.grad_nonfinite:
+            n = layer.grad_nonfinite
+            return Verdict(True, n, 1, f"exploding gradient: {n} NaN/Inf gradient values")
+        history = memory.setdefault("baseline_values", [])
+        base = float(statistics.median(history)) if history else None
+        ratio = rms / ref if ref is not None and ref > 0 else None
+        if ratio is not None and ratio >= 10**th.exploding_orders:
+            what = f"exploding gradient: RMS {rms:.3g} is {ratio:.2g}x that of the layers nearest the loss ({ref:.3g})"
+            return Verdict(True, ratio, 10**th.exploding_orders, what)
+        if base is not None and base > 0 and rms >= th.grad_growth_factor * base:
+            what = f"exploding gradient: RMS {rms:.3g} is {rms / base:.0f}x its baseline {base:.3g}, threshold {th.grad_growth_factor:g}x"
+            return Verdict(True, rms / base, th.grad_growth_factor, what)
+        r = th.release
+        clear = ratio is None or ratio < r * 10**th.exploding_orders
+        if base is not None and base > 0:
+            clear = clear and rms < r * th.grad_growth_factor * base
+        if clear and len(history) < th.baseline_samples and rms > 0:
+            history.append(rms)
+        return Verdict(False if clear else None, rms, th.grad_growth_factor, f"gradient RMS {rms:.3g}", band=not clear)
+
+    def evaluate_parameters(self, total_norm: float, nonfinite: int, threshold: float, release: float) -> Verdict:
+        """The model-wide gradient norm (the L2 norm over every parameter's gradient, before clipping)."""
+        if nonfinite:
+            return Verdict(True, nonfinite, 1, f"exploding gradient: {nonfinite} parameter gradients with NaN/Inf norm")
+        bad, band = level(total_norm, threshold, release, math.isfinite(total_norm) or total_norm == math.inf)
+        what = f"exploding gradient: total gradient norm {total_norm:.3g} > {threshold:.3g} (before clipping)"
+        return Verdict(bad, total_norm, threshold, what, band=band)
