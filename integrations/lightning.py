@@ -12,7 +12,7 @@ The callback only translates Lightning events into core calls:
                               all-reduced under DDP, unscaled under fp16 AMP) and *before* clipping
 ``on_train_batch_end``        ``end_step()`` once the optimizer stepped (the update ratio spans that
                               step); scalars to non-TensorBoard loggers
-``on_validation_start``       ``end_step()``: validation forwards are never recorded
+``on_validation_start`` / end ``pause()`` / ``pause(False)``: validation forwards are never recorded
 ``on_exception`` / teardown   ``end_step(failed=True)`` and ``close()``: hooks are always removed
 ``state_dict`` / load         the core's ``state_dict()`` in the checkpoint
 ============================  ==================================================================
@@ -193,6 +193,7 @@ class ActivationMonitor(Callback):
         if trainer.world_size > 1:
             strategy = trainer.strategy
             mon.gather = lambda t: strategy.all_gather(t)  # one collective per sampled step, every rank
+        mon.gradients_from_callbacks()  # read at on_before_optimizer_step: no parameter/optimizer hooks
         if state is not None:
             mon.load_state_dict(state)
         self._pending_state = None
@@ -267,7 +268,12 @@ class ActivationMonitor(Callback):
         self._log_metrics()
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._end(trainer)
+        if self.monitor is not None:
+            self.monitor.pause()  # e.g. val_check_interval inside a gradient-accumulation window
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.monitor is not None:
+            self.monitor.pause(False)
 
     def _end(self, trainer: pl.Trainer) -> None:
         mon = self.monitor

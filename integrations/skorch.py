@@ -237,6 +237,13 @@ class ActivationMonitor(Callback):
             self.epoch_samples_ += 1
             self._guard(mon, before)
 
+    def on_grad_computed(self, net: Any, named_parameters: Any = None, batch: Any = None, training: bool = False, **kwargs: Any) -> None:
+        """Gradients are final, the optimizer has not stepped yet (place this callback before
+        ``GradientNormClipping`` to get the norms before clipping)."""
+        mon = getattr(self, "monitor_", None)
+        if mon is not None and mon.in_step:
+            mon.record_gradients()
+
     def on_batch_end(self, net: Any, batch: Any = None, training: bool | None = None, **kwargs: Any) -> None:
         if not training:
             return
@@ -326,6 +333,7 @@ class ActivationMonitor(Callback):
             background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
             gradients=self.gradients,
         )
+        mon.gradients_from_callbacks()  # read at on_grad_computed: no parameter/optimizer hooks to leave behind
         if self.monitor_state_ is not None:
             mon.load_state_dict(self.monitor_state_)
         self.monitor_ = mon.attach()

@@ -133,6 +133,7 @@ class Capture:
         self.discovered = False  # a sampled step in this process looked for functional activations
         self.names = {id(m): n for n, m in model.named_modules()}
         self.active = False
+        self.paused = False  # forward passes ignored (a validation loop inside a training step)
         self.act_depth = 0
         self._handles: list[Any] = []
         self._grad_handles: list[Any] = []  # tensor hooks on this step's watched outputs
@@ -149,6 +150,7 @@ class Capture:
     def begin(self) -> None:
         self._owner = threading.get_ident()
         self.active = True
+        self.paused = False
         self._current = {}
         self._pre = {}
         self.act_depth = 0
@@ -351,8 +353,8 @@ class Capture:
         """Reduce one output of ``wp`` to its rows. ReLU family: ``pre`` holds the rows of its input
         read earlier (in-place ReLUs), or ``pre_input`` is that input, still intact."""
         try:
-            if torch._C._current_graph_task_id() != -1:
-                return  # a forward re-run inside backward (activation checkpointing): seen already
+            if self.paused or torch._C._current_graph_task_id() != -1:
+                return  # paused, or a forward re-run inside backward (activation checkpointing): seen already
             x = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
                 return

@@ -352,15 +352,29 @@ class Monitor:
         with self._lock:
             return dict(self._param_health)
 
+    def gradients_from_callbacks(self) -> None:
+        """For integrations: the framework reports where gradients are final, so sampled steps
+        attach no parameter or optimizer hooks; call :meth:`record_gradients` there. Nothing
+        process-wide is left behind if the framework's step raises without telling anyone."""
+        if self._params is not None:
+            self._params.use_hooks = False
+
     def record_gradients(self) -> None:
         """Read the parameters' gradients now, in the sampled step in progress (a no-op outside one).
 
-        For integrations that know where gradients are final (Lightning's
-        ``on_before_optimizer_step``: after gradient accumulation and the DDP all-reduce, before
-        clipping); the norms read here replace those seen during backward.
+        For integrations that know where gradients are final and the optimizer has not updated
+        yet (Lightning's ``on_before_optimizer_step``: after gradient accumulation and the DDP
+        all-reduce, before clipping; skorch's ``on_grad_computed``). With
+        :meth:`gradients_from_callbacks`, the weights' "before" samples are taken here and the
+        "after" ones when the step ends, so the update ratio spans the optimizer step.
         """
         if self._capture.active and self._params is not None:
             self._params.read_gradients()
+
+    def pause(self, paused: bool = True) -> None:
+        """Ignore (``True``) or record again (``False``) forward passes in the sampled step in
+        progress: for a validation loop that runs in the middle of a training step."""
+        self._capture.paused = paused
 
     @property
     def layers(self) -> list[str]:
@@ -386,7 +400,7 @@ class Monitor:
         try:
             current = self._capture.end()
         finally:
-            params = self._params.end() if self._params is not None else None
+            params = self._params.end(failed) if self._params is not None else None
         if failed or self._closed:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
         if params is not None and params.backward and not params.stepped:

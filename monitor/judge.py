@@ -190,14 +190,25 @@ class Judge:
         with np.errstate(all="ignore"):
             grads = [s.grad.numbers() if s.grad is not None else None for _, _, s in layers]
             ref = gradient_reference([g[0] if g is not None and not g[2] else None for g in grads])
+            growth = self._reference_growth(ref)
             healths, alerts = [], []
             for (name, kind, s), g in zip(layers, grads):
-                h, new = self._judge(name, kind, step, s, g, ref)
+                h, new = self._judge(name, kind, step, s, g, ref, growth)
                 healths.append(h)
                 alerts += new
             if grad_norms:
                 alerts += self._judge_parameters(step, grad_norms)
         return healths, alerts
+
+    def _reference_growth(self, ref: float | None) -> float | None:
+        """The reference over its own baseline (the median of its first ``baseline_samples`` values)."""
+        if ref is None or not ref > 0:
+            return None
+        history = self.memory(PARAMETERS).detectors.setdefault("gradient_reference", {}).setdefault("baseline", [])
+        base = float(np.median(history)) if history else None
+        if len(history) < self.thresholds.baseline_samples:
+            history.append(ref)
+        return ref / base if base else None
 
     def judge(self, name: str, kind: Kind, step: int, s: UnitSummary) -> tuple[LayerHealth, list[Alert]]:
         """Judge one layer's summary of ``step``: its health and the alerts for state changes.
@@ -205,7 +216,7 @@ class Judge:
         Detectors run with numpy's floating-point warnings silenced (NaN/Inf are data here)."""
         with np.errstate(all="ignore"):
             g = s.grad.numbers() if s.grad is not None else None
-            return self._judge(name, kind, step, s, g, None)
+            return self._judge(name, kind, step, s, g, None, None)
 
     def _judge_parameters(self, step: int, grad_norms: dict[str, float]) -> list[Alert]:
         values = np.asarray(list(grad_norms.values()), dtype=np.float64)
@@ -241,7 +252,14 @@ class Judge:
             mem.active[det.name] = 0  # recovery needs consecutive healthy verdicts: start over
 
     def _judge(
-        self, name: str, kind: Kind, step: int, s: UnitSummary, grad: tuple[float, float, int] | None, grad_ref: float | None
+        self,
+        name: str,
+        kind: Kind,
+        step: int,
+        s: UnitSummary,
+        grad: tuple[float, float, int] | None,
+        grad_ref: float | None,
+        ref_growth: float | None,
     ) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
         detectors, windowed = self._for(name, kind)
@@ -264,7 +282,7 @@ class Judge:
                 cache[row] = mem.evidence(row, th)
             return cache[row]
 
-        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence, grad, grad_ref)
+        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence, grad, grad_ref, ref_growth)
         metrics: dict[str, Any] = {}
         alerts: list[Alert] = []
         for det in detectors:

@@ -1,6 +1,6 @@
 """Parameters on a sampled step: gradient norms and update-to-weight ratios, on the device.
 
-:class:`ParameterCapture` attaches, for the duration of one sampled step only:
+In a plain loop, :class:`ParameterCapture` attaches, for the duration of one sampled step only:
 
 - a post-accumulate-grad hook on each trainable parameter of the watched model: the L2 norm of
   its gradient as backward left it (before clipping or the optimizer; with several backward
@@ -9,6 +9,11 @@
   of at most :data:`SAMPLE` elements of each parameter before and after the optimizer step, from
   which ``||w_after - w_before|| / ||w_before||`` is estimated (exact up to :data:`SAMPLE`
   elements). No copy of a weight is ever made, only of its sample.
+
+Integrations whose framework says where gradients are final (Lightning's
+``on_before_optimizer_step``, skorch's ``on_grad_computed``) attach neither (``use_hooks=False``):
+they call :meth:`ParameterCapture.read_gradients` there (the norms, and the "before" sample: the
+optimizer has not updated yet), and the "after" sample is taken when the step ends.
 
 Every number stays a 0-d tensor on the parameter's device until the step is packed; nothing here
 reads a value back to the host.
@@ -28,10 +33,21 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 SAMPLE = 4096  # elements per parameter tensor behind an update ratio
 
 
+def sample_stride(shape: torch.Size) -> int:
+    """ceil(numel / SAMPLE), raised until coprime with the last dimension: a stride sharing a factor
+    with a row's length would only ever see some columns (some input features of a weight)."""
+    numel = math.prod(shape)
+    stride = max(1, math.ceil(numel / SAMPLE))
+    last = shape[-1] if len(shape) else 1
+    while stride > 1 and math.gcd(stride, last) != 1:
+        stride += 1
+    return stride
+
+
 def weight_sample(p: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of every k-th element of ``p`` (k = ceil(numel / SAMPLE)), on p's device."""
+    """A float32 copy of every k-th element of ``p`` (see :func:`sample_stride`), on p's device."""
     flat = p.detach().reshape(-1)
-    stride = max(1, math.ceil(flat.numel() / SAMPLE))
+    stride = sample_stride(p.shape)
     if stride > 1:
         flat = flat[::stride]
     return flat.to(torch.float32, copy=True)
@@ -59,9 +75,9 @@ class ParameterPartials:
 class ParameterCapture:
     """The parameter hooks of sampled steps on one model. ``begin()`` ... step ... ``end()``."""
 
-    def __init__(self, model: nn.Module, warn_once: Callable[[str, str], None], norms_from_hooks: bool = True) -> None:
+    def __init__(self, model: nn.Module, warn_once: Callable[[str, str], None]) -> None:
         self.model = model
-        self.norms_from_hooks = norms_from_hooks  # False: the integration calls read_gradients()
+        self.use_hooks = True  # False: the integration calls read_gradients() (see the module docs)
         self._warn_once = warn_once
         self._handles: list[Any] = []
         self._names: dict[int, str] = {}
@@ -78,10 +94,11 @@ class ParameterCapture:
         self._order = {n: i for i, (n, _) in enumerate(named)}
         self._norms, self._before, self._after = {}, {}, {}
         self._backward = self._stepped = False
+        if not self.use_hooks:
+            return
         try:
-            if self.norms_from_hooks:
-                for _, p in named:
-                    self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
+            for _, p in named:
+                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
             self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._post_step))
         except BaseException:
@@ -93,9 +110,11 @@ class ParameterCapture:
         for h in handles:
             h.remove()
 
-    def end(self) -> ParameterPartials:
+    def end(self, failed: bool = False) -> ParameterPartials:
         """Detach and hand over the step's numbers (0-d tensors, in the model's parameter order)."""
         self.detach()
+        if not self.use_hooks and self._before and not failed:
+            self._sample_after(self._named_now())
         out = ParameterPartials(backward=self._backward, stepped=self._stepped)
         for name in sorted(self._norms, key=self._order.__getitem__):
             out.norm_names.append(name)
@@ -120,15 +139,17 @@ class ParameterCapture:
             except Exception as e:
                 self._warn_once(f"grad:{name}", f"could not read the gradient of {name}: {e!r}")
 
+    def _named_now(self) -> list[tuple[str, torch.Tensor]]:
+        names = self._names
+        return [(names[id(p)], p) for p in self.model.parameters() if id(p) in names]
+
     def read_gradients(self) -> None:
-        """Read every parameter's gradient now (where an integration knows they are final). From
-        then on, later sampled steps register no per-parameter hooks: the integration reads them."""
-        self.norms_from_hooks = False
-        grads = []
-        for p in self.model.parameters():
-            name = self._names.get(id(p))
-            if name is not None and p.grad is not None:
-                grads.append((name, p.grad))
+        """Read every parameter's gradient now, where an integration knows they are final and the
+        optimizer has not updated the weights yet (also their "before" samples, once per step)."""
+        named = self._named_now()
+        if not self.use_hooks:
+            self._sample_before(named)
+        grads = [(name, p.grad) for name, p in named if p.grad is not None]
         if not grads:
             return
         self._backward = True
@@ -149,16 +170,21 @@ class ParameterCapture:
         return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in names]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._sample_before(self._params_of(optimizer))
+
+    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self._sample_after(self._params_of(optimizer))
+
+    def _sample_before(self, params: list[tuple[str, torch.Tensor]]) -> None:
         try:
-            for name, p in self._params_of(optimizer):
+            for name, p in params:
                 if name not in self._before:  # several steps in one sampled step: span all of them
                     self._before[name] = weight_sample(p)
         except Exception as e:
             self._warn_once("update", f"could not sample the weights before the optimizer step: {e!r}")
 
-    def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+    def _sample_after(self, params: list[tuple[str, torch.Tensor]]) -> None:
         try:
-            params = self._params_of(optimizer)
             if params:
                 self._stepped = True
             for name, p in params:

@@ -306,11 +306,6 @@ class WithValidation(Net):
         return F.mse_loss(self(x * 100), y)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: on_validation_start ends the sampled step even inside an accumulation window, so that "
-    "optimizer step is recorded from its first micro-batch only, with no parameter norms or update ratios",
-)
 def test_lightning_validation_inside_an_accumulation_window_keeps_the_whole_step(tmp_path):
     """accumulate_grad_batches=2, val_check_interval=3: validation runs after micro-batch 0 of optimizer
     step 1. The sampled step 1 still spans both of its micro-batches and its optimizer step."""
@@ -560,12 +555,6 @@ def test_skorch_gradient_rms_matches_retain_grad(wine):
         assert got_max == pytest.approx(truth_max, rel=1e-6)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="product bug: with gradients=True the skorch sampled step stays open when the batch's backward "
-    "raises (skorch calls no callback on that exception), leaving post-accumulate-grad hooks on every "
-    "parameter and process-wide torch.optim step hooks registered after fit has raised",
-)
 def test_skorch_exception_in_backward_leaves_no_hooks(wine):
     """The backward of a sampled batch raises: fit raises the user's exception, and no hook of the
     monitor is left on the module, its parameters or torch.optim (process-wide)."""

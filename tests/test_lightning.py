@@ -242,8 +242,8 @@ def test_gradient_accumulation_and_epochs_sample_optimizer_steps(tmp_path):
     t = trainer(tmp_path, logger=False, max_epochs=3, accumulate_grad_batches=3, limit_train_batches=6, callbacks=[cb, Spy()])
     t.fit(MLP(), loader())
     assert t.global_step == 6
-    # micro-batches per optimizer step: 3; only the first micro-batch of a sampled step is recorded
-    assert [s for s, active in seen if active] == [0, 2, 4]
+    # micro-batches per optimizer step: 3; a sampled step spans all three (its optimizer step's gradients)
+    assert [s for s, active in seen if active] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
     assert steps.steps == [0, 2, 4]
 
 
@@ -690,7 +690,7 @@ class RecordingMonitor(ActivationMonitor):
         inner = self.monitor.gather
 
         def counted(t):
-            self.gathers.append(trainer.global_step)
+            self.gathers.append(self.monitor._step)  # the sampled step being packed
             out = inner(t)
             self.gather_shape = list(out.shape)
             return out
@@ -714,6 +714,8 @@ class RecordingMonitor(ActivationMonitor):
             "gather_shape": getattr(self, "gather_shape", None),
             "health_steps": sorted({h.step for h in own.values()}),
             "a_dead_fraction": own["a"].dead_fraction,
+            "b_grad_rms": own["b"].grad_rms,
+            "head_grad_norm": self.monitor.parameter_health()["head.weight"].grad_norm,
             "a_dead_units": list(own["a"].dead_units),
             "single_rank_dead_units": single_rank_dead,
             "alerts": [a.to_dict() for a in self.alerts],
@@ -753,6 +755,9 @@ def check_ddp(out: str) -> None:
         # `b` is dead everywhere: the dead alert on `b` stops training on every rank at once
         assert [(a["layer"], a["kind"]) for a in r["alerts"]] == [("b", "dead")]
     assert r0["alerts"] == r1["alerts"] and r0["gathers"] == r1["gathers"]
+    # gradients: combined in the same collective (activation gradients) / already all-reduced (parameters)
+    assert r0["b_grad_rms"] is not None and r0["b_grad_rms"] == r1["b_grad_rms"] > 0
+    assert r0["head_grad_norm"] == pytest.approx(r1["head_grad_norm"]) and r0["head_grad_norm"] > 0
     stop_step = r0["alerts"][0]["step"]
     assert r0["global_step"] == r1["global_step"] == stop_step + 1 < 12
     assert r0["should_stop"] and r1["should_stop"]

@@ -78,6 +78,7 @@ class LayerView:
         evidence: Callable[[str], Evidence | None],
         grad: tuple[float, float, int] | None = None,
         grad_reference: float | None = None,
+        grad_reference_growth: float | None = None,
     ) -> None:
         self.name, self.kind, self.step, self.summary, self.thresholds = name, kind, step, summary, thresholds
         self.rms, self.max_abs, self.nonfinite = rms, max_abs, nonfinite
@@ -87,6 +88,8 @@ class LayerView:
         self.grad_rms, self.grad_max_abs, self.grad_nonfinite = grad if grad is not None else (None, None, None)
         #: The median gradient RMS of the (up to) three watched layers nearest the loss on this step.
         self.grad_reference = grad_reference
+        #: That reference over its own baseline (its median over the first sampled steps).
+        self.grad_reference_growth = grad_reference_growth
 
     @property
     def units(self) -> int:

@@ -27,7 +27,9 @@ class VanishingGradient(Detector):
     ``grad_ratio``: the layer's gradient RMS over the reference. Bad at once when it lies at least
     ``vanishing_orders_at_once`` orders below (1e-6: no healthy layer gets there), or at least
     ``vanishing_orders`` orders below (1e-3) on ``vanishing_samples`` consecutive sampled steps;
-    clear again above ``release`` x those orders.
+    clear again above ``release`` x those orders. Not judged while the reference itself has grown
+    ``grad_growth_factor`` times over its baseline: the gradient exploded near the loss, and the
+    layers further back merely have not caught up (``exploding_gradient`` speaks then).
     """
 
     name = "vanishing_gradient"
@@ -41,6 +43,9 @@ class VanishingGradient(Detector):
         th, rms, ref = layer.thresholds, layer.grad_rms, layer.grad_reference
         if rms is None or ref is None or not (ref > 0 and math.isfinite(ref)) or not math.isfinite(rms) or layer.grad_nonfinite:
             return Verdict(None)
+        growth = layer.grad_reference_growth
+        if growth is not None and growth >= th.grad_growth_factor:
+            return Verdict(None, band=True)
         ratio = rms / ref
         below = orders(ratio)
         streak = memory["streak"] = memory.get("streak", 0) + 1 if below >= th.vanishing_orders else 0

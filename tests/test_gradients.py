@@ -1,0 +1,337 @@
+"""Gradient flow in a plain loop: per-layer gradients, parameter norms, update ratios, the two
+gradient detectors, and what stays untouched. Ground truth comes from ``retain_grad()`` and the
+parameters themselves, never from the monitor."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim import optimizer as optim_mod
+
+from monitor import Monitor, MonitorWarning, Thresholds
+from monitor.params import SAMPLE, weight_sample
+
+
+def deep(depth: int, width: int, act: type[nn.Module], he: bool = False, d_in: int = 13, d_out: int = 3) -> nn.Sequential:
+    layers: list = []
+    d = d_in
+    for i in range(depth):
+        lin = nn.Linear(d, width)
+        if he:
+            nn.init.kaiming_normal_(lin.weight, nonlinearity="relu")
+            nn.init.zeros_(lin.bias)
+        layers += [(f"fc{i}", lin), (f"act{i}", act())]
+        d = width
+    layers.append(("head", nn.Linear(d, d_out)))
+    return nn.Sequential(OrderedDict(layers))
+
+
+def no_hooks_left(model: nn.Module) -> None:
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks
+    for p in model.parameters():
+        assert not getattr(p, "_post_accumulate_grad_hooks", None)
+    assert not optim_mod._global_optimizer_pre_hooks and not optim_mod._global_optimizer_post_hooks
+
+
+class Twice(nn.Module):
+    """A conv block with a functional ReLU, and a Tanh module called twice."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 6 * 6, 8)
+        self.tanh = nn.Tanh()
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x):
+        h = F.relu(self.conv(x))
+        self.saved = [h]
+        h = self.fc(h.flatten(1))
+        a = self.tanh(h)
+        b = self.tanh(h * 0.5)
+        self.saved += [a, b]
+        return self.out(a + b)
+
+
+def test_layer_gradients_match_retain_grad():
+    torch.manual_seed(0)
+    model = Twice()
+    x, y = torch.randn(5, 3, 6, 6), torch.randint(0, 2, (5,))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        out = model(x)
+        for t in model.saved:
+            t.retain_grad()
+        F.cross_entropy(out, y).backward()
+        opt.step()
+    h = mon.health()
+    relu_g = model.saved[0].grad  # [5, 4, 6, 6]: units are channels
+    assert h["conv.relu"].grad_rms == pytest.approx(relu_g.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert h["conv.relu"].grad_max_abs == pytest.approx(relu_g.abs().max().item(), rel=1e-6)
+    a, b = model.saved[1].grad, model.saved[2].grad  # the module called twice: both calls count
+    both = torch.cat([a, b])
+    assert h["tanh"].grad_rms == pytest.approx(both.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert h["tanh"].grad_max_abs == pytest.approx(both.abs().max().item(), rel=1e-6)
+    assert h["tanh"].grad_nonfinite == 0
+    no_hooks_left(model)
+
+
+def test_forward_only_step_keeps_working_without_gradient_numbers():
+    torch.manual_seed(0)
+    model = deep(2, 16, nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # nothing to say about a forward-only step
+        with mon:
+            for step in range(3):
+                with mon.step(step):
+                    loss = model(torch.randn(8, 13)).pow(2).mean()
+                loss.backward()  # outside the step: no gradient numbers, no stray hook firing
+                opt.step()
+                opt.zero_grad()
+    h = mon.health()["act0"]
+    assert h.rms > 0 and h.grad_rms is None and h.grad_max_abs is None
+    assert "grad_rms" not in h.scalars() and mon.parameter_health() == {}
+    no_hooks_left(model)
+
+
+def test_parameter_norms_are_taken_before_clipping_and_update_ratios_are_exact():
+    torch.manual_seed(0)
+    model = deep(2, 16, nn.ReLU)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        F.cross_entropy(model(torch.randn(32, 13)), torch.randint(0, 3, (32,))).backward()
+        norms = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e-4)
+        opt.step()
+        opt.zero_grad()
+    ph = mon.parameter_health()
+    assert list(ph) == [n for n, _ in model.named_parameters()]
+    for n, p in model.named_parameters():
+        assert ph[n].grad_norm == pytest.approx(norms[n], rel=1e-5)
+        assert ph[n].grad_norm > 1e-4  # the clipped norm would be below this
+        exact = (p.detach() - before[n]).norm() / before[n].norm()
+        assert ph[n].update_ratio == pytest.approx(exact.item(), rel=1e-4)
+
+
+def test_update_ratio_estimate_of_a_large_parameter_is_close():
+    """A weight of 1M elements: the ratio comes from a strided sample of 4096 of them."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 4))
+    assert model[0].weight.numel() > 100 * SAMPLE and weight_sample(model[0].weight).numel() <= SAMPLE
+    errors = []
+    for opt_cls, lr in ((torch.optim.SGD, 0.5), (torch.optim.Adam, 1e-3), (torch.optim.AdamW, 1e-3)):
+        opt = opt_cls(model.parameters(), lr=lr)
+        mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+        with mon, mon.step(0):
+            F.cross_entropy(model(torch.randn(64, 1024)), torch.randint(0, 4, (64,))).backward()
+            w0 = model[0].weight.detach().clone()
+            opt.step()
+            opt.zero_grad()
+        exact = ((model[0].weight.detach() - w0).norm() / w0.norm()).item()
+        errors.append(abs(mon.parameter_health()["0.weight"].update_ratio / exact - 1))
+    assert max(errors) < 0.05, errors
+
+
+def test_no_optimizer_step_inside_the_step_says_so_once_and_skips_the_ratio():
+    torch.manual_seed(0)
+    model = deep(2, 16, nn.ReLU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with pytest.warns(MonitorWarning, match="no optimizer step") as rec, mon:
+        for step in range(3):
+            with mon.step(step):
+                model(torch.randn(8, 13)).pow(2).mean().backward()
+            opt.step()
+            opt.zero_grad()
+    assert sum("no optimizer step" in str(w.message) for w in rec) == 1
+    ph = mon.parameter_health()["fc0.weight"]
+    assert ph.grad_norm > 0 and ph.update_ratio is None
+    assert mon.health()["act0"].grad_rms > 0
+
+
+def test_a_zero_weight_has_no_ratio_and_nonfinite_gradients_are_counted():
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    nn.init.zeros_(model[0].bias)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        out = model(torch.randn(3, 4))
+        (out * torch.tensor([[1.0], [float("nan")], [1.0]])).sum().backward()
+        opt.step()
+    h = mon.health()["1"]
+    assert h.grad_nonfinite == 4  # the NaN sample's row, one value per unit
+    assert mon.parameter_health()["0.bias"].update_ratio is None  # ||w_before|| = 0: undefined
+    kinds = {(a.layer, a.kind) for a in mon.alerts}
+    assert ("1", "exploding_gradient") in kinds
+
+
+def test_activation_checkpointing_does_not_count_the_forward_twice():
+    from torch.utils.checkpoint import checkpoint
+
+    class Ck(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act, self.out = nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 1)
+
+        def forward(self, x):
+            return self.out(checkpoint(lambda t: self.act(self.fc(t)), x, use_reentrant=False))
+
+    torch.manual_seed(0)
+    model = Ck()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    x = torch.randn(7, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with mon, mon.step(0):
+        model(x).sum().backward()
+        opt.step()
+    h = mon.health()["act"]
+    z = model.fc(x).detach()
+    assert h.firing_rate == pytest.approx((z > 0).float().mean().item())
+    assert h.evidence_values == 7  # one forward's positions, not two
+    assert h.grad_rms is not None
+
+
+# -- the detectors on real runs -------------------------------------------------------------------------
+def _train(model, opt, steps, every, data, loss_fn=F.cross_entropy, **kw):
+    losses = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MonitorWarning)
+        with Monitor(model, every_n_steps=every, on_alert="ignore", **kw) as mon:
+            for s in range(steps):
+                x, y = data(s)
+                with mon.step(s):
+                    loss = loss_fn(model(x), y)
+                    opt.zero_grad()
+                    loss.backward()
+                    opt.step()
+                losses.append(loss.item())
+    return mon, losses
+
+
+def wine_like(seed=0, n=512):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, 13, generator=g)
+    Y = (X[:, 0] > 0).long() + (X[:, 1] > 0).long()
+    return lambda s: (X[(s * 64) % n : (s * 64) % n + 64], Y[(s * 64) % n : (s * 64) % n + 64])
+
+
+def test_deep_sigmoid_mlp_vanishes_at_the_first_sampled_step():
+    torch.manual_seed(0)
+    model = deep(20, 64, nn.Sigmoid)
+    mon, _ = _train(model, torch.optim.SGD(model.parameters(), lr=0.1), 30, 10, wine_like())
+    first = {a.layer: a.step for a in mon.alerts if a.kind == "vanishing_gradient" and not a.recovered}
+    assert all(first[f"act{i}"] == 0 for i in range(10))  # at once: 1e-6 and further below the loss's
+    assert "act19" not in first and "act18" not in first
+    # the front: a layer nearer the input never gets more gradient than one nearer the loss
+    ratios = [mon.health()[f"act{i}"].grad_ratio for i in range(20)]
+    assert ratios[0] < 1e-10 and all(a <= b for a, b in zip(ratios, ratios[1:]))
+
+
+def test_gradient_blow_up_alerts_before_the_loss_turns_nan():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 64), nn.GELU(), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    X = torch.randn(256, 13)
+    Y = X[:, :1] * 3 + 0.1 * torch.randn(256, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    mon, losses = _train(
+        model, opt, 80, 5, lambda s: (X[(s * 32) % 256 : (s * 32) % 256 + 32], Y[(s * 32) % 256 : (s * 32) % 256 + 32]), F.mse_loss
+    )
+    first_nan = next(i for i, v in enumerate(losses) if not math.isfinite(v))
+    exploding = [a.step for a in mon.alerts if a.kind == "exploding_gradient" and not a.recovered]
+    assert exploding and min(exploding) < first_nan
+    assert not any(a.kind == "vanishing_gradient" for a in mon.alerts)  # the reference exploded: not "vanishing"
+
+
+def test_exploding_init_alerts_at_the_first_sampled_step():
+    """A deep ReLU MLP initialised at twice the He scale: the gradient grows ~2x per layer toward the input."""
+    torch.manual_seed(0)
+    model = deep(16, 64, nn.ReLU, he=True)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                m.weight.mul_(2.0)
+    mon, _ = _train(model, torch.optim.SGD(model.parameters(), lr=1e-6), 1, 1, wine_like())
+    kinds = {(a.layer, a.kind) for a in mon.alerts if a.step == 0}
+    assert ("act0", "exploding_gradient") in kinds
+
+
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_he_relu8_stays_silent(opt_name):
+    torch.manual_seed(0)
+    model = deep(8, 64, nn.ReLU, he=True)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(model.parameters(), lr=1e-3)
+    mon, _ = _train(model, opt, 300, 10, wine_like())
+    assert not [a.message for a in mon.alerts if "gradient" in a.kind]
+    assert mon.health()["act0"].grad_rms > 0
+
+
+def test_hooks_are_removed_when_backward_raises():
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    model = deep(2, 8, nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore")
+    with mon, pytest.raises(RuntimeError, match="boom"), mon.step(0):
+        Boom.apply(model(torch.randn(4, 13))).sum().backward()
+    no_hooks_left(model)
+    assert not mon.in_step
+    # and the next step works
+    with Monitor(model, every_n_steps=1, on_alert="ignore", background=False) as mon2, mon2.step(0):
+        model(torch.randn(4, 13)).sum().backward()
+        opt.step()
+    assert mon2.health()["act0"].grad_rms > 0
+
+
+def test_state_dict_keeps_gradient_baselines():
+    torch.manual_seed(0)
+    model = deep(2, 16, nn.GELU)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon, _ = _train(model, opt, 40, 10, wine_like())
+    state = mon.state_dict()
+    mem = state["layers"]["act0"]["detectors"]["exploding_gradient"]
+    assert len(mem["baseline_values"]) == Thresholds().baseline_samples
+    assert np.isfinite(mem["baseline_values"]).all()
+    assert state["layers"]["(parameters)"]["detectors"]["gradient_reference"]["baseline"]
+
+
+@pytest.mark.parametrize("workload", ["mlp", "cnn", "transformer"])
+def test_benchmark_workloads_stay_silent_under_sgd_and_adam(workload):
+    """300 steps of each healthy benchmark workload, SGD with momentum and Adam: no gradient alert."""
+    import os
+    import sys
+
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    from overhead import make_workload
+
+    for opt_name in ("sgd", "adam"):
+        w = make_workload(workload, "cpu")
+        x, y = w.batch
+        params = w.model.parameters()
+        opt = torch.optim.SGD(params, lr=0.01, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(params, lr=1e-3)
+        g = torch.Generator().manual_seed(1)
+        mon, losses = _train(w.model, opt, 300, 10, lambda s: (x + 0.1 * torch.randn(x.shape, generator=g), y), w.loss)
+        assert losses[-1] < losses[0]
+        gradient_alerts = [a.message for a in mon.alerts if "gradient" in a.kind]
+        assert not gradient_alerts, (opt_name, gradient_alerts)
+        assert all(h.grad_rms is not None and h.grad_rms > 0 for h in mon.health().values())
+        print(workload, opt_name, [a.message[:80] for a in mon.alerts])
