@@ -7,7 +7,9 @@ Workloads (CPU by default, ``--device cuda`` on a GPU):
 
 For each workload, side by side in one process (each configuration's block, a multiple of its N
 steps, paired with a bare block of the same length run right before or after it; every block
-starts from the same weights; medians over rounds):
+starts from the same weights; medians over rounds), the monitor twice: ``monitor`` wraps the
+forward only (activations), ``+grad`` wraps the whole step (forward, backward, optimizer step:
+activations, gradients, parameter norms and update ratios; ``--no-gradients`` skips it):
   bare step time; sampled-step time (every sampled step of the N >= 10 blocks);
   amortised overhead at N = every_n_steps for the monitor and for the naive approach
   (forward hooks that keep ``output.detach().cpu()`` on every step and call
@@ -143,6 +145,18 @@ def run_block(
     _sync(device)
     t0 = last = time.perf_counter()
     for step in range(start, start + steps):
+        if mode == "grads":
+            with mon.step(step):
+                loss = w.loss(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            if per_step is not None:
+                _sync(device)
+                now = time.perf_counter()
+                per_step.append((step, now - last))
+                last = now
+            continue
         if mode == "monitor":
             with mon.step(step):
                 loss = w.loss(model(x), y)
@@ -174,8 +188,10 @@ def make_state(w: Workload, mode: str, every: int, logdir: str) -> dict:
     from monitor import Monitor
 
     state: dict = {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}
-    if mode == "monitor":
-        state["mon"] = Monitor(w.model, every_n_steps=every, logdir=os.path.join(logdir, f"mon{every}"), on_alert="ignore").attach()
+    if mode in ("monitor", "grads"):
+        state["mon"] = Monitor(
+            w.model, every_n_steps=every, logdir=os.path.join(logdir, f"{mode}{every}"), on_alert="ignore"
+        ).attach()
     elif mode == "naive":
         state["naive"] = Naive(w.model, every, os.path.join(logdir, f"naive{every}"))
     return state
@@ -188,13 +204,16 @@ def close_state(state: dict) -> None:
         state["naive"].close()
 
 
-def bench_workload(name: str, intervals: list[int], rounds: int, device: str, naive: bool, target_s: float = 0.5) -> dict:
+def bench_workload(
+    name: str, intervals: list[int], rounds: int, device: str, naive: bool, target_s: float = 0.5, gradients: bool = True
+) -> dict:
     w = make_workload(name, device)
     _ = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device)
     t_probe = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device) / 5
     n_ref = 50 if 50 in intervals else max(intervals)
     result: dict = {"workload": name, "device": device, "rounds": rounds, "intervals": {}}
-    configs = [("monitor", n) for n in intervals] + ([("naive", n_ref)] if naive else [])
+    configs = [("monitor", n) for n in intervals] + [("grads", n) for n in intervals if gradients]
+    configs += [("naive", n_ref)] if naive else []
     # Each configuration's block is a multiple of its N (so it holds exactly k samples) lasting
     # about target_s; it is paired with a bare block of the same length run right next to it.
     blocks = {c: c[1] * max(1, round(target_s / (t_probe * c[1]))) for c in configs}
@@ -208,7 +227,7 @@ def bench_workload(name: str, intervals: list[int], rounds: int, device: str, na
         ratios: dict = {c: [] for c in configs}
         times: dict = {c: [] for c in configs}
         bare_times: list = []
-        mon_log: dict = {c: [] for c in configs if c[0] == "monitor"}
+        mon_log: dict = {c: [] for c in configs if c[0] in ("monitor", "grads")}
         bare_log: list = []
         rng = random.Random(0)
         start = max(intervals) * 1000
@@ -226,7 +245,7 @@ def bench_workload(name: str, intervals: list[int], rounds: int, device: str, na
                     # from different states would not be comparable.
                     w.model.load_state_dict(init)
                     st["opt"] = torch.optim.Adam(w.model.parameters(), lr=1e-4)
-                    log = mon_log.get(c) if mode == "monitor" else bare_log
+                    log = mon_log.get(c) if mode in ("monitor", "grads") else bare_log
                     dt[mode] = run_block(w, blocks[c], start, mode, every, st, device, log) / blocks[c]
                 start += blocks[c]
                 ratios[c].append(dt[c[0]] / dt["bare"])
@@ -252,22 +271,29 @@ def bench_workload(name: str, intervals: list[int], rounds: int, device: str, na
         }
         if c in writer_cpu:
             result["intervals"][key]["writer_cpu_ms_per_sample"] = writer_cpu[c] * 1e3
-    # Sampled-step time: every sampled step of the blocks with N >= 10 (a writer as busy as in real
-    # use) against the steps of all bare blocks; unsampled steps of the same blocks for reference.
+    result["bare_step_median_ms"] = statistics.median(d for _, d in bare_log) * 1e3
+    for mode, prefix in (("monitor", ""), ("grads", "grads_")):
+        _sampled(result, mode, prefix, {c: log for c, log in mon_log.items() if c[0] == mode}, intervals, writer_cpu, bare)
+    return result
+
+
+def _sampled(result: dict, mode: str, prefix: str, mon_log: dict, intervals: list[int], writer_cpu: dict, bare: float) -> None:
+    """Sampled-step time: every sampled step of the blocks with N >= 10 (a writer as busy as in real
+    use) against the steps of all bare blocks; unsampled steps of the same blocks for reference."""
+    if not mon_log:
+        return
     logs = [(c[1], log) for c, log in mon_log.items() if c[1] >= 10] or [(c[1], log) for c, log in mon_log.items()]
     sampled = [d for n, log in logs for st, d in log if st % n == 0]
     unsampled = [d for n, log in logs for st, d in log if st % n != 0]
-    result["sampled_steps_measured"] = len(sampled)
-    result["sampled_step_ms"] = statistics.median(sampled) * 1e3
-    result["unsampled_step_ms"] = statistics.median(unsampled) * 1e3
-    result["bare_step_median_ms"] = statistics.median(d for _, d in bare_log) * 1e3
-    result["sampled_step_ratio"] = result["sampled_step_ms"] / result["bare_step_median_ms"]
+    result[f"{prefix}sampled_steps_measured"] = len(sampled)
+    result[f"{prefix}sampled_step_ms"] = statistics.median(sampled) * 1e3
+    result[f"{prefix}unsampled_step_ms"] = statistics.median(unsampled) * 1e3
+    result[f"{prefix}sampled_step_ratio"] = result[f"{prefix}sampled_step_ms"] / result["bare_step_median_ms"]
     # Implied amortised overhead at N: (extra time of a sampled step + writer CPU per sample) / N.
-    extra = (result["sampled_step_ms"] - result["unsampled_step_ms"]) / 1e3
+    extra = (result[f"{prefix}sampled_step_ms"] - result[f"{prefix}unsampled_step_ms"]) / 1e3
     for n in intervals:
-        wc = writer_cpu.get(("monitor", n), 0.0)
-        result["intervals"][f"monitor@{n}"]["implied_pct"] = 100 * (extra + wc) / n / bare
-    return result
+        wc = writer_cpu.get((mode, n), 0.0)
+        result["intervals"][f"{mode}@{n}"]["implied_pct"] = 100 * (extra + wc) / n / bare
 
 
 def sampled_step_naive(name: str, device: str, reps: int = 20) -> float:
@@ -302,6 +328,15 @@ def markdown(results: list[dict], intervals: list[int]) -> str:
         "|---|---|---|" + "---|" * len(intervals) + "---|---|---|",
     ]
     for r in results:
+        if "grads_sampled_step_ms" in r:
+            cells = [
+                f"{r['intervals'][f'grads@{n}']['overhead_pct']:+.1f}% ({r['intervals'][f'grads@{n}']['implied_pct']:.1f}%)"
+                for n in intervals
+            ]
+            lines.append(
+                f"| {r['workload']} +grad | {r['bare_step_ms']:.2f} ms | {r['grads_sampled_step_ms']:.2f} ms "
+                f"({r['grads_sampled_step_ratio']:.2f}x) | " + " | ".join(cells) + " | | | |"
+            )
         cells = [
             f"{r['intervals'][f'monitor@{n}']['overhead_pct']:+.1f}% ({r['intervals'][f'monitor@{n}']['implied_pct']:.1f}%)"
             for n in intervals
@@ -329,13 +364,16 @@ def main() -> None:
     p.add_argument("--quick", action="store_true", help="2 rounds, no memory probe")
     p.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     p.add_argument("--no-naive", action="store_true")
+    p.add_argument("--no-gradients", action="store_true", help="skip the +grad configuration (whole step inside)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
     rounds = 3 if a.quick else a.rounds
     results = []
     for name in a.workloads:
-        r = bench_workload(name, a.intervals, rounds, a.device, naive=not a.no_naive, target_s=a.block_seconds)
+        r = bench_workload(
+            name, a.intervals, rounds, a.device, naive=not a.no_naive, target_s=a.block_seconds, gradients=not a.no_gradients
+        )
         if not a.no_naive:
             r["naive_sampled_step_ms"] = sampled_step_naive(name, a.device)
         if a.memory and not a.quick:

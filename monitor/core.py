@@ -400,7 +400,7 @@ class Monitor:
         try:
             current = self._capture.end()
         finally:
-            params = self._params.end(failed) if self._params is not None else None
+            params = self._params.end(failed, host=self.gather is None) if self._params is not None else None
         if failed or self._closed:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
         if params is not None and params.backward and not params.stepped:

@@ -40,7 +40,7 @@ class LayerHealth:
     # The gradient with respect to the layer's output (None: no backward ran inside the sampled step).
     grad_rms: float | None = None
     grad_max_abs: float | None = None
-    grad_nonfinite: int | None = None  # NaN/Inf gradient values
+    grad_nonfinite: int | None = None  # units whose gradient held NaN/Inf values
 
     # Built-in detectors' numbers, typed (others: ``health.<name>`` or ``health.metrics``).
     @property

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -38,7 +39,7 @@ _REFERENCE_LAYERS = 3  # the watched layers nearest the loss whose median gradie
 def gradient_reference(grad_rms: Sequence[float | None]) -> float | None:
     """The median gradient RMS of the last (up to) three layers, in forward order, that have a finite one."""
     known = [g for g in grad_rms if g is not None and math.isfinite(g)]
-    return float(np.median(known[-_REFERENCE_LAYERS:])) if known else None
+    return float(statistics.median(known[-_REFERENCE_LAYERS:])) if known else None
 
 # NaN in a windowed row: the unit saw NaN/Inf. It is not "dead" (counted as fired) and not at a bound.
 _NAN_AS = {FIRED: 1.0, AT_BOUND: 0.0}
@@ -205,7 +206,7 @@ class Judge:
         if ref is None or not ref > 0:
             return None
         history = self.memory(PARAMETERS).detectors.setdefault("gradient_reference", {}).setdefault("baseline", [])
-        base = float(np.median(history)) if history else None
+        base = float(statistics.median(history)) if history else None
         if len(history) < self.thresholds.baseline_samples:
             history.append(ref)
         return ref / base if base else None

@@ -12,6 +12,7 @@ histogram samples or counts; under DDP, the counts.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -91,7 +92,7 @@ def pack(
             hist_samples += p.hist_samples
             hist_groups.append(len(p.hist_samples))
     param_at = sum(t.numel() for t in pieces)
-    pieces += [t.reshape(1) for t in params.tensors()]
+    pieces += params.tensors()
     if hist_samples and bin_on_host:
         pieces += hist_samples  # binned on the host later; they travel in the same one transfer
     elif hist_samples:
@@ -175,10 +176,19 @@ def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | N
 
 
 def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:
-    n, r = len(pp.norms), len(pp.deltas)
+    n, r = len(pp.norm_names), len(pp.ratio_names)
     norms = dict(zip(pp.norm_names, values[:n].tolist()))
-    deltas, weights = values[n : n + r], values[n + r : n + 2 * r]
-    ratios = {
-        name: (float(d / w) if w > 0 else None) for name, d, w in zip(pp.ratio_names, deltas.tolist(), weights.tolist())
-    }
+    rest = values[n:]
+    if pp.on_host:  # the samples themselves: before, then after
+        total = sum(pp.lengths)
+        before, after = rest[:total], rest[total : 2 * total]
+        starts = np.concatenate([[0], np.cumsum(pp.lengths)[:-1]]).astype(np.int64)
+        deltas = np.add.reduceat(np.square(after - before), starts) if r else np.zeros(0)
+        weights = np.add.reduceat(np.square(before), starts) if r else np.zeros(0)
+    else:  # per parameter on the device: sum (after - before)^2, sum before^2
+        deltas, weights = rest[: 2 * r : 2], rest[1 : 2 * r : 2]
+    with np.errstate(all="ignore"):
+        ratios = {
+            name: (math.sqrt(d / w) if w > 0 else None) for name, d, w in zip(pp.ratio_names, deltas.tolist(), weights.tolist())
+        }
     return ParameterNumbers(norms, ratios, pp.backward, pp.stepped)

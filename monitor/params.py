@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import lru_cache
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,7 +34,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook, register_op
 SAMPLE = 4096  # elements per parameter tensor behind an update ratio
 
 
-def sample_stride(shape: torch.Size) -> int:
+@lru_cache(maxsize=4096)
+def sample_stride(shape: tuple[int, ...]) -> int:
     """ceil(numel / SAMPLE), raised until coprime with the last dimension: a stride sharing a factor
     with a row's length would only ever see some columns (some input features of a weight)."""
     numel = math.prod(shape)
@@ -44,32 +46,61 @@ def sample_stride(shape: torch.Size) -> int:
     return stride
 
 
+def _views(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each parameter's strided sample as a float32 view (a copy for other dtypes)."""
+    out = []
+    for p in params:
+        flat = p.detach().reshape(-1)
+        stride = sample_stride(tuple(p.shape))
+        v = flat[::stride] if stride > 1 else flat
+        out.append(v if v.dtype == torch.float32 else v.float())
+    return out
+
+
 def weight_sample(p: torch.Tensor) -> torch.Tensor:
     """A float32 copy of every k-th element of ``p`` (see :func:`sample_stride`), on p's device."""
-    flat = p.detach().reshape(-1)
-    stride = sample_stride(p.shape)
-    if stride > 1:
-        flat = flat[::stride]
-    return flat.to(torch.float32, copy=True)
+    return _views([p])[0].clone()
+
+
+@dataclass
+class _Group:
+    """Parameters of one optimizer step on one device, and their samples before the step (one copy)."""
+
+    names: list[str]
+    params: list[torch.Tensor]
+    lengths: list[int]
+    before: torch.Tensor
+    stepped: bool = False
 
 
 @dataclass
 class ParameterPartials:
-    """One sampled step's parameter numbers, as tensors on their devices (names in model order)."""
+    """One sampled step's parameter numbers, as flat tensors on their devices (names in model order).
+
+    Update ratios travel as per-parameter sums of squares reduced on the device (``update_sq``:
+    sum (after - before)^2, sum before^2 per parameter), or, for CPU models (``on_host``), as the
+    samples themselves (``before``, then ``after``), summed on the host off the training thread.
+    """
 
     norm_names: list[str] = field(default_factory=list)
-    norms: list[torch.Tensor] = field(default_factory=list)  # 0-d gradient L2 norms
+    norms: torch.Tensor | None = None  # [len(norm_names)] gradient L2 norms
     ratio_names: list[str] = field(default_factory=list)
-    deltas: list[torch.Tensor] = field(default_factory=list)  # 0-d ||after - before|| of the sample
-    weights: list[torch.Tensor] = field(default_factory=list)  # 0-d ||before|| of the sample
+    lengths: list[int] = field(default_factory=list)  # samples per ratio name
+    update_sq: torch.Tensor | None = None
+    before: torch.Tensor | None = None
+    after: list[torch.Tensor] = field(default_factory=list)
+    on_host: bool = False
     backward: bool = False  # a gradient was seen
     stepped: bool = False  # an optimizer stepped one of the model's parameters
 
     def tensors(self) -> list[torch.Tensor]:
-        return [*self.norms, *self.deltas, *self.weights]
+        out = [self.norms] if self.norms is not None else []
+        if self.on_host and self.before is not None:
+            return out + [self.before, *self.after]
+        return out + ([self.update_sq] if self.update_sq is not None else [])
 
     def __len__(self) -> int:
-        return len(self.norms) + 2 * len(self.deltas)
+        return len(self.norm_names) + 2 * (sum(self.lengths) if self.on_host else len(self.ratio_names))
 
 
 class ParameterCapture:
@@ -83,8 +114,9 @@ class ParameterCapture:
         self._names: dict[int, str] = {}
         self._order: dict[str, int] = {}
         self._norms: dict[str, torch.Tensor] = {}
-        self._before: dict[str, torch.Tensor] = {}
-        self._after: dict[str, torch.Tensor] = {}
+        self._groups: list[_Group] = []
+        self._sampled: set[str] = set()
+        self._segments: dict[tuple, torch.Tensor] = {}  # cached segment ids per sample layout
         self._backward = False
         self._stepped = False
 
@@ -92,7 +124,7 @@ class ParameterCapture:
         named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
         self._names = {id(p): n for n, p in named}
         self._order = {n: i for i, (n, _) in enumerate(named)}
-        self._norms, self._before, self._after = {}, {}, {}
+        self._norms, self._groups, self._sampled = {}, [], set()
         self._backward = self._stepped = False
         if not self.use_hooks:
             return
@@ -110,24 +142,51 @@ class ParameterCapture:
         for h in handles:
             h.remove()
 
-    def end(self, failed: bool = False) -> ParameterPartials:
-        """Detach and hand over the step's numbers (0-d tensors, in the model's parameter order)."""
+    def end(self, failed: bool = False, host: bool = False) -> ParameterPartials:
+        """Detach and hand over the step's numbers (flat tensors, in the model's parameter order).
+
+        ``host``: the numbers may be finished on the host (no collective follows)."""
         self.detach()
-        if not self.use_hooks and self._before and not failed:
+        if not self.use_hooks and self._groups and not failed:
             self._sample_after(self._named_now())
         out = ParameterPartials(backward=self._backward, stepped=self._stepped)
-        for name in sorted(self._norms, key=self._order.__getitem__):
-            out.norm_names.append(name)
-            out.norms.append(self._norms[name])
-        for name in sorted(self._before.keys() & self._after.keys(), key=self._order.__getitem__):
-            before, after = self._before[name], self._after[name]
-            if after.device != before.device:
-                after = after.to(before.device)
-            out.ratio_names.append(name)
-            out.deltas.append(torch.linalg.vector_norm(after - before))
-            out.weights.append(torch.linalg.vector_norm(before))
-        self._norms, self._before, self._after = {}, {}, {}
+        try:
+            if self._norms:
+                out.norm_names = sorted(self._norms, key=self._order.__getitem__)
+                out.norms = _stack([self._norms[n] for n in out.norm_names])
+            groups = [g for g in self._groups if g.stepped]
+            if groups:
+                for g in groups:
+                    out.ratio_names += g.names
+                    out.lengths += g.lengths
+                out.on_host = host and all(g.before.is_cpu for g in groups)
+                if out.on_host:
+                    out.before = torch.cat([g.before for g in groups]) if len(groups) > 1 else groups[0].before
+                    out.after = [v for g in groups for v in _views(g.params)]  # copied by the step's one concatenation
+                else:
+                    sums = []
+                    for g in groups:
+                        after = torch.cat(_views(g.params))
+                        sq = torch.stack([(after - g.before).square_(), g.before.square()], dim=1)
+                        sums.append(self._segment_sums(g.lengths, sq))
+                    device = sums[0].device
+                    out.update_sq = torch.cat([t.to(device, non_blocking=True) for t in sums]).reshape(-1)
+        except Exception as e:
+            self._warn_once("params", f"could not compute the parameters' numbers: {e!r}")
+            out = ParameterPartials(backward=self._backward, stepped=self._stepped)
+        self._norms, self._groups = {}, []
         return out
+
+    def _segment_sums(self, lengths_list: list[int], sq: torch.Tensor) -> torch.Tensor:
+        """``[n, 2]`` per-sample squares -> ``[params, 2]`` sums per parameter (one kernel)."""
+        key = (sq.device, tuple(lengths_list))
+        lengths = self._segments.get(key)
+        if lengths is None:
+            lengths = torch.tensor(lengths_list, device=sq.device)
+            if len(self._segments) > 16:
+                self._segments.clear()
+            self._segments[key] = lengths
+        return torch.segment_reduce(sq, "sum", lengths=lengths, axis=0)
 
     # -- gradients ---------------------------------------------------------------------------
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -177,21 +236,34 @@ class ParameterCapture:
 
     def _sample_before(self, params: list[tuple[str, torch.Tensor]]) -> None:
         try:
+            params = [(n, p) for n, p in params if n not in self._sampled and p.numel()]  # several steps: span all
+            if not params:
+                return
+            by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
             for name, p in params:
-                if name not in self._before:  # several steps in one sampled step: span all of them
-                    self._before[name] = weight_sample(p)
+                by_device.setdefault(p.device, []).append((name, p))
+            for group in by_device.values():
+                ps = [p for _, p in group]
+                views = _views(ps)
+                before = torch.cat(views) if len(views) > 1 else views[0].clone()  # a copy, safe from the update
+                self._groups.append(_Group([n for n, _ in group], ps, [v.numel() for v in views], before))
+            self._sampled.update(n for n, _ in params)
         except Exception as e:
             self._warn_once("update", f"could not sample the weights before the optimizer step: {e!r}")
 
     def _sample_after(self, params: list[tuple[str, torch.Tensor]]) -> None:
-        try:
-            if params:
-                self._stepped = True
-            for name, p in params:
-                if name in self._before:
-                    self._after[name] = weight_sample(p)
-        except Exception as e:
-            self._warn_once("update", f"could not sample the weights after the optimizer step: {e!r}")
+        """The optimizer stepped ``params``: their groups' "after" samples are read when the step ends."""
+        if params:
+            self._stepped = True
+        taken = {n for n, _ in params}
+        for g in self._groups:
+            if taken.issuperset(g.names):
+                g.stepped = True
+
+
+def _stack(values: list[torch.Tensor]) -> torch.Tensor:
+    device = values[0].device
+    return torch.stack([v if v.device == device else v.to(device, non_blocking=True) for v in values])
 
 
 def _norm(g: torch.Tensor) -> torch.Tensor:

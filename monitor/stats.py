@@ -29,9 +29,9 @@ SUMABS = "sumabs"  # sum of |value| per unit (mean |activation|: dormant units)
 # in-place ReLU overwrites it: how far below zero a silent unit sits.
 PRE_MAX, PRE_MIN = "pre_max", "pre_min"
 # Rows of the gradient with respect to a watched output, read by a tensor hook during backward:
-# per-unit sum of squares, largest magnitude, and count of NaN/Inf values.
-GRAD_SUMSQ, GRAD_MAX, GRAD_NONFINITE = "grad_sumsq", "grad_max", "grad_nonfinite"
-GRAD_ROWS = (GRAD_SUMSQ, GRAD_MAX, GRAD_NONFINITE)
+# per-unit sum of squares and largest magnitude (NaN/Inf where a value was: amax propagates them).
+GRAD_SUMSQ, GRAD_MAX = "grad_sumsq", "grad_max"
+GRAD_ROWS = (GRAD_SUMSQ, GRAD_MAX)
 MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX, GRAD_MAX})
 MIN_ROWS = frozenset({PRE_MIN})
 PRE_ROWS = (PRE_MAX, PRE_MIN)
@@ -77,11 +77,11 @@ def grad_stat_rows(g: torch.Tensor, dims: tuple[int, ...]) -> list[torch.Tensor]
     """The GRAD_ROWS of a gradient ``g`` with respect to a watched output (float32, on g's device, no sync).
 
     >>> [r.tolist() for r in grad_stat_rows(torch.tensor([[3.0, -1.0], [-4.0, float("nan")]]), (0,))]
-    [[25.0, nan], [4.0, 1.0], [0.0, 1.0]]
+    [[25.0, nan], [4.0, nan]]
     """
     if g.dtype != torch.float32:
         g = g.float()
-    return [(g * g).sum(dims), g.abs().amax(dims), _nonfinite(g, dims, None, None, None)]  # type: ignore[arg-type]
+    return [(g * g).sum(dims), torch.maximum(g.amax(dims), g.amin(dims).neg_())]  # no |g| temporary
 
 
 def reduce_dims(ndim: int, unit_dim: int) -> tuple[int, ...]:
@@ -359,25 +359,23 @@ class GradSummary:
 
     positions: int  # gradient values per unit (over every backward of the step)
     sumsq: np.ndarray
-    max: np.ndarray  # largest magnitude
-    nonfinite: np.ndarray
+    max: np.ndarray  # largest magnitude; NaN/Inf where the unit's gradient held NaN/Inf
 
     def numbers(self) -> tuple[float, float, int]:
-        """(RMS, largest magnitude, NaN/Inf count) over the finite values; +inf when a float32 sum overflowed."""
+        """(RMS, largest magnitude, units whose gradient held NaN/Inf), the first two over the other
+        units; the RMS is +inf when a float32 sum of finite squares overflowed."""
         with np.errstate(all="ignore"):
-            nonfinite = int(np.nansum(self.nonfinite))
-            rms = safe_rms(self.sumsq, self.positions)
-            finite = self.max[np.isfinite(self.max)]
-            max_abs = float(finite.max()) if finite.size else float("nan")
-            if np.isposinf(self.max).any() and not nonfinite:
-                max_abs = float("inf")
+            finite = np.isfinite(self.max)
+            nonfinite = int((~finite).sum())
+            rms = safe_rms(np.where(finite, self.sumsq, np.nan), self.positions)
+            max_abs = float(self.max[finite].max()) if finite.any() else float("nan")
         return rms, max_abs, nonfinite
 
 
 def summarize_grad(block: np.ndarray, positions: int) -> GradSummary:
     """Host ``[len(GRAD_ROWS), units]`` partials -> a :class:`GradSummary` in float64."""
     block = np.asarray(block, dtype=np.float64)
-    return GradSummary(positions, block[0], block[1], block[2])
+    return GradSummary(positions, block[0], block[1])
 
 
 def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: float | None = None) -> UnitSummary:

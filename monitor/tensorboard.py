@@ -24,7 +24,7 @@ When the backward (and the optimizer step) of a sampled step run inside the step
 ========================================  ==========================================================
 ``gradient_rms/<layer>``                  RMS of the gradient with respect to the layer's output
 ``gradient_max_abs/<layer>``              its largest magnitude
-``gradient_nonfinite/<layer>``            its NaN/Inf values
+``gradient_nonfinite/<layer>``            units whose gradient held NaN/Inf
 ``gradient_ratio/<layer>``                gradient RMS / that of the 3 layers nearest the loss
 ``gradient_norm/<parameter>``             L2 norm of a parameter's gradient (before clipping)
 ``gradient_norm/(total)``                 L2 norm over all parameters' gradients

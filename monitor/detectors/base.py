@@ -84,7 +84,7 @@ class LayerView:
         self.rms, self.max_abs, self.nonfinite = rms, max_abs, nonfinite
         self._evidence = evidence
         #: The gradient with respect to the layer's output on this step: RMS, largest magnitude and
-        #: NaN/Inf count (None when no backward reached it inside the sampled step).
+        #: units with NaN/Inf in it (None when no backward reached it inside the sampled step).
         self.grad_rms, self.grad_max_abs, self.grad_nonfinite = grad if grad is not None else (None, None, None)
         #: The median gradient RMS of the (up to) three watched layers nearest the loss on this step.
         self.grad_reference = grad_reference

@@ -83,7 +83,7 @@ class ExplodingGradient(Detector):
             return Verdict(None)
         if layer.grad_nonfinite:
             n = layer.grad_nonfinite
-            return Verdict(True, n, 1, f"exploding gradient: {n} NaN/Inf gradient values")
+            return Verdict(True, n, 1, f"exploding gradient: NaN/Inf in the gradient of {n} of {layer.units} units")
         history = memory.setdefault("baseline_values", [])
         base = float(statistics.median(history)) if history else None
         ratio = rms / ref if ref is not None and ref > 0 else None
