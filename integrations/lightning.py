@@ -37,6 +37,7 @@ from monitor import (
     Monitor,
     MonitorWarning,
     Options,
+    ParameterHealth,
     SampleRecord,
     Sink,
     Thresholds,
@@ -147,6 +148,10 @@ class ActivationMonitor(Callback):
     def health(self) -> dict[str, LayerHealth]:
         """Each watched layer's health at its latest sampled step."""
         return self.monitor.health() if self.monitor is not None else {}
+
+    def parameter_health(self) -> dict[str, ParameterHealth]:
+        """Each parameter's gradient norm (before clipping) and update ratio at the latest sampled step."""
+        return self.monitor.parameter_health() if self.monitor is not None else {}
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -28,7 +28,7 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
-from monitor import ActivationAlertError, Alert, Detector, LayerHealth, Monitor, Options, Sink, Thresholds
+from monitor import ActivationAlertError, Alert, Detector, LayerHealth, Monitor, Options, ParameterHealth, Sink, Thresholds
 from monitor.alerts import warn
 from monitor.detectors import builtin_detectors
 from monitor.selection import Patterns
@@ -200,6 +200,7 @@ class ActivationMonitor(Callback):
         self.step_ = 0  # training batches seen since initialisation
         self.monitor_state_: dict[str, Any] | None = None
         self.health_: dict[str, LayerHealth] = {}  # latest health per layer (kept after close / pickle)
+        self.parameter_health_: dict[str, ParameterHealth] = {}  # latest gradient norm / update ratio per parameter
         self.alerts_: list[Alert] = []
         self.module_ref_: weakref.ref | None = None
         self.epoch_start_ = 0  # first step of the current epoch (its alerts are counted in history)
@@ -273,6 +274,13 @@ class ActivationMonitor(Callback):
         if mon is not None:
             self.health_.update(mon.health())
         return dict(getattr(self, "health_", {}))
+
+    def parameter_health(self) -> dict[str, ParameterHealth]:
+        """Each parameter's gradient norm and update ratio at the latest sampled batch (also after fit)."""
+        mon = getattr(self, "monitor_", None)
+        if mon is not None:
+            self.parameter_health_ = {**getattr(self, "parameter_health_", {}), **mon.parameter_health()}
+        return dict(getattr(self, "parameter_health_", {}))
 
     @property
     def alerts(self) -> list[Alert]:
@@ -365,6 +373,7 @@ class ActivationMonitor(Callback):
             self._end_step(failed=True)
             self.monitor_state_ = mon.state_dict()
             self.health_ = {**getattr(self, "health_", {}), **mon.health()}
+            self.parameter_health_ = {**getattr(self, "parameter_health_", {}), **mon.parameter_health()}
             self.alerts_ = mon.alerts
         finally:
             self.monitor_ = None

@@ -403,12 +403,13 @@ class Monitor:
             params = self._params.end(failed, host=self.gather is None) if self._params is not None else None
         if failed or self._closed:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
-        if params is not None and params.backward and not params.stepped:
+        backward = any(p.grad is not None for p in current.values()) or (params is not None and params.backward)
+        if params is not None and backward and not params.stepped:
             self._warn_once(
                 "no-optimizer-step",
-                f"a backward ran inside sampled step {self._step} but no optimizer step did, so update ratios are "
-                "skipped: put `optimizer.step()` inside `with monitor.step(...)` (a GradScaler that skips a step "
-                "with inf gradients also gives this once)",
+                f"a backward ran inside sampled step {self._step} but no optimizer step did, so the parameters' "
+                "gradient norms and update ratios are skipped: put `optimizer.step()` inside `with monitor.step(...)` "
+                "(a GradScaler that skips a step with inf gradients also gives this once)",
             )
         self._last_sampled = self._step
         if not current:

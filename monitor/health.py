@@ -97,13 +97,16 @@ class LayerHealth:
 
 @dataclass(frozen=True)
 class ParameterHealth:
-    """One parameter tensor at the latest sampled step whose backward ran inside the step.
+    """One parameter tensor at the latest sampled step whose optimizer step ran inside the step.
 
-    ``grad_norm``: the L2 norm of its gradient, as backward left it (before clipping; in Lightning,
-    read at ``on_before_optimizer_step``). ``update_ratio``: ``||w_after - w_before|| / ||w_before||``
-    over the optimizer step(s) inside the sampled step, from a fixed strided sample of at most 4096
-    elements (exact below that); ``None`` when no optimizer step ran inside the step, or the weight
-    was all zeros. Practitioners read roughly 1e-4..1e-2 as "learning".
+    ``grad_norm``: the L2 norm of its gradient where the optimizer is about to use it: in a plain
+    loop when ``optimizer.step()`` begins (after ``GradScaler`` unscaling, after any clipping you
+    do before it); in Lightning at ``on_before_optimizer_step`` (accumulated, all-reduced,
+    unscaled, *before* Lightning's clipping); in skorch at ``on_grad_computed``.
+    ``update_ratio``: ``||w_after - w_before|| / ||w_before||`` over the optimizer step(s) inside
+    the sampled step, from a fixed strided sample of at most 4096 elements (exact below that);
+    ``None`` when the weight was all zeros (undefined). Practitioners read roughly 1e-4..1e-2 as
+    "learning"; far below, the layer has stopped moving.
 
     Example:
         >>> ParameterHealth("fc.weight", 100, grad_norm=0.3, update_ratio=1e-3).update_ratio

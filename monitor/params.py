@@ -1,21 +1,21 @@
 """Parameters on a sampled step: gradient norms and update-to-weight ratios, on the device.
 
-In a plain loop, :class:`ParameterCapture` attaches, for the duration of one sampled step only:
-
-- a post-accumulate-grad hook on each trainable parameter of the watched model: the L2 norm of
-  its gradient as backward left it (before clipping or the optimizer; with several backward
-  passes in the step, the accumulated gradient of the last);
-- process-wide optimizer step pre/post hooks (``torch.optim.optimizer``): a fixed strided sample
-  of at most :data:`SAMPLE` elements of each parameter before and after the optimizer step, from
-  which ``||w_after - w_before|| / ||w_before||`` is estimated (exact up to :data:`SAMPLE`
-  elements). No copy of a weight is ever made, only of its sample.
+In a plain loop, :class:`ParameterCapture` attaches, for the duration of one sampled step only,
+process-wide optimizer step pre/post hooks (``torch.optim.optimizer``). When an optimizer steps
+parameters of the watched model, the pre-hook reads their gradients' L2 norms (one
+``_foreach_norm``: the gradient the optimizer is about to use, i.e. after ``GradScaler``'s
+unscaling and after any clipping done before ``optimizer.step()``) and a fixed strided sample of
+at most :data:`SAMPLE` elements of each parameter; the post-hook marks them stepped, and their
+samples after the step are read when the sampled step ends. From those,
+``||w_after - w_before|| / ||w_before||`` is estimated (exact up to :data:`SAMPLE` elements). No
+copy of a weight is ever made, only of its sample.
 
 Integrations whose framework says where gradients are final (Lightning's
-``on_before_optimizer_step``, skorch's ``on_grad_computed``) attach neither (``use_hooks=False``):
-they call :meth:`ParameterCapture.read_gradients` there (the norms, and the "before" sample: the
-optimizer has not updated yet), and the "after" sample is taken when the step ends.
+``on_before_optimizer_step``: unscaled, before its clipping; skorch's ``on_grad_computed``)
+attach nothing (``use_hooks=False``): they call :meth:`ParameterCapture.read_gradients` there,
+which does the same as the pre-hook.
 
-Every number stays a 0-d tensor on the parameter's device until the step is packed; nothing here
+Every number stays a tensor on the parameter's device until the step is packed; nothing here
 reads a value back to the host.
 """
 
@@ -23,8 +23,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from functools import lru_cache
 from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Any
 
 import torch
@@ -129,8 +129,6 @@ class ParameterCapture:
         if not self.use_hooks:
             return
         try:
-            for _, p in named:
-                self._handles.append(p.register_post_accumulate_grad_hook(self._on_grad))
             self._handles.append(register_optimizer_step_pre_hook(self._pre_step))
             self._handles.append(register_optimizer_step_post_hook(self._post_step))
         except BaseException:
@@ -189,26 +187,17 @@ class ParameterCapture:
         return torch.segment_reduce(sq, "sum", lengths=lengths, axis=0)
 
     # -- gradients ---------------------------------------------------------------------------
-    def _on_grad(self, p: torch.Tensor) -> None:
-        name = self._names.get(id(p))
-        if name is not None and p.grad is not None:
-            self._backward = True
-            try:
-                self._norms[name] = _norm(p.grad)
-            except Exception as e:
-                self._warn_once(f"grad:{name}", f"could not read the gradient of {name}: {e!r}")
-
     def _named_now(self) -> list[tuple[str, torch.Tensor]]:
         names = self._names
         return [(names[id(p)], p) for p in self.model.parameters() if id(p) in names]
 
-    def read_gradients(self) -> None:
-        """Read every parameter's gradient now, where an integration knows they are final and the
-        optimizer has not updated the weights yet (also their "before" samples, once per step)."""
-        named = self._named_now()
-        if not self.use_hooks:
-            self._sample_before(named)
-        grads = [(name, p.grad) for name, p in named if p.grad is not None]
+    def read_gradients(self, params: list[tuple[str, torch.Tensor]] | None = None) -> None:
+        """Read the gradients' norms and the weights' "before" samples of ``params`` (default: every
+        trainable parameter of the model) now: gradients final, the optimizer not stepped yet.
+        With several optimizer steps in one sampled step, the first one's are kept."""
+        named = self._named_now() if params is None else params
+        self._sample_before(named)
+        grads = [(name, p.grad) for name, p in named if p.grad is not None and name not in self._norms]
         if not grads:
             return
         self._backward = True
@@ -229,7 +218,7 @@ class ParameterCapture:
         return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in names]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._sample_before(self._params_of(optimizer))
+        self.read_gradients(self._params_of(optimizer))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
         self._sample_after(self._params_of(optimizer))

@@ -23,3 +23,17 @@ def test_quickstart_catches_the_pathology_and_stays_silent_when_healthy(tmp_path
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(tmp_path / "bad"))
     healthy = main(["--steps", "30", "--lr", "1e-3", "--logdir", str(tmp_path / "ok")])
     assert healthy.alerts == []
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_vanishing_gradients_example_alerts_at_step_0_and_its_fix_is_silent(tmp_path, capsys):
+    main = load("vanishing_gradients.py")["main"]
+    mon = main(["--logdir", str(tmp_path / "bad")])
+    first = {a.layer: a.step for a in mon.alerts if a.kind == "vanishing_gradient" and not a.recovered}
+    assert first["act0"] == 0 and "act19" not in first
+    assert mon.parameter_health()["fc0.weight"].update_ratio < 1e-12  # the first layer does not learn
+    out = capsys.readouterr().out
+    assert "ALERT step 0 | act0 | vanishing gradient" in out
+    healthy = main(["--fix", "--logdir", str(tmp_path / "ok")])
+    assert healthy.alerts == []
+    assert healthy.parameter_health()["fc0.weight"].update_ratio > 1e-4
