@@ -68,9 +68,14 @@ class _Group:
 
     names: list[str]
     params: list[torch.Tensor]
+    views: list[torch.Tensor]  # views of the parameters' samples (copies for non-float32 ones)
     lengths: list[int]
     before: torch.Tensor
     stepped: bool = False
+
+    def after(self) -> list[torch.Tensor]:
+        """The samples now: the same views (they follow the update), fresh copies for other dtypes."""
+        return _views(self.params) if any(p.dtype != torch.float32 for p in self.params) else self.views
 
 
 @dataclass
@@ -160,11 +165,11 @@ class ParameterCapture:
                 out.on_host = host and all(g.before.is_cpu for g in groups)
                 if out.on_host:
                     out.before = torch.cat([g.before for g in groups]) if len(groups) > 1 else groups[0].before
-                    out.after = [v for g in groups for v in _views(g.params)]  # copied by the step's one concatenation
+                    out.after = [v for g in groups for v in g.after()]  # copied by the step's one concatenation
                 else:
                     sums = []
                     for g in groups:
-                        after = torch.cat(_views(g.params))
+                        after = torch.cat(g.after())
                         sq = torch.stack([(after - g.before).square_(), g.before.square()], dim=1)
                         sums.append(self._segment_sums(g.lengths, sq))
                     device = sums[0].device
@@ -235,7 +240,7 @@ class ParameterCapture:
                 ps = [p for _, p in group]
                 views = _views(ps)
                 before = torch.cat(views) if len(views) > 1 else views[0].clone()  # a copy, safe from the update
-                self._groups.append(_Group([n for n, _ in group], ps, [v.numel() for v in views], before))
+                self._groups.append(_Group([n for n, _ in group], ps, views, [v.numel() for v in views], before))
             self._sampled.update(n for n, _ in params)
         except Exception as e:
             self._warn_once("update", f"could not sample the weights before the optimizer step: {e!r}")

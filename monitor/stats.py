@@ -32,6 +32,7 @@ PRE_MAX, PRE_MIN = "pre_max", "pre_min"
 # per-unit sum of squares and largest magnitude (NaN/Inf where a value was: amax propagates them).
 GRAD_SUMSQ, GRAD_MAX = "grad_sumsq", "grad_max"
 GRAD_ROWS = (GRAD_SUMSQ, GRAD_MAX)
+_SMALL = 1 << 16  # elements: below, per-kernel overhead dominates memory traffic
 MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX, GRAD_MAX})
 MIN_ROWS = frozenset({PRE_MIN})
 PRE_ROWS = (PRE_MAX, PRE_MIN)
@@ -81,6 +82,8 @@ def grad_stat_rows(g: torch.Tensor, dims: tuple[int, ...]) -> list[torch.Tensor]
     """
     if g.dtype != torch.float32:
         g = g.float()
+    if g.numel() < _SMALL:  # fewer kernels
+        return [(g * g).sum(dims), g.abs().amax(dims)]
     return [(g * g).sum(dims), torch.maximum(g.amax(dims), g.amin(dims).neg_())]  # no |g| temporary
 
 

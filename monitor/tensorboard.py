@@ -212,7 +212,8 @@ class TensorBoardSink(Sink):
         self._flow_layers: dict[str, None] = {}  # layers with a gradient, in first-seen forward order
         self._samples = 0
         self._last: SampleRecord | None = None
-        self._rendered_last = False
+        self._rendered_last = False  # the last record's scan was drawn
+        self._histories_last = False  # ... and its timelines / gradient flow
         self._timelines_rendered_at = 0
 
     @property
@@ -264,7 +265,7 @@ class TensorBoardSink(Sink):
                 out.add_summary(text(ALERT_TAG, lines), record.step)
         self._samples += 1
         self._last = record
-        self._rendered_last = False
+        self._rendered_last = self._histories_last = False
         if self.images_every > 0:
             alert = any(not a.recovered for a in record.alerts)
             scan_due = (self._samples - 1) % self.images_every == 0
@@ -288,8 +289,8 @@ class TensorBoardSink(Sink):
         if self._closed:
             return
         try:
-            if self._last is not None and not self._rendered_last and self.images_every > 0:
-                self._write_images(self._last, timelines=True)
+            if self._last is not None and not self._histories_last and self.images_every > 0:
+                self._write_images(self._last, timelines=True, scan=not self._rendered_last)
         finally:
             self._closed = True
             if self._out is not None:
@@ -337,8 +338,9 @@ class TensorBoardSink(Sink):
                 values.append(Summary.Value(tag=f"{HIST_TAG}/{layer.name}", histo=proto))
         out.add_summary(Summary(value=values), record.step)
 
-    def _write_images(self, record: SampleRecord, timelines: bool) -> None:
+    def _write_images(self, record: SampleRecord, timelines: bool, scan: bool = True) -> None:
         self._rendered_last = True
+        self._histories_last = self._histories_last or timelines
         rows = []
         for layer in record.layers:
             if layer.firing is not None:
@@ -348,17 +350,17 @@ class TensorBoardSink(Sink):
                 finite = m[np.isfinite(m)]
                 top = finite.max() if finite.size else 1.0
                 rows.append(ScanRow(layer.name, m / top if top > 0 else m, "rms"))
-        if rows:
+        if rows and scan:
             yield_gil()
             self._image(SCAN_TAG, render_scan(rows, record.step), record.step)
-        if self._flow:
+        if not timelines:
+            return
+        self._timelines_rendered_at = self._samples
+        if self._flow:  # a history like the timelines: rendered on their schedule
             yield_gil()
             names = list(self._flow_layers)
             m = np.array([[r.get(n, np.nan) for _, r in self._flow] for n in names]).reshape(len(names), -1)
             self._image(FLOW_TAG, render_gradient_flow(names, m, [s for s, _ in self._flow]), record.step)
-        if not timelines:
-            return
-        self._timelines_rendered_at = self._samples
         for name, tl in self._timelines.items():
             if tl.values:
                 yield_gil()

@@ -363,3 +363,56 @@ def test_benchmark_workloads_stay_silent_under_sgd_and_adam(workload):
         assert not gradient_alerts, (opt_name, gradient_alerts)
         assert all(h.grad_rms is not None and h.grad_rms > 0 for h in mon.health().values())
         print(workload, opt_name, [a.message[:80] for a in mon.alerts])
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_no_host_access_from_the_monitor_during_a_whole_sampled_step(monkeypatch, background):
+    """Forward, backward and the optimizer step with every gradient hook in place: the monitor
+    reads nothing back to the host on the training thread; the one transfer is on the writer
+    thread (background) or at the step's end."""
+    import os
+    import sys
+    import threading
+
+    import monitor
+
+    here = os.path.dirname(monitor.__file__)
+    torch.manual_seed(0)
+    model = deep(3, 32, nn.Tanh)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=background).attach()
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+
+    def step(s, inside):
+        with mon.step(s):
+            inside["on"] = True
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            inside["on"] = False
+
+    step(0, {"on": False})
+    mon.flush()
+    events: list[str] = []
+    inside = {"on": False}
+    main = threading.current_thread()
+    for name in ("item", "cpu", "tolist", "numpy", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _n=name, _o=original, **k):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(here):
+                where = "inside:" if inside["on"] else "exit:" if threading.current_thread() is main else "writer:"
+                events.append(where + _n)
+            return _o(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    for s in (1, 2):
+        step(s, inside)
+    mon.flush()
+    monkeypatch.undo()
+    assert [e for e in events if e.startswith("inside:")] == []
+    where = "writer:" if background else "exit:"
+    assert sorted(events) == [f"{where}numpy"] * 2  # one view of the step's one flat tensor, each step
+    assert mon.parameter_health()["fc0.weight"].update_ratio > 0 and mon.health()["act0"].grad_rms > 0
+    mon.close()
