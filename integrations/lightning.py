@@ -257,7 +257,7 @@ class ActivationMonitor(Callback):
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         mon = self.monitor
         if mon is not None and mon.in_step:
-            mon.record_gradients()  # before Lightning clips them (its next call)
+            mon.record_gradients(optimizer)  # before Lightning clips them (its next call)
             self._stepped = True
 
     def on_train_batch_end(

@@ -359,17 +359,18 @@ class Monitor:
         if self._params is not None:
             self._params.use_hooks = False
 
-    def record_gradients(self) -> None:
+    def record_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Read the parameters' gradients now, in the sampled step in progress (a no-op outside one).
 
         For integrations that know where gradients are final and the optimizer has not updated
         yet (Lightning's ``on_before_optimizer_step``: after gradient accumulation and the DDP
         all-reduce, before clipping; skorch's ``on_grad_computed``). With
         :meth:`gradients_from_callbacks`, the weights' "before" samples are taken here and the
-        "after" ones when the step ends, so the update ratio spans the optimizer step.
+        "after" ones when the step ends, so the update ratio spans the optimizer step. With
+        ``optimizer``, only its parameters (several optimizers stepping one after the other).
         """
         if self._capture.active and self._params is not None:
-            self._params.read_gradients()
+            self._params.read_gradients(None if optimizer is None else self._params.params_of(optimizer))
 
     def pause(self, paused: bool = True) -> None:
         """Ignore (``True``) or record again (``False``) forward passes in the sampled step in

@@ -122,13 +122,20 @@ class ParameterCapture:
         self._groups: list[_Group] = []
         self._sampled: set[str] = set()
         self._segments: dict[tuple, torch.Tensor] = {}  # cached segment ids per sample layout
+        self._views: dict[int, tuple[int, torch.Tensor]] = {}  # id(param) -> (data_ptr, sample view)
         self._backward = False
         self._stepped = False
 
-    def begin(self) -> None:
-        named = [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+    def _index(self) -> None:
+        """Names and model order of the parameters (walked again only when an unknown one shows up)."""
+        named = list(self.model.named_parameters())
         self._names = {id(p): n for n, p in named}
         self._order = {n: i for i, (n, _) in enumerate(named)}
+        self._views.clear()
+
+    def begin(self) -> None:
+        if not self._names or not self.use_hooks:
+            self._index()  # integrations read every parameter: walk the model each sampled step
         self._norms, self._groups, self._sampled = {}, [], set()
         self._backward = self._stepped = False
         if not self.use_hooks:
@@ -194,7 +201,7 @@ class ParameterCapture:
     # -- gradients ---------------------------------------------------------------------------
     def _named_now(self) -> list[tuple[str, torch.Tensor]]:
         names = self._names
-        return [(names[id(p)], p) for p in self.model.parameters() if id(p) in names]
+        return [(names[id(p)], p) for p in self.model.parameters() if id(p) in names and p.requires_grad]
 
     def read_gradients(self, params: list[tuple[str, torch.Tensor]] | None = None) -> None:
         """Read the gradients' norms and the weights' "before" samples of ``params`` (default: every
@@ -218,15 +225,19 @@ class ParameterCapture:
             self._warn_once("grads", f"could not read the parameters' gradients: {e!r}")
 
     # -- the optimizer step ------------------------------------------------------------------
-    def _params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+    def params_of(self, optimizer: torch.optim.Optimizer) -> list[tuple[str, torch.Tensor]]:
+        """(name, parameter) of the watched model's trainable parameters that ``optimizer`` steps."""
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.requires_grad]
+        if any(id(p) not in self._names for p in params):
+            self._index()  # a parameter added or replaced since (or another model's: skipped below)
         names = self._names
-        return [(names[id(p)], p) for g in optimizer.param_groups for p in g["params"] if id(p) in names]
+        return [(names[id(p)], p) for p in params if id(p) in names]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self.read_gradients(self._params_of(optimizer))
+        self.read_gradients(self.params_of(optimizer))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        self._sample_after(self._params_of(optimizer))
+        self._sample_after(self.params_of(optimizer))
 
     def _sample_before(self, params: list[tuple[str, torch.Tensor]]) -> None:
         try:
@@ -238,12 +249,28 @@ class ParameterCapture:
                 by_device.setdefault(p.device, []).append((name, p))
             for group in by_device.values():
                 ps = [p for _, p in group]
-                views = _views(ps)
+                views = self._cached_views(ps)
                 before = torch.cat(views) if len(views) > 1 else views[0].clone()  # a copy, safe from the update
                 self._groups.append(_Group([n for n, _ in group], ps, views, [v.numel() for v in views], before))
             self._sampled.update(n for n, _ in params)
         except Exception as e:
             self._warn_once("update", f"could not sample the weights before the optimizer step: {e!r}")
+
+    def _cached_views(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Sample views are reused across steps while a parameter keeps its storage (float32 only)."""
+        out = []
+        cache = self._views
+        for p in params:
+            hit = cache.get(id(p))
+            ptr = p.data_ptr()
+            if hit is None or hit[0] != ptr or p.dtype != torch.float32:
+                (v,) = _views([p])
+                if p.dtype == torch.float32:
+                    cache[id(p)] = (ptr, v)
+            else:
+                v = hit[1]
+            out.append(v)
+        return out
 
     def _sample_after(self, params: list[tuple[str, torch.Tensor]]) -> None:
         """The optimizer stepped ``params``: their groups' "after" samples are read when the step ends."""
