@@ -1,13 +1,13 @@
 """The :class:`Monitor`: a thin facade over capture, packing, judging and the sinks.
 
 One sampled step, as data: ``Monitor.step`` -> :class:`~monitor.capture.Capture` registers hooks
-(and :class:`~monitor.params.ParameterCapture` its parameter and optimizer hooks) -> forward ->
+(and :class:`~monitor.params.ParameterCapture` its optimizer hooks) -> forward ->
 each hook appends per-unit rows on the device (and registers a tensor hook for the gradient) ->
 backward and the optimizer step, if inside the step -> the capture ends (hooks removed)
 -> :func:`~monitor.pack.pack` concatenates them (one DDP collective) -> the writer thread
-(:class:`~monitor.sinks.Dispatcher`) copies them to the host once -> :func:`~monitor.pack.unpack`
--> :class:`~monitor.judge.Judge` runs each detector -> :func:`~monitor.alerts.deliver` acts ->
-sinks write.
+(:class:`~monitor.sinks.Dispatcher`) hands them to the :class:`~monitor.ledger.Ledger`, which copies
+them to the host once (:func:`~monitor.pack.unpack`), has the :class:`~monitor.judge.Judge` run
+each detector and keeps the results -> :func:`~monitor.alerts.deliver` acts -> sinks write.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ import atexit
 import contextlib
 import functools
 import os
-import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
@@ -29,17 +28,17 @@ from monitor.capture import Capture
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import LayerHealth, ParameterHealth
 from monitor.judge import Judge
+from monitor.ledger import Ledger
 from monitor.options import Options
-from monitor.pack import Job, pack, unpack
+from monitor.pack import Job, pack
 from monitor.params import ParameterCapture
 from monitor.selection import Patterns, Selector, WatchPoint
-from monitor.sinks import Dispatcher, LayerSample, SampleRecord, Sink
+from monitor.sinks import Dispatcher, SampleRecord, Sink
 from monitor.stats import PRE_ROWS, rows_for
 from monitor.thresholds import Thresholds
 
 __all__ = ["ActivationAlertError", "Monitor", "MonitorWarning", "OnAlert"]
 
-_MAX_ALERTS = 10_000
 _OPEN: weakref.WeakSet[Monitor] = weakref.WeakSet()
 
 
@@ -168,7 +167,8 @@ class Monitor:
             warn_once=self._warn_once,
         )
         self._params = ParameterCapture(model, self._warn_once) if gradients else None
-        self._judge = Judge(self.thresholds, self.detectors)
+        self._ledger = Ledger(Judge(self.thresholds, self.detectors))
+        self._judge = self._ledger.judge
 
         self._sinks: list[Sink] = list(opts.sinks or [])
         if logdir is not None or writer is not None:
@@ -181,11 +181,6 @@ class Monitor:
             )
         self._dispatcher: Dispatcher | None = None
 
-        self._health: dict[str, LayerHealth] = {}
-        self._param_health: dict[str, ParameterHealth] = {}
-        self._alerts: list[Alert] = []
-        self._order: list[str] = []  # layer names in first-seen forward order
-        self._order_set: set[str] = set()
         self._samples = 0
         self._auto_step = 0
         self._last_sampled: int | None = None
@@ -194,10 +189,8 @@ class Monitor:
         self._closed = False
         self._enabled = True
         self._stop = False
-        self._lock = threading.RLock()  # judging state, shared with the writer thread
         self._queued = False  # sampled steps handed to the writer thread and maybe not judged yet
         self._seq = 0  # sampled steps packed by this monitor (never reset)
-        self._judged_seq = 0  # the last of them judged
         self.gather: Callable[[torch.Tensor], torch.Tensor] | None = None  # set by DDP integrations
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -336,21 +329,20 @@ class Monitor:
     def alerts(self) -> list[Alert]:
         """Every alert so far (entering and recovering), oldest first."""
         self._drain()
-        with self._lock:
-            return list(self._alerts)
+        with self._ledger.lock:
+            return list(self._ledger.alerts)
 
     def health(self) -> dict[str, LayerHealth]:
         """Each watched layer's health at its latest sampled step, in forward order."""
         self._drain()
-        with self._lock:
-            return {n: self._health[n] for n in self._order if n in self._health}
+        return self._ledger.layer_health()
 
     def parameter_health(self) -> dict[str, ParameterHealth]:
         """Each trainable parameter's gradient norm and update ratio at the latest sampled step
         whose backward ran inside the step (empty until one did)."""
         self._drain()
-        with self._lock:
-            return dict(self._param_health)
+        with self._ledger.lock:
+            return dict(self._ledger.param_health)
 
     def gradients_from_callbacks(self) -> None:
         """For integrations: the framework reports where gradients are final, so sampled steps
@@ -381,8 +373,8 @@ class Monitor:
     def layers(self) -> list[str]:
         """Names of the layers seen so far, in forward order."""
         self._drain()
-        with self._lock:
-            return list(self._order)
+        with self._ledger.lock:
+            return list(self._ledger.order)
 
     # -- one sampled step ----------------------------------------------------------------------
     def _begin(self, step: int) -> None:
@@ -429,7 +421,7 @@ class Monitor:
                 self._queued = True
                 self._dispatcher.submit(job)  # type: ignore[union-attr]
                 return
-            judged = self._judge_job(job)
+            judged = self._ledger.take(job)
             if judged is None:
                 return
             record, alerts = judged
@@ -446,41 +438,9 @@ class Monitor:
         inline = self.on_alert in ("raise", "stop") or self.gather is not None
         return self.background and not inline and d is not None and not d.overloaded
 
-    def _judge_job(self, job: Job) -> tuple[SampleRecord, list[Alert]] | None:
-        """Host side of a sampled step: the one transfer, summaries, detection, the record."""
-        layers: list[LayerSample] = []
-        alerts: list[Alert] = []
-        with self._lock:
-            if job.seq <= self._judged_seq:
-                return None  # a newer step was judged first (writer overload): windows stay in order
-            self._judged_seq = job.seq
-            unpacked, params = unpack(job)
-            healths, alerts = self._judge.judge_step(
-                job.step, [(wp.name, wp.kind, summary) for wp, summary, _, _ in unpacked], params.grad_norms
-            )
-            for (wp, summary, hist, scale), health in zip(unpacked, healths):
-                layers.append(LayerSample(wp.name, wp.kind.name, health, summary, hist, scale))
-                self._health[wp.name] = health
-            parameters = [
-                ParameterHealth(name, job.step, params.grad_norms.get(name), params.update_ratios.get(name))
-                for name in dict.fromkeys([*params.grad_norms, *params.update_ratios])
-            ]
-            if parameters:
-                self._param_health = {p.name: p for p in parameters}
-            if len(self._order_set) != len(self._order) or not self._order_set.issuperset(self._health):
-                self._order_set = set(self._order)  # restored by load_state_dict
-            new_names = [ls.name for ls in layers if ls.name not in self._order_set]
-            if new_names:
-                self._order.extend(new_names)
-                self._order_set.update(new_names)
-            self._alerts.extend(alerts)
-            if len(self._alerts) > _MAX_ALERTS:
-                del self._alerts[: len(self._alerts) - _MAX_ALERTS]
-        return SampleRecord(job.step, layers, alerts, parameters), alerts
-
     def _judge_in_background(self, job: Job) -> SampleRecord | None:
         """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""
-        judged = self._judge_job(job)
+        judged = self._ledger.take(job)
         if judged is None:
             return None
         record, alerts = judged
@@ -514,16 +474,14 @@ class Monitor:
     def state_dict(self) -> dict[str, Any]:
         """Evidence windows, baselines, alert states and the sampling position, for checkpoints."""
         self._drain()
-        with self._lock:
+        with self._ledger.lock:
             return {
                 "version": 2,
                 "every_n_steps": self.every_n_steps,
                 "samples": self._samples,
                 "auto_step": self._auto_step,
                 "last_sampled": self._last_sampled,
-                "order": list(self._order),
-                "layers": self._judge.state_dict(),
-                "alerts": [a.to_dict() for a in self._alerts],
+                **self._ledger.state_dict(),
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -531,15 +489,12 @@ class Monitor:
         if not isinstance(state, dict) or state.get("version") not in (1, 2):
             raise ValueError("Expected a state dict saved by Monitor.state_dict() (version 1 or 2).")
         self._drain()
-        with self._lock:
+        with self._ledger.lock:
             self._samples = int(state["samples"])
             self._auto_step = int(state["auto_step"])
             last = state["last_sampled"]
             self._last_sampled = None if last is None else int(last)
-            self._order = list(state["order"])
-            self._order_set = set(self._order)
-            self._alerts = [Alert(**a) for a in state["alerts"]]
-            self._judge.load_state_dict(dict(state["layers"]))
+            self._ledger.load_state_dict(state)
 
 
 class _SampledStep:

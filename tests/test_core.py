@@ -501,4 +501,4 @@ def test_a_writer_that_falls_behind_drops_output_but_keeps_detecting_in_order():
     assert sum("falling behind" in str(w.message) for w in rec) == 1
     assert len(mon.alerts) == 1  # the dead layer was caught while the writer was stuck
     assert mon.health()["act0"].step == 11  # and steps were judged in order, the newest last
-    assert mon._judged_seq == 12
+    assert mon._ledger.judged_seq == 12

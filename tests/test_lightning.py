@@ -701,7 +701,7 @@ class RecordingMonitor(ActivationMonitor):
         super().teardown(trainer, pl_module, stage)
         self._wctx.__exit__(None, None, None)
         rank = trainer.global_rank
-        own = self.monitor._health  # this rank's view
+        own = self.monitor._ledger.health  # this rank's view
         x = SplitNet.rank_batch(rank, 512)
         with torch.no_grad():
             single_rank_dead = (pl_module.a(pl_module.a_lin(x)) <= 0).all(0).nonzero().flatten().tolist()
