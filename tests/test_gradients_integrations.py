@@ -584,3 +584,22 @@ def test_skorch_exception_in_backward_leaves_no_hooks(wine):
         assert_no_hooks(net.module_, before)
     finally:
         cb.initialize()  # closes the monitor: nothing leaks into later tests (torch.optim's hooks are global)
+
+
+def test_lightning_gradients_false_keeps_the_forward_only_step(tmp_path):
+    """``gradients=False``: the step ends before backward, as before gradient monitoring existed."""
+    cb = LightningMonitor(every_n_steps=2, on_alert="ignore", gradients=False)
+    fit(trainer(tmp_path, callbacks=[cb], limit_train_batches=4), Net(), loader())
+    health = cb.health()
+    assert health and all(h.grad_rms is None for h in health.values())
+    assert all(h.rms > 0 for h in health.values())
+    assert cb.parameter_health() == {}
+    with pytest.raises(TypeError, match="gradients"):
+        LightningMonitor(gradients="yes")
+
+
+def test_monitor_rejects_a_non_bool_gradients_option():
+    from monitor import Monitor
+
+    with pytest.raises(TypeError, match="`gradients` to be True or False, got 'no'"):
+        Monitor(nn.Linear(2, 2), gradients="no")
