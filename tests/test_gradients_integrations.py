@@ -35,6 +35,7 @@ from skorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from integrations.lightning import ActivationMonitor as LightningMonitor
+from models import WineClassifier  # the model of shared/seeds/004
 from integrations.skorch import ActivationMonitor as SkorchMonitor
 from monitor import SampleRecord, Sink
 
@@ -425,19 +426,6 @@ def test_tensorboard_logger_gets_gradient_scalars_and_flow_image(tmp_path):
 
 
 # -- skorch ----------------------------------------------------------------------------------------
-
-
-class WineClassifier(nn.Module):
-    def __init__(self, num_units: int = 20) -> None:
-        super().__init__()
-        self.dense0 = nn.Linear(13, num_units)
-        self.dense1 = nn.Linear(num_units, 10)
-        self.output = nn.Linear(10, 3)
-
-    def forward(self, X):
-        X = self.dense0(X)
-        X = self.dense1(F.relu(X))
-        return self.output(F.relu(X))
 
 
 @pytest.fixture(scope="module")
