@@ -7,14 +7,54 @@
 >>> #         loss.backward(); opt.step()      # + gradients and update ratios
 """
 
-from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert
-from monitor.core import Monitor
-from monitor.detectors import Detector, Evidence, LayerView, Verdict
-from monitor.health import LayerHealth, ParameterHealth
-from monitor.options import Options
-from monitor.selection import Patterns
-from monitor.sinks import LayerSample, SampleRecord, Sink
-from monitor.thresholds import Thresholds
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the names below are imported on first use (PEP 562): `python -m monitor report` needs no torch
+    from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert
+    from monitor.core import Monitor
+    from monitor.detectors import Detector, Evidence, LayerView, Verdict
+    from monitor.health import LayerHealth, ParameterHealth
+    from monitor.options import Options
+    from monitor.selection import Patterns
+    from monitor.sinks import LayerSample, SampleRecord, Sink
+    from monitor.thresholds import Thresholds
+
+_WHERE = {
+    "ActivationAlertError": "monitor.alerts",
+    "Alert": "monitor.alerts",
+    "MonitorWarning": "monitor.alerts",
+    "OnAlert": "monitor.alerts",
+    "Monitor": "monitor.core",
+    "Detector": "monitor.detectors",
+    "Evidence": "monitor.detectors",
+    "LayerView": "monitor.detectors",
+    "Verdict": "monitor.detectors",
+    "LayerHealth": "monitor.health",
+    "ParameterHealth": "monitor.health",
+    "Options": "monitor.options",
+    "Patterns": "monitor.selection",
+    "LayerSample": "monitor.sinks",
+    "SampleRecord": "monitor.sinks",
+    "Sink": "monitor.sinks",
+    "Thresholds": "monitor.thresholds",
+}
+
+
+def __getattr__(name: str) -> Any:
+    where = _WHERE.get(name)
+    if where is None:
+        raise AttributeError(f"module 'monitor' has no attribute {name!r}")
+    value = getattr(importlib.import_module(where), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
 
 __all__ = [
     "ActivationAlertError",
