@@ -19,8 +19,8 @@ Terminal output, per run:
   sampled steps, the alerts by kind (how many fired; how many are still active at the end);
 - a table, one row per layer in forward order (the order in which the layers' scalars appear in
   the run's first sampled step; layers that appear later are appended in order of appearance):
-  ``kind`` (inferred, see below), ``units`` (from the alert messages, which count units; empty
-  when no alert mentions them), dead / saturated fraction (first, worst, last), RMS first and
+  ``kind`` and ``units`` (as the monitor recorded them, see below), dead / saturated fraction
+  (first, worst, last), RMS first and
   last around a sparkline of its course over the run (:func:`sparkline`), the gradient RMS (``gradient_rms/<layer>``)
   first -> last where the backward ran inside the sampled steps, and the layer's alerts
   (``kind@STEP``: still active at the end; ``kind@STEP-STEP2``: recovered at ``STEP2``);
@@ -30,7 +30,10 @@ Colours only when stdout is a terminal (``--color`` overrides; ``NO_COLOR`` is h
 table's width follows :func:`shutil.get_terminal_size` (the ``COLUMNS`` variable when piped).
 Alert lines are wrapped to that width on a terminal and printed verbatim when piped.
 
-The event files do not record a layer's kind; it is inferred from the tags written for it:
+Kind and units: the monitor records each layer's kind and unit count in the text tag
+``activation_layers`` (``layer | kind | units`` lines, once per layer). Runs written before it did
+have them inferred: ``units`` from the alert messages (which count units; empty when no alert
+mentions them), the kind from the tags written for the layer:
 ``relu`` (has a dead fraction: the ReLU family), ``relu6`` (dead and saturated fractions),
 ``bounded`` (a saturated fraction: tanh, sigmoid, hardtanh, ...; the exact name when a
 ``saturated`` alert names it), ``relu-like`` (a firing rate but no dead fraction: LeakyReLU,
@@ -109,6 +112,7 @@ import numpy as np
 from monitor.eventfile import SUFFIX
 
 ALERT_TAGS = ("activation_alerts/text_summary", "activation_alerts")
+LAYER_TAGS = ("activation_layers/text_summary", "activation_layers")  # "layer | kind | units" lines
 BUILTIN_KINDS = ("dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient")
 TREND_POINTS = 20  # points of the JSON "trend" arrays
 
@@ -273,6 +277,7 @@ class _RunData:
     layers: dict[str, set[str]] = field(default_factory=dict)  # layer -> metric prefixes seen, in forward order
     sampled: list[int] = field(default_factory=list)
     alert_lines: list[str] = field(default_factory=list)  # in logged order
+    described: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer -> (kind, units), when recorded
     notes: list[str] = field(default_factory=list)
 
 
@@ -494,6 +499,12 @@ def _scan(ev: Any, vals: Any, run: _RunData) -> _Layout | None:
                 line = line.strip()
                 if line:
                     run.alert_lines.append(line)
+            continue
+        if tag in LAYER_TAGS:  # written by the monitor since the gradient-flow release
+            for line in _text(v).splitlines():
+                parts = [p.strip() for p in line.split(" | ")]
+                if len(parts) == 3 and parts[2].isdigit():
+                    run.described[parts[0]] = (parts[1], int(parts[2]))
             continue
         prefix, sep, name = tag.partition("/")
         if not sep or prefix in ("gradient_norm", "activation_hist", "activation_timeline"):
@@ -718,8 +729,10 @@ def summarise(run_dir: str, files: list[str], data: _RunData) -> RunReport:
         if "activation_rms" not in prefixes:
             continue
         series = {s: _merge(data.series[(name, s)]) for s in _SERIES.values() if (name, s) in data.series}
-        kind = _kind(name, prefixes, messages.get(name, []))
-        layers.append(LayerReport(name, kind, units.get(name), series, episodes.pop(name, [])))
+        kind, n_units = data.described.get(name, (None, None))
+        if kind is None:  # runs written before the monitor recorded it: inferred
+            kind, n_units = _kind(name, prefixes, messages.get(name, [])), units.get(name)
+        layers.append(LayerReport(name, kind, n_units, series, episodes.pop(name, [])))
     sampled = sorted(set(data.sampled))
     return RunReport(run_dir, list(files), sampled, layers, episodes, alerts, data.notes)
 

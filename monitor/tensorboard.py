@@ -17,6 +17,7 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_scan``                       image: layers x units
 ``activation_timeline/<layer>``           image: units x sampled steps
 ``activation_alerts``                     text: one line per alert (also the gradient alerts)
+``activation_layers``                     text: ``layer | kind | units``, once per layer (again if it changes)
 ========================================  ==========================================================
 
 When the backward (and the optimizer step) of a sampled step run inside the step:
@@ -60,6 +61,7 @@ HIST_TAG = "activation_hist"
 SCAN_TAG = "activation_scan"
 TIMELINE_TAG = "activation_timeline"
 ALERT_TAG = "activation_alerts"
+LAYERS_TAG = "activation_layers"
 FLOW_TAG = "gradient_flow"
 _GRAD = "grad_"  # LayerHealth numbers grad_<x> are written as gradient_<x>/<layer>
 
@@ -208,6 +210,7 @@ class TensorBoardSink(Sink):
         self.images_every = images_every_n_samples
         self.timeline_length = timeline_length
         self._timelines: dict[str, _Timeline] = {}
+        self._described: dict[str, tuple[str, int]] = {}  # layer -> (kind, units) written to LAYERS_TAG
         self._flow: deque[tuple[int, dict[str, float]]] = deque(maxlen=timeline_length)
         self._flow_layers: dict[str, None] = {}  # layers with a gradient, in first-seen forward order
         self._samples = 0
@@ -253,16 +256,15 @@ class TensorBoardSink(Sink):
         if ratios:
             self._flow.append((record.step, ratios))
             self._flow_layers.update(dict.fromkeys(ratios))
+        described = self._described
+        new = [(ls.name, ls.kind, ls.health.units) for ls in record.layers]
+        new = [(n, k, u) for n, k, u in new if described.get(n) != (k, u)]
+        if new:  # what a layer is, for readers of the file (the run report): once, and again if it changes
+            self._described.update((n, (k, u)) for n, k, u in new)
+            self._text(out, LAYERS_TAG, "  \n".join(f"{n} | {k} | {u}" for n, k, u in new), record.step)
         if record.alerts:
             lines = "  \n".join(("RECOVERED " if a.recovered else "ALERT ") + a.message for a in record.alerts)
-            if out is None:
-                add_text = getattr(self._fallback, "add_text", None)
-                if callable(add_text):
-                    add_text(ALERT_TAG, lines, record.step)
-            else:
-                from torch.utils.tensorboard.summary import text
-
-                out.add_summary(text(ALERT_TAG, lines), record.step)
+            self._text(out, ALERT_TAG, lines, record.step)
         self._samples += 1
         self._last = record
         self._rendered_last = self._histories_last = False
@@ -367,6 +369,16 @@ class TensorBoardSink(Sink):
                 metric = "firing rate" if tl.metric == "firing" else "RMS / max"
                 pic = render_timeline(name, metric, tl.matrix(), list(tl.steps))
                 self._image(f"{TIMELINE_TAG}/{name}", pic, record.step)
+
+    def _text(self, out: Any, tag: str, lines: str, step: int) -> None:
+        if out is None:
+            add_text = getattr(self._fallback, "add_text", None)
+            if callable(add_text):
+                add_text(tag, lines, step)
+        else:
+            from torch.utils.tensorboard.summary import text
+
+            out.add_summary(text(tag, lines), step)
 
     def _image(self, tag: str, pic: Picture, step: int) -> None:
         out = self._output()

@@ -166,8 +166,8 @@ def test_json_matches_ground_truth(plain, capsys):
         assert layers[name]["rms"]["last"] == pytest.approx(truth.rms(name), rel=1e-4)
         assert len(layers[name]["rms"]["trend"]) == 6
         assert layers[name]["grad_rms"]["last"] >= 0  # the backward ran inside the sampled steps
-    # units come from the alert messages (dead: "16/16 units", saturated: "n/32 units")
-    assert layers["act2"]["units"] == 16 and layers["act1"]["units"] == 32 and layers["act0"]["units"] is None
+    # kinds and units as the monitor recorded them (the `activation_layers` text): the model's widths
+    assert [(lay["kind"], lay["units"]) for lay in run["layers"]] == [("relu", 32), ("tanh", 32), ("relu", 16)]
     # the alerts: exactly those the monitor held in memory, in order
     want = [(a.step, a.layer, a.kind, a.recovered, a.message) for a in mon.alerts]
     assert [(a["step"], a["layer"], a["kind"], a["recovered"], a["message"]) for a in run["alerts"]] == want
@@ -338,9 +338,13 @@ def test_older_runs_in_a_summary_writers_file(tmp_path, capsys):
             self.w = w
 
         def __getattr__(self, name):
-            if name in ("add_scalar", "add_text", "add_histogram_raw", "add_image", "flush"):
+            if name in ("add_scalar", "add_histogram_raw", "add_image", "flush"):
                 return getattr(self.w, name)
             raise AttributeError(name)
+
+        def add_text(self, tag, text, step):  # older versions wrote no `activation_layers` text
+            if tag != "activation_layers":
+                self.w.add_text(tag, text, step)
 
     sw = SummaryWriter(str(tmp_path / "old"))
     mon, _ = train_plain(None, writer=NoDirectory(sw), steps=5)
@@ -351,6 +355,8 @@ def test_older_runs_in_a_summary_writers_file(tmp_path, capsys):
     (run,) = strict_json(out)["runs"]
     assert run["sampled_steps"] == 3 and [lay["name"] for lay in run["layers"]] == ["act0", "act1", "act2"]
     assert next(lay for lay in run["layers"] if lay["name"] == "act2")["dead_fraction"]["last"] == 1.0
+    # no recorded kinds and units: inferred from the tags (tanh named by its saturated alert) and the alerts
+    assert [(lay["kind"], lay["units"]) for lay in run["layers"]] == [("relu", None), ("tanh", 32), ("relu", 16)]
     assert [(a["step"], a["layer"], a["kind"]) for a in run["alerts"]] == [
         (a.step, a.layer, a.kind) for a in mon.alerts
     ]
