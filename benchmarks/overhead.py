@@ -25,6 +25,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -145,28 +146,19 @@ def run_block(
     _sync(device)
     t0 = last = time.perf_counter()
     for step in range(start, start + steps):
-        if mode == "grads":
-            with mon.step(step):
-                loss = w.loss(model(x), y)
+        # "grads": the whole step inside the monitor's step; "monitor": the forward only.
+        with mon.step(step) if mode in ("monitor", "grads") else contextlib.nullcontext():
+            loss = w.loss(model(x), y)
+            if mode == "grads":
                 loss.backward()
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-            if per_step is not None:
-                _sync(device)
-                now = time.perf_counter()
-                per_step.append((step, now - last))
-                last = now
-            continue
-        if mode == "monitor":
-            with mon.step(step):
-                loss = w.loss(model(x), y)
-        else:
-            loss = w.loss(model(x), y)
+        if mode != "grads":
             if naive is not None:
                 naive.after_step(step)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         if per_step is not None:
             _sync(device)
             now = time.perf_counter()

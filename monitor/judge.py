@@ -28,6 +28,7 @@ import numpy as np
 from monitor.activations import Kind
 from monitor.alerts import Alert
 from monitor.detectors import Detector, Evidence, LayerView
+from monitor.detectors.base import baseline
 from monitor.health import LayerHealth
 from monitor.stats import AT_BOUND, FIRED, UnitSummary, safe_rms
 from monitor.thresholds import Thresholds
@@ -206,7 +207,7 @@ class Judge:
         if ref is None or not ref > 0:
             return None
         history = self.memory(PARAMETERS).detectors.setdefault("gradient_reference", {}).setdefault("baseline", [])
-        base = float(statistics.median(history)) if history else None
+        base = baseline(history)
         if len(history) < self.thresholds.baseline_samples:
             history.append(ref)
         return ref / base if base else None

@@ -121,7 +121,7 @@ class ParameterCapture:
         self._norms: dict[str, torch.Tensor] = {}
         self._groups: list[_Group] = []
         self._sampled: set[str] = set()
-        self._segments: dict[tuple, torch.Tensor] = {}  # cached segment ids per sample layout
+        self._segments: dict[tuple, torch.Tensor] = {}  # segment lengths on the device, per sample layout
         self._views: dict[int, tuple[int, torch.Tensor]] = {}  # id(param) -> (data_ptr, sample view)
         self._backward = False
         self._stepped = False

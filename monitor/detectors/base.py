@@ -12,6 +12,7 @@ stop, write) happen elsewhere: :mod:`monitor.judge`, :mod:`monitor.alerts`, the 
 from __future__ import annotations
 
 import math
+import statistics
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -132,6 +133,11 @@ class Detector:
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:  # pragma: no cover - interface
         raise NotImplementedError
+
+
+def baseline(history: list[float]) -> float | None:
+    """A baseline from its first values (the median; None while there are none)."""
+    return float(statistics.median(history)) if history else None
 
 
 def median(a: np.ndarray) -> float:

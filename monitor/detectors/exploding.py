@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
-from monitor.detectors.base import Detector, LayerView, Verdict
+from monitor.detectors.base import Detector, LayerView, Verdict, baseline
 
 
 class Exploding(Detector):
@@ -24,7 +23,7 @@ class Exploding(Detector):
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         th, rms, max_abs = layer.thresholds, layer.rms, layer.max_abs
         history = memory.setdefault("baseline_values", [])
-        base = float(statistics.median(history)) if history else None
+        base = baseline(history)
         if layer.nonfinite or math.isnan(rms) or math.isnan(max_abs):
             return Verdict(None, rms, th.max_rms, f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}")
         bad: bool | None

@@ -10,10 +10,9 @@ scale cancel out, so the same thresholds hold for any of them.
 from __future__ import annotations
 
 import math
-import statistics
 from typing import Any
 
-from monitor.detectors.base import Detector, LayerView, Verdict, level
+from monitor.detectors.base import Detector, LayerView, Verdict, baseline, level
 
 
 def orders(ratio: float) -> float:
@@ -85,7 +84,7 @@ class ExplodingGradient(Detector):
             n = layer.grad_nonfinite
             return Verdict(True, n, 1, f"exploding gradient: NaN/Inf in the gradient of {n} of {layer.units} units")
         history = memory.setdefault("baseline_values", [])
-        base = float(statistics.median(history)) if history else None
+        base = baseline(history)
         ratio = rms / ref if ref is not None and ref > 0 else None
         if ratio is not None and ratio >= 10**th.exploding_orders:
             what = f"exploding gradient: RMS {rms:.3g} is {ratio:.2g}x that of the layers nearest the loss ({ref:.3g})"
