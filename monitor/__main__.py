@@ -1,4 +1,4 @@
-"""``python -m monitor report RUN_DIR [RUN_DIR ...]``: see :mod:`monitor.report`."""
+"""``python -m monitor report RUN_DIR [RUN_DIR ...]``: see :mod:`monitor.report` (its :mod:`~monitor.report.cli`)."""
 
 from __future__ import annotations
 

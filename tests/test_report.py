@@ -24,6 +24,7 @@ from torch import nn
 
 from monitor import Monitor
 from monitor import report as R
+from monitor.report import template, terminal
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, BATCH = 12, 2, 128  # a batch of 128 values per unit: the evidence is the last sampled step
@@ -210,8 +211,10 @@ def test_terminal_output(plain, capsys, monkeypatch):
     assert [row.split()[0] for row in table[1:]] == ["act0", "act1", "act2"]
     assert table[3].split()[:3] == ["act2", "relu", "16"]
     assert "dead 100% 100% 100%" in table[3] and table[3].endswith("dead@0")
-    assert table[2].split()[:2] == ["act1", "tanh"] and f"sat {R._pct(truth.saturated_fraction('act1'))}" in table[2]
-    rms_last = R._num(truth.rms("act0"))
+    assert (
+        table[2].split()[:2] == ["act1", "tanh"] and f"sat {terminal.pct(truth.saturated_fraction('act1'))}" in table[2]
+    )
+    rms_last = terminal.num(truth.rms("act0"))
     assert re.search(r"\s[▁▂▃▄▅▆▇█]{6} " + re.escape(rms_last) + r"\s", table[1]), table[1]
     assert all(len(line) <= 120 for line in table)
     # the alert lines, in logged order, verbatim when piped
@@ -243,7 +246,7 @@ def test_fast_path_reads_what_tensorboard_reads(plain, capsys, monkeypatch):
 
     root = plain[0]
     _, fast, _ = run_report(root / "runs", "--json", capsys=capsys)
-    monkeypatch.setattr(R._Template, "build", classmethod(lambda cls, rec, lay: None))
+    monkeypatch.setattr(template.Template, "build", classmethod(lambda cls, rec, lay: None))
     _, slow, _ = run_report(root / "runs", "--json", capsys=capsys)
     assert fast == slow
     ea = EventAccumulator(str(root / "runs" / "dead"), size_guidance={"scalars": 0})
@@ -536,3 +539,20 @@ def test_entry_points(plain, capsys):
 
     capsys.readouterr()
     assert module_main([]) == 2 and "usage: python -m monitor report" in capsys.readouterr().err
+
+
+def test_the_report_imports_no_torch(plain):
+    """`import monitor` is lazy (PEP 562): the report, terminal and --json, starts without torch."""
+    code = (
+        "import sys\n"
+        "from monitor.__main__ import main\n"
+        f"assert main(['report', {str(plain[0] / 'runs')!r}, '--json']) == 0\n"
+        "assert main(['report', " + repr(str(plain[0] / "runs")) + "]) == 0\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'matplotlib', 'PIL'))\n"
+        "assert not heavy, heavy\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.run(
+        [sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
+    assert p.returncode == 0, p.stderr
