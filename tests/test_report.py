@@ -24,7 +24,7 @@ from torch import nn
 
 from monitor import Monitor
 from monitor import report as R
-from monitor.report import template, terminal
+from monitor.report import formatting, template
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY, BATCH = 12, 2, 128  # a batch of 128 values per unit: the evidence is the last sampled step
@@ -212,9 +212,10 @@ def test_terminal_output(plain, capsys, monkeypatch):
     assert table[3].split()[:3] == ["act2", "relu", "16"]
     assert "dead 100% 100% 100%" in table[3] and table[3].endswith("dead@0")
     assert (
-        table[2].split()[:2] == ["act1", "tanh"] and f"sat {terminal.pct(truth.saturated_fraction('act1'))}" in table[2]
+        table[2].split()[:2] == ["act1", "tanh"]
+        and f"sat {formatting.pct(truth.saturated_fraction('act1'))}" in table[2]
     )
-    rms_last = terminal.num(truth.rms("act0"))
+    rms_last = formatting.num(truth.rms("act0"))
     assert re.search(r"\s[▁▂▃▄▅▆▇█]{6} " + re.escape(rms_last) + r"\s", table[1]), table[1]
     assert all(len(line) <= 120 for line in table)
     # the alert lines, in logged order, verbatim when piped

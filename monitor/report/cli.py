@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from monitor.report.finding import ReportError, find_runs
+from monitor.report.html import render_page
 from monitor.report.jsonout import report_json
 from monitor.report.reading import read_run
 from monitor.report.summary import BUILTIN_BY_NORM, BUILTIN_KINDS, RunReport, norm_kind, summarise
@@ -44,6 +45,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         default=None,
         help="comma-separated alert kinds (" + ", ".join(BUILTIN_KINDS) + ", your detectors' names) or 'all': "
         "exit 1 when one of them fired and had not recovered by the end of its run",
+    )
+    p.add_argument(
+        "--html",
+        metavar="FILE",
+        default=None,
+        help="also write the report as one self-contained web page (tables, images, plots; no script, "
+        "no network) to FILE ('-': the page on stdout instead of the terminal report)",
     )
     p.add_argument(
         "--color", choices=("auto", "always", "never"), default="auto", help="colours (auto: when stdout is a terminal)"
@@ -96,7 +104,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
     except ReportError as e:
         print(f"{prog}: error: {e}", file=err)
         return 2
-    reports = [summarise(d, files, read_run(files)) for d, files in found]
+    reports = [summarise(d, files, read_run(files, images=args.html is not None)) for d, files in found]
     notes = [n for r in reports for n in r.notes]
     for n in notes:
         print(f"note: {n}", file=err)
@@ -106,6 +114,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
             for layer, e in r.active:
                 if fail_on == ["all"] or e.kind in fail_on:
                     failed.append({"run": r.run, "layer": layer, "kind": e.kind, "step": e.step})
+    if args.html not in (None, "-"):
+        try:
+            _write(args.html, render_page(reports))
+        except OSError as e:
+            print(f"{prog}: error: --html {args.html}: {e.strerror or e}", file=err)
+            return 2
     try:
         _print(args, reports, fail_on, failed, notes, out)
     except BrokenPipeError:  # `... | head`: the reader has gone; the exit status still counts
@@ -118,6 +132,18 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
     return 0
 
 
+def _write(path: str, text: str) -> None:
+    """``text`` into ``path`` whole or not at all (a temporary file beside it, then renamed)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+
+
 def _print(
     args: argparse.Namespace,
     reports: list[RunReport],
@@ -126,7 +152,9 @@ def _print(
     notes: list[str],
     out: TextIO,
 ) -> None:
-    if args.json:
+    if args.html == "-":
+        out.write(render_page(reports))
+    elif args.json:
         json.dump(report_json(reports, fail_on, failed, notes), out, indent=1, allow_nan=False)
         out.write("\n")
     else:

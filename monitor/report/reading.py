@@ -83,6 +83,17 @@ def _text(v: Any) -> str:
 
 
 @dataclass
+class Image:
+    """The latest image of one tag: an encoded PNG as the monitor wrote it."""
+
+    tag: str
+    step: int
+    png: bytes
+    width: int
+    height: int
+
+
+@dataclass
 class RunData:
     series: dict[tuple[str, str], list[tuple[list[int], np.ndarray]]] = field(default_factory=dict)
     layers: dict[str, set[str]] = field(default_factory=dict)  # layer -> metric prefixes seen, in forward order
@@ -90,6 +101,7 @@ class RunData:
     alert_lines: list[str] = field(default_factory=list)  # in logged order
     described: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer -> (kind, units), when recorded
     notes: list[str] = field(default_factory=list)
+    images: dict[str, Image] | None = None  # tag -> its latest image; None: images are not read
 
 
 def _read_file(path: str, run: RunData) -> None:
@@ -173,9 +185,12 @@ def _scan(ev: Any, vals: Any, run: RunData) -> Layout | None:
                     run.described[parts[0]] = (parts[1], int(parts[2]))
             continue
         prefix, sep, name = tag.partition("/")
-        if not sep or prefix in ("gradient_norm", "activation_hist", "activation_timeline"):
-            continue
         if not prefix.startswith(("activation_", "gradient_")):
+            continue
+        if run.images is not None and prefix not in SERIES and v.WhichOneof("value") == "image":
+            _keep_image(run.images, tag, int(ev.step), v.image)
+            continue
+        if not sep or prefix in ("gradient_norm", "activation_hist", "activation_timeline"):
             continue
         if prefix == "activation_rms":
             sample = True
@@ -190,6 +205,12 @@ def _scan(ev: Any, vals: Any, run: RunData) -> Layout | None:
     if not idx:
         return None
     return Layout(idx, tags, keys, simple, sample, templated=simple, steps=[int(ev.step)], rows=[row])
+
+
+def _keep_image(images: dict[str, Image], tag: str, step: int, image: Any) -> None:
+    have = images.get(tag)
+    if have is None or step >= have.step:  # the latest (a resumed run's files are read in order)
+        images[tag] = Image(tag, step, bytes(image.encoded_image_string), int(image.width), int(image.height))
 
 
 def _collect(lay: Layout, run: RunData) -> None:
@@ -216,9 +237,14 @@ def _damage(path: str, consumed: int, size: int, records: int) -> str:
     return f"{path}: {what} at byte {consumed} of {size}; the {records} records before it are used, the last {left} bytes are not"
 
 
-def read_run(files: Sequence[str]) -> RunData:
-    """Every monitor event file of one run directory, in name (creation) order."""
-    run = RunData()
+def read_run(files: Sequence[str], images: bool = False) -> RunData:
+    """Every monitor event file of one run directory, in name (creation) order.
+
+    ``images``: also keep the latest image of each of the monitor's image tags (``activation_scan``,
+    ``activation_timeline/<layer>``, ``gradient_flow``, ``activation_probe/...``: any image under an
+    ``activation_`` or ``gradient_`` tag), for the HTML page.
+    """
+    run = RunData(images={} if images else None)
     for path in files:
         try:
             _read_file(path, run)

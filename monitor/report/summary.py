@@ -22,11 +22,11 @@ from __future__ import annotations
 import itertools
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from monitor.report.reading import SERIES, RunData
+from monitor.report.reading import SERIES, Image, RunData
 
 BUILTIN_KINDS = ("dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient")
 _FUNCTIONAL = {  # functional activation names -> the family the tags would show
@@ -108,6 +108,7 @@ class RunReport:
     other_alerts: dict[str, list[Episode]]  # alert subjects that are no layer, e.g. "(parameters)"
     alerts: list[LoggedAlert]
     notes: list[str]
+    images: dict[str, Image] = field(default_factory=dict)  # tag -> latest image (read for the HTML page only)
 
     @property
     def active(self) -> list[tuple[str, Episode]]:
@@ -215,7 +216,7 @@ def summarise(run_dir: str, files: list[str], data: RunData) -> RunReport:
             kind, n_units = _kind(name, prefixes, messages.get(name, [])), units.get(name)
         layers.append(LayerReport(name, kind, n_units, series, episodes.pop(name, [])))
     sampled = sorted(set(data.sampled))
-    return RunReport(run_dir, list(files), sampled, layers, episodes, alerts, data.notes)
+    return RunReport(run_dir, list(files), sampled, layers, episodes, alerts, data.notes, dict(data.images or {}))
 
 
 def trend(values: np.ndarray, points: int) -> list[float]:

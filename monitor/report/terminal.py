@@ -23,7 +23,8 @@ import textwrap
 
 import numpy as np
 
-from monitor.report.summary import Episode, RunReport, trend
+from monitor.report.formatting import episodes_text, num, pct, run_line
+from monitor.report.summary import RunReport, trend
 
 SPARK = "▁▂▃▄▅▆▇█"
 SPARK_ASCII = "_.-~=+*#"
@@ -55,35 +56,6 @@ def sparkline(points: list[float], chars: str = SPARK) -> str:
         else:
             out.append(chars[round((x - lo) / (hi - lo) * top)])
     return "".join(out)
-
-
-def num(x: float) -> str:
-    if math.isnan(x):
-        return "nan"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    if x == 0:
-        return "0"
-    a = abs(x)
-    return f"{x:.3g}" if 1e-3 <= a < 1e5 else f"{x:.2e}"
-
-
-def pct(x: float) -> str:
-    if math.isnan(x):
-        return "nan"
-    if x == 0:
-        return "0%"
-    if x < 0.005:
-        return "<1%"
-    if x < 1 and x > 0.995:
-        return ">99%"
-    return f"{100 * x:.0f}%"
-
-
-def episodes_text(eps: list[Episode]) -> str:
-    return ", ".join(
-        f"{e.kind}@{e.step}" + (f"-{e.recovered_step}" if e.recovered_step is not None else "") for e in eps
-    )
 
 
 class Style:
@@ -129,20 +101,6 @@ def render_run(rep: RunReport, width: int, style: Style, unicode: bool, tty: boo
             else:
                 lines.append("  " + prefix + " " + a.message)
     return "\n".join(lines)
-
-
-def run_line(rep: RunReport) -> str:
-    s = rep.sampled_steps
-    span = f"steps {s[0]}..{s[-1]} ({len(s)} sampled)" if s else "no sampled steps"
-    by_kind = rep.alerts_by_kind()
-    if by_kind:
-        parts = []
-        for kind, c in by_kind.items():
-            parts.append(f"{kind} {c['fired']}" + (f" ({c['active']} active)" if c["active"] else ""))
-        alerts = "alerts: " + ", ".join(parts)
-    else:
-        alerts = "no alerts"
-    return f"{rep.run}: {span}, {alerts}"
 
 
 def _table(rep: RunReport, width: int, style: Style, unicode: bool) -> list[str]:
