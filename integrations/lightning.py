@@ -58,6 +58,7 @@ __all__ = ["ActivationAlertError", "ActivationMonitor"]
 LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
+    "run_config",
 )
 SUBDIR = "activation_monitor"
 
@@ -84,6 +85,10 @@ class _MetricsQueue(Sink):
         return items
 
 
+def _str_keys(config: dict[Any, Any]) -> dict[str, Any]:
+    return {str(k): v for k, v in config.items()}
+
+
 class ActivationMonitor(Callback):
     """Per-unit activation health of the LightningModule, sampled every N optimizer steps.
 
@@ -91,7 +96,9 @@ class ActivationMonitor(Callback):
     training cleanly with ``trainer.should_stop = True`` after the alert is logged). Output goes
     to the trainer's ``TensorBoardLogger`` beside your own metrics; with other loggers the scalars
     reach every logger through ``log_metrics`` and images/histograms go to
-    ``<trainer.log_dir>/activation_monitor`` (or ``logdir=``).
+    ``<trainer.log_dir>/activation_monitor`` (or ``logdir=``). The run's configuration
+    (``run_config`` in the event file, read by the run report) is the module's ``hparams``
+    (``save_hyperparameters()``), updated with ``run_config=`` if given.
 
     Example:
         >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -184,6 +191,8 @@ class ActivationMonitor(Callback):
         sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
         if self._queue is not None:
             sinks.append(self._queue)
+        # What this run is: the module's hyperparameters (save_hyperparameters), then run_config= on top.
+        config = {**dict(getattr(pl_module, "hparams", None) or {}), **dict(self.monitor_kwargs.get("run_config") or {})}
         mon = Monitor(
             pl_module,
             self.every_n_steps,
@@ -193,7 +202,7 @@ class ActivationMonitor(Callback):
             logdir=logdir,
             writer=writer,
             on_alert=self._core_on_alert(),
-            **{**self.monitor_kwargs, "sinks": sinks},
+            **{**self.monitor_kwargs, "sinks": sinks, "run_config": _str_keys(config)},
         )
         if trainer.world_size > 1:
             strategy = trainer.strategy

@@ -16,7 +16,7 @@ import math
 import os
 import sys
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
 
 try:
@@ -111,6 +111,17 @@ class _StepGuard:
         return (_StepGuard, ())  # never the callback, the monitor or the core's hooks
 
 
+def _net_config(net: Any) -> dict[str, Any]:
+    """The net's own parameters of this fit (``get_params(deep=False)``), without callbacks and private keys."""
+    try:
+        params = net.get_params(deep=False)
+    except Exception:  # a net without sklearn's get_params: nothing to record
+        return {}
+    return {
+        str(k): v for k, v in params.items() if not str(k).startswith(("_", "callbacks")) and str(k) != "callbacks"
+    }
+
+
 class ActivationMonitor(Callback):
     """Watch ``net.module_``'s activations on every N-th training batch; dead/saturated/exploding units.
 
@@ -128,6 +139,11 @@ class ActivationMonitor(Callback):
             the way ``skorch.callbacks.EarlyStopping`` does.
         history_layers: also write per-layer keys (``activation_dead_fraction/<layer>``, ...)
             into ``net.history``.
+        run_config: what this run is, added to the net's parameters of each fit
+            (``net.get_params(deep=False)``: ``lr``, ``max_epochs``, ``module__*``,
+            ``optimizer__*``, ...; callbacks left out), which are recorded in the run
+            (``run_config`` text tag) for the run report, e.g. to tell the runs of a
+            ``GridSearchCV`` apart.
 
     Example:
         >>> from skorch import NeuralNetClassifier                       # doctest: +SKIP
@@ -155,6 +171,7 @@ class ActivationMonitor(Callback):
         gradients: bool = True,
         new_run_per_fit: bool = True,
         history_layers: bool = True,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         # sklearn contract: store the arguments unchanged; validation happens in initialize().
         self.every_n_steps = every_n_steps
@@ -172,6 +189,7 @@ class ActivationMonitor(Callback):
         self.gradients = gradients
         self.new_run_per_fit = new_run_per_fit
         self.history_layers = history_layers
+        self.run_config = run_config
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -184,7 +202,7 @@ class ActivationMonitor(Callback):
         Options(
             self.every_n_steps, self.include, self.exclude, self.thresholds, self.logdir, None, self.on_alert,
             self.histograms, self.images_every_n_samples, self.timeline_length, self.functional, self.sinks,
-            True, self.detectors, self.gradients,
+            True, self.detectors, self.gradients, self.run_config,
         )
         for name in ("new_run_per_fit", "history_layers"):
             if not isinstance(getattr(self, name), bool):
@@ -340,6 +358,7 @@ class ActivationMonitor(Callback):
             detectors=self.detectors,
             background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
             gradients=self.gradients,
+            run_config={**_net_config(net), **dict(self.run_config or {})},
         )
         mon.gradients_from_callbacks()  # read at on_grad_computed: no parameter/optimizer hooks to leave behind
         if self.monitor_state_ is not None:

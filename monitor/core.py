@@ -17,7 +17,7 @@ import contextlib
 import functools
 import os
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -32,6 +32,7 @@ from monitor.ledger import Ledger
 from monitor.options import Options
 from monitor.pack import Job, pack
 from monitor.params import ParameterCapture
+from monitor.runconfig import normalize_config
 from monitor.selection import Patterns, Selector, WatchPoint
 from monitor.sinks import Dispatcher, SampleRecord, Sink
 from monitor.stats import PRE_ROWS, rows_for
@@ -107,6 +108,9 @@ class Monitor:
             ``with mon.step(...)``, also record the gradient with respect to each watched output,
             each parameter's gradient norm and update-to-weight ratio. Costs nothing when only
             the forward is inside the step.
+        run_config: what this run is (``{"lr": 0.1, "fold": 2}``): written once into the run's
+            event file (text tag ``run_config``, one JSON object; see :mod:`monitor.runconfig`),
+            where the run report shows it and groups runs by it.
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -137,12 +141,13 @@ class Monitor:
         background: bool = True,
         detectors: Sequence[Detector] | None = None,
         gradients: bool = True,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
         opts = Options(
             every_n_steps, include, exclude, thresholds, logdir, writer, on_alert, histograms,
-            images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients,
+            images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
         )
         self.model = model
         self.every_n_steps = every_n_steps
@@ -150,6 +155,7 @@ class Monitor:
         self.on_alert: OnAlert = on_alert
         self.histograms = histograms
         self.background = background
+        self.run_config = normalize_config(run_config)
         self._custom = list(detectors or ())
         self.detectors: list[Detector] = builtin_detectors() + self._custom
         self._warn_once = WarnOnce()
@@ -176,7 +182,11 @@ class Monitor:
 
             self._sinks.append(
                 TensorBoardSink(
-                    logdir=logdir, writer=writer, images_every_n_samples=images_every_n_samples, timeline_length=timeline_length
+                    logdir=logdir,
+                    writer=writer,
+                    images_every_n_samples=images_every_n_samples,
+                    timeline_length=timeline_length,
+                    run_config=self.run_config,
                 )
             )
         self._dispatcher: Dispatcher | None = None

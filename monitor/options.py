@@ -17,6 +17,7 @@ from typing import Any
 from monitor.alerts import ON_ALERT_MODES, OnAlert
 from monitor.detectors import BUILTIN_NAMES, Detector, builtin_detectors
 from monitor.health import LayerHealth
+from monitor.runconfig import normalize_config
 from monitor.selection import Patterns, validate_patterns
 from monitor.sinks import Sink
 from monitor.stats import ALL_ROWS
@@ -114,6 +115,7 @@ class Options:
     background: bool = True
     detectors: Sequence[Detector] | None = None
     gradients: bool = True
+    run_config: Any = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
@@ -143,3 +145,4 @@ class Options:
                 if not isinstance(s, Sink):
                     raise TypeError(f"Expected `sinks` to hold monitor.Sink objects (subclass monitor.Sink), got {s!r}.")
         check_detectors(self.detectors)
+        normalize_config(self.run_config)

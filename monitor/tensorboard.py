@@ -18,6 +18,7 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_timeline/<layer>``           image: units x sampled steps
 ``activation_alerts``                     text: one line per alert (also the gradient alerts)
 ``activation_layers``                     text: ``layer | kind | units``, once per layer (again if it changes)
+``run_config``                            text: the run's configuration, one JSON object, at the first record
 ========================================  ==========================================================
 
 When the backward (and the optimizer step) of a sampled step run inside the step:
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import os
 from collections import deque
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -52,6 +54,7 @@ import numpy as np
 from monitor.eventfile import SUFFIX, EventFileWriter, encode_event, encode_value_histogram, encode_value_scalar
 from monitor.judge import gradient_reference
 from monitor.render import Picture, ScanRow, render_gradient_flow, render_scan, render_timeline
+from monitor.runconfig import RUN_CONFIG_TAG, config_json, normalize_config
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
@@ -171,8 +174,10 @@ class TensorBoardSink(Sink):
         writer: Any = None,
         images_every_n_samples: int = 20,
         timeline_length: int = 100,
+        run_config: Mapping[str, Any] | None = None,
     ) -> None:
         require_tensorboard()
+        self.run_config = normalize_config(run_config)
         self.writer = writer  # the caller's, or None
         self._fallback: Any = None  # a writer with no directory: used through its public methods
         if writer is None:
@@ -245,6 +250,8 @@ class TensorBoardSink(Sink):
     # -- Sink ----------------------------------------------------------------------------------
     def write(self, record: SampleRecord) -> None:
         out = self._output()
+        if self._samples == 0 and self.run_config:  # what this run is: once, at its first record
+            self._text(out, RUN_CONFIG_TAG, config_json(self.run_config), record.step)
         self._write_scalars_and_histograms(record, out)
         for layer in record.layers:
             metric, v = ("firing rate", layer.firing) if layer.firing is not None else ("rms", layer.magnitude)
