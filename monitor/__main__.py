@@ -13,6 +13,7 @@ def main(argv: list[str] | None = None) -> int:
         return report(argv[1:], prog="python -m monitor report")
     print(
         "usage: python -m monitor report RUN_DIR [RUN_DIR ...] [--json] [--html FILE] [--fail-on KINDS] [--color WHEN]\n"
+        "       python -m monitor report --compare RUN_A RUN_B [...]\n"
         "       (python -m monitor report --help for details)",
         file=sys.stderr,
     )

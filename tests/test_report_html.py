@@ -349,3 +349,30 @@ def test_plots_drawn(browser, page):
         assert all(n == run["sampled_steps"] for n in p["lines"][:2])  # one point per sampled step
         assert {"0", "10", "step", "100%"} <= set(p["axes"])  # step range, axis title, fraction axis
         assert p["bands"] == 3 * len(lay["alerts"])  # every alert shaded on every plot of its layer
+
+
+@needs_browser
+def test_compare_page(browser, runs):
+    """``--compare ... --html``: the side-by-side table first, laid out, the differences marked; then both runs."""
+    root, _, revived_mon = runs
+    recovered = next(a.step for a in revived_mon.alerts if a.layer == "act2" and a.recovered)
+    path = root / "compare.html"
+    code, _, err = report("--compare", root / "runs" / "dead", root / "runs" / "revived", "--html", path)
+    assert code == 0 and err == ""
+    browser.open(path)
+    rows = browser.eval(
+        """Array.from(document.querySelectorAll('#compare table.compare tbody tr')).map(tr => ({
+           cells: Array.from(tr.cells).map(c => c.innerText.trim()),
+           marked: Array.from(tr.cells).map(c => c.classList.contains('diff')),
+           height: tr.getBoundingClientRect().height}))"""
+    )
+    act2 = next(r for r in rows if r["cells"][0].startswith("act2"))
+    assert act2["height"] > 0
+    assert act2["cells"][2:4] == ["dead 100% → 100%", "100% → 0% *"]  # the worst did not move, the last did
+    assert act2["marked"][2:4] == [False, True] and act2["marked"][0]
+    assert act2["cells"][-2:] == ["dead@0 *", f"dead@0-{recovered} *"]  # active at the end in A only
+    assert browser.eval("Array.from(document.querySelectorAll('nav a')).map(a => a.hash)") == [
+        "#compare",
+        "#run-1",
+        "#run-2",
+    ]

@@ -20,12 +20,13 @@ import sys
 from collections.abc import Sequence
 from typing import Any, TextIO
 
+from monitor.report.compare import Comparison, compare, comparison_json
 from monitor.report.finding import ReportError, find_runs
 from monitor.report.html import render_page
 from monitor.report.jsonout import report_json
 from monitor.report.reading import read_run
 from monitor.report.summary import BUILTIN_BY_NORM, BUILTIN_KINDS, RunReport, norm_kind, summarise
-from monitor.report.terminal import SPARK, Style, render_run
+from monitor.report.terminal import SPARK, Style, render_comparison, render_run
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
@@ -36,7 +37,15 @@ def _parser(prog: str) -> argparse.ArgumentParser:
         "2 for a missing directory or one without monitor event files.",
     )
     p.add_argument(
-        "runs", nargs="+", metavar="RUN_DIR", help="a run directory, or a parent of many runs (searched recursively)"
+        "runs", nargs="*", metavar="RUN_DIR", help="a run directory, or a parent of many runs (searched recursively)"
+    )
+    p.add_argument(
+        "--compare",
+        nargs=2,
+        metavar=("RUN_A", "RUN_B"),
+        default=None,
+        help="two runs side by side per layer (matched by name), the differences that matter marked; "
+        "each directory must hold one run",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead of the terminal report")
     p.add_argument(
@@ -98,13 +107,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
         args = _parser(prog).parse_args(args_in)
     except SystemExit as e:
         return int(e.code or 0)
+    if bool(args.runs) == bool(args.compare):
+        print(
+            f"{prog}: error: give RUN_DIR ... or --compare RUN_A RUN_B" + (", not both" if args.runs else ""), file=err
+        )
+        return 2
     try:
         fail_on = _fail_kinds(args.fail_on, err) if args.fail_on is not None else None
-        found = find_runs(args.runs)
+        found = _find_pair(args.compare) if args.compare else find_runs(args.runs)
     except ReportError as e:
         print(f"{prog}: error: {e}", file=err)
         return 2
     reports = [summarise(d, files, read_run(files, images=args.html is not None)) for d, files in found]
+    comparison = compare(*reports) if args.compare else None
     notes = [n for r in reports for n in r.notes]
     for n in notes:
         print(f"note: {n}", file=err)
@@ -116,12 +131,12 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
                     failed.append({"run": r.run, "layer": layer, "kind": e.kind, "step": e.step})
     if args.html not in (None, "-"):
         try:
-            _write(args.html, render_page(reports))
+            _write(args.html, render_page(reports, comparison))
         except OSError as e:
             print(f"{prog}: error: --html {args.html}: {e.strerror or e}", file=err)
             return 2
     try:
-        _print(args, reports, fail_on, failed, notes, out)
+        _print(args, reports, comparison, fail_on, failed, notes, out)
     except BrokenPipeError:  # `... | head`: the reader has gone; the exit status still counts
         with contextlib.suppress(OSError, ValueError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), out.fileno())
@@ -130,6 +145,17 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
         print(f"{prog}: --fail-on {args.fail_on}: still active at the end: {what}", file=err)
         return 1
     return 0
+
+
+def _find_pair(paths: Sequence[str]) -> list[tuple[str, list[str]]]:
+    pair = []
+    for path in paths:
+        found = find_runs([path])
+        if len(found) != 1:
+            names = ", ".join(os.path.relpath(d, path) for d, _ in found[:4]) + (", ..." if len(found) > 4 else "")
+            raise ReportError(f"{path}: {len(found)} runs under this directory ({names}); --compare takes one run each")
+        pair += found
+    return pair
 
 
 def _write(path: str, text: str) -> None:
@@ -147,15 +173,21 @@ def _write(path: str, text: str) -> None:
 def _print(
     args: argparse.Namespace,
     reports: list[RunReport],
+    comparison: Comparison | None,
     fail_on: list[str] | None,
     failed: list[dict[str, Any]],
     notes: list[str],
     out: TextIO,
 ) -> None:
     if args.html == "-":
-        out.write(render_page(reports))
+        out.write(render_page(reports, comparison))
     elif args.json:
-        json.dump(report_json(reports, fail_on, failed, notes), out, indent=1, allow_nan=False)
+        if comparison is not None:
+            doc = {"version": 1, "compare": comparison_json(comparison), "fail_on": fail_on, "failed": failed}
+            doc["notes"] = notes
+        else:
+            doc = report_json(reports, fail_on, failed, notes)
+        json.dump(doc, out, indent=1, allow_nan=False)
         out.write("\n")
     else:
         tty = bool(getattr(out, "isatty", lambda: False)())
@@ -168,7 +200,10 @@ def _print(
         except (UnicodeEncodeError, LookupError):
             unicode = False
         style = Style(colour)
-        text = "\n\n".join(render_run(r, width, style, unicode, tty) for r in reports)
+        if comparison is not None:
+            text = render_comparison(comparison, width, style, unicode)
+        else:
+            text = "\n\n".join(render_run(r, width, style, unicode, tty) for r in reports)
         if not unicode:
             text = text.replace("…", "~")
         out.write(text + "\n")

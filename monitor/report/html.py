@@ -22,6 +22,8 @@ from __future__ import annotations
 import base64
 from html import escape
 
+from monitor.report import compare as cmp
+from monitor.report.compare import Comparison
 from monitor.report.formatting import episodes_text, num, pct, run_line
 from monitor.report.reading import Image
 from monitor.report.summary import LayerReport, RunReport, trend
@@ -46,7 +48,7 @@ td.num { text-align: right; font-family: ui-monospace, "DejaVu Sans Mono", monos
 tr.active td.name, tr.active td.alerts, .bad { color: #b00; font-weight: 600; }
 li.alert { color: #b00; }
 tr.recovered td.alerts { color: #a60; }
-td.health.bad { color: #b00; }
+td.health.bad, td.diff { color: #b00; } td.diff { font-weight: 600; }
 ul.alerts { list-style: none; padding-left: 0; font-family: ui-monospace, "DejaVu Sans Mono", monospace;
             font-size: 12.5px; white-space: pre-wrap; word-break: break-word; }
 li.recovered { color: #176b17; }
@@ -97,14 +99,20 @@ def _badge(rep: RunReport) -> str:
     return '<span class="badge">no alerts</span>'
 
 
-def render_page(reports: list[RunReport], title: str = "activation-monitor report") -> str:
-    """The whole page for ``reports`` (one section per run, a table of contents first)."""
+def render_page(
+    reports: list[RunReport], comparison: Comparison | None = None, title: str = "activation-monitor report"
+) -> str:
+    """The whole page for ``reports`` (one section per run, a table of contents first); with
+    ``comparison`` (``--compare``), the two runs side by side first."""
     toc = "".join(
         f'<li><a href="#run-{i}">{escape(rep.run)}</a> {_badge(rep)}<br><span class="muted">'
         f"{escape(run_line(rep).removeprefix(rep.run + ': '))}</span></li>"
         for i, rep in enumerate(reports, 1)
     )
     body = "".join(run_section(i, rep) for i, rep in enumerate(reports, 1))
+    if comparison is not None:
+        toc = f'<li><a href="#compare">A vs B, layer by layer</a></li>{toc}'
+        body = compare_section(comparison) + body
     return (
         "<!DOCTYPE html>\n"
         f'<html lang="en"><head><meta charset="utf-8">'
@@ -239,4 +247,26 @@ def _layer(i: int, j: int, lay: LayerReport, rep: RunReport) -> str:
     return (
         f'<div class="layer" id="run-{i}-layer-{j}"><h4><span{" class=bad" if active else ""}>{escape(lay.name)}</span> '
         f'<span class="muted">{escape(" · ".join(meta))}</span></h4><div class="plots">{"".join(pics)}</div></div>'
+    )
+
+
+def compare_section(c: Comparison) -> str:
+    """``--compare``: the two run lines and the side-by-side table, differences marked (class ``diff``)."""
+    all_cells = [cmp.cells(r) for r in c.rows]
+    keep = cmp.visible(all_cells)
+    rows = []
+    for r, row in zip(c.rows, all_cells):
+        tds = "".join(
+            f'<td class="{"diff" if marked else ""}">{escape(text)}{" *" if marked and text else ""}</td>'
+            for text, marked in (row[i] for i in keep)
+        )
+        rows.append(f'<tr class="{"differs" if r.differences else ""}">{tds}</tr>')
+    th = "".join(f"<th>{escape(cmp.HEAD[i])}</th>" for i in keep)
+    head = "".join(f'<p class="runline">{escape(line)}</p>' for line in cmp.header_lines(c)[:2])
+    return (
+        f'<section class="run" id="compare"><h2>A vs B, layer by layer</h2>{head}'
+        f"<p>{escape(cmp.header_lines(c)[2])}</p>"
+        f'<table class="compare"><thead><tr>{th}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+        f'<p class="legend">{escape(cmp.legend())}</p>'
+        '<p class="muted">A is the first run below, B the second.</p></section>\n'
     )

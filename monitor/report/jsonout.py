@@ -36,6 +36,31 @@
       "notes": [...]                              # every note of every run
     }
 
+With ``--compare RUN_A RUN_B`` the document is instead (see :mod:`monitor.report.compare`)::
+
+    {
+      "version": 1,
+      "compare": {
+        "a": {...}, "b": {...},                  # each run's object, as in "runs" above
+        "matched_by": "name" | "position",
+        "thresholds": {"fraction_change": 0.1, "rms_factor": 10.0},
+        "layers": [                              # A's forward order, then B's own layers
+          {
+            "name": "act2",
+            "name_b": null,                      # B's name, when matched by position
+            "a": {"kind": "relu",
+                  "dead_fraction": {"worst": 1.0, "last": 1.0} | null, "saturated_fraction": ... | null,
+                  "rms_last": 0.0, "grad_rms_last": 0.0008 | null,
+                  "alerts": [{"kind": "dead", "step": 0, "recovered_step": null}]} | null,   # null: not in A
+            "b": {...} | null,
+            "differences": ["alerts", "dead_fraction", "rms"]   # also kind, saturated_fraction, grad_rms, only_a, only_b
+          }, ...
+        ],
+        "differing": ["act2", ...]
+      },
+      "fail_on": ..., "failed": [...], "notes": [...]   # as above, over both runs
+    }
+
 Non-finite numbers (an exploding layer's RMS) are the strings ``"NaN"``, ``"Infinity"``,
 ``"-Infinity"``, so the document is strict JSON.
 """
@@ -50,7 +75,7 @@ from monitor.report.summary import Episode, RunReport, Series, trend
 TREND_POINTS = 20  # points of the JSON "trend" arrays
 
 
-def _jf(x: float | None) -> float | str | None:
+def jf(x: float | None) -> float | str | None:
     if x is None:
         return None
     if math.isnan(x):
@@ -60,58 +85,60 @@ def _jf(x: float | None) -> float | str | None:
     return x
 
 
+def _stat(s: Series | None, health: bool = False) -> dict[str, Any] | None:
+    if s is None:
+        return None
+    if health:
+        worst, at = s.worst()
+        return {"first": jf(s.first), "worst": jf(worst), "worst_step": at, "last": jf(s.last)}
+    lo, hi = s.extrema()
+    return {
+        "first": jf(s.first),
+        "last": jf(s.last),
+        "min": jf(lo),
+        "max": jf(hi),
+        "trend": [jf(x) for x in trend(s.values, TREND_POINTS)],
+    }
+
+
+def _eps(e: Episode) -> dict[str, Any]:
+    return {"kind": e.kind, "step": e.step, "recovered_step": e.recovered_step}
+
+
+def run_json(rep: RunReport) -> dict[str, Any]:
+    """One run's object (an element of ``"runs"``)."""
+    s = rep.sampled_steps
+    return {
+        "run": rep.run,
+        "files": rep.files,
+        "first_step": s[0] if s else None,
+        "last_step": s[-1] if s else None,
+        "sampled_steps": len(s),
+        "alerts_by_kind": rep.alerts_by_kind(),
+        "layers": [
+            {
+                "name": lay.name,
+                "kind": lay.kind,
+                "units": lay.units,
+                "dead_fraction": _stat(lay.series.get("dead_fraction"), health=True),
+                "saturated_fraction": _stat(lay.series.get("saturated_fraction"), health=True),
+                "rms": _stat(lay.series["rms"]),
+                "grad_rms": _stat(lay.series.get("grad_rms")),
+                "alerts": [_eps(e) for e in lay.alerts],
+            }
+            for lay in rep.layers
+        ],
+        "other_alerts": [{"subject": n, **_eps(e)} for n, es in rep.other_alerts.items() for e in es],
+        "alerts": [
+            {"step": a.step, "layer": a.layer, "kind": a.kind, "recovered": a.recovered, "message": a.message}
+            for a in rep.alerts
+        ],
+        "active_alerts": [{"layer": n, "kind": e.kind, "step": e.step} for n, e in rep.active],
+        "notes": rep.notes,
+    }
+
+
 def report_json(
     reports: list[RunReport], fail_on: list[str] | None, failed: list[dict[str, Any]], notes: list[str]
 ) -> dict[str, Any]:
-    def stat(s: Series | None, health: bool = False) -> dict[str, Any] | None:
-        if s is None:
-            return None
-        if health:
-            worst, at = s.worst()
-            return {"first": _jf(s.first), "worst": _jf(worst), "worst_step": at, "last": _jf(s.last)}
-        lo, hi = s.extrema()
-        return {
-            "first": _jf(s.first),
-            "last": _jf(s.last),
-            "min": _jf(lo),
-            "max": _jf(hi),
-            "trend": [_jf(x) for x in trend(s.values, TREND_POINTS)],
-        }
-
-    def eps(e: Episode) -> dict[str, Any]:
-        return {"kind": e.kind, "step": e.step, "recovered_step": e.recovered_step}
-
-    runs = []
-    for rep in reports:
-        s = rep.sampled_steps
-        runs.append(
-            {
-                "run": rep.run,
-                "files": rep.files,
-                "first_step": s[0] if s else None,
-                "last_step": s[-1] if s else None,
-                "sampled_steps": len(s),
-                "alerts_by_kind": rep.alerts_by_kind(),
-                "layers": [
-                    {
-                        "name": lay.name,
-                        "kind": lay.kind,
-                        "units": lay.units,
-                        "dead_fraction": stat(lay.series.get("dead_fraction"), health=True),
-                        "saturated_fraction": stat(lay.series.get("saturated_fraction"), health=True),
-                        "rms": stat(lay.series["rms"]),
-                        "grad_rms": stat(lay.series.get("grad_rms")),
-                        "alerts": [eps(e) for e in lay.alerts],
-                    }
-                    for lay in rep.layers
-                ],
-                "other_alerts": [{"subject": n, **eps(e)} for n, es in rep.other_alerts.items() for e in es],
-                "alerts": [
-                    {"step": a.step, "layer": a.layer, "kind": a.kind, "recovered": a.recovered, "message": a.message}
-                    for a in rep.alerts
-                ],
-                "active_alerts": [{"layer": n, "kind": e.kind, "step": e.step} for n, e in rep.active],
-                "notes": rep.notes,
-            }
-        )
-    return {"version": 1, "runs": runs, "fail_on": fail_on, "failed": failed, "notes": notes}
+    return {"version": 1, "runs": [run_json(r) for r in reports], "fail_on": fail_on, "failed": failed, "notes": notes}

@@ -23,6 +23,7 @@ import textwrap
 
 import numpy as np
 
+from monitor.report import compare as cmp
 from monitor.report.formatting import episodes_text, num, pct, run_line
 from monitor.report.summary import RunReport, trend
 
@@ -188,3 +189,34 @@ def _rows(
         bad = (RED, BOLD) if active else (YELLOW,)
         rows.append((cells, [bad if active else ()] + [()] * (len(head) - 2) + [bad]))
     return head, rows
+
+
+def render_comparison(c: cmp.Comparison, width: int, style: Style, unicode: bool) -> str:
+    """The two run lines, how layers were matched, and one row per layer: A -> B, differences marked ``*``.
+
+    Columns that are empty in every row are left out; when the table is wider than the terminal
+    the alert columns and then the layer names are shortened."""
+    arrow = "→" if unicode else "->"
+    lines = [style(ln, BOLD) for ln in cmp.header_lines(c)]
+    rows = [cmp.cells(r, arrow) for r in c.rows]
+    keep = cmp.visible(rows)
+    head = [cmp.HEAD[i].replace("→", arrow) for i in keep]
+    table = [[(t + " *" if marked and t else t, marked) for t, marked in (row[i] for i in keep)] for row in rows]
+    widths = [max(len(head[j]), *(len(r[j][0]) for r in table)) if table else len(head[j]) for j in range(len(head))]
+    over = sum(widths) + 2 * (len(widths) - 1) - width
+    for j in (len(widths) - 1, len(widths) - 2, 0):  # alerts B, alerts A, then names
+        if over > 0:
+            cut = min(over, max(widths[j] - max(12, len(head[j])), 0))
+            widths[j] -= cut
+            over -= cut
+    lines.append("  ".join(style(h, BOLD) + " " * (w - len(h)) for h, w in zip(head, widths)).rstrip())
+    for row in table:
+        texts = []
+        for j, ((t, marked), w) in enumerate(zip(row, widths)):
+            t = _fit(t, w, middle=(j == 0))
+            texts.append(style(t, RED, BOLD) if marked else t)
+            texts[-1] += " " * (w - len(t))
+        lines.append("  ".join(texts).rstrip())
+    if any(r.differences for r in c.rows):
+        lines.append(style(_fit(cmp.legend(), width), DIM))
+    return "\n".join(lines)
