@@ -6,8 +6,12 @@ One job per module:
 - :mod:`~monitor.report.reading`: one run's files, read with TensorBoard's record reader and
   ``Event`` proto (:mod:`~monitor.report.template`: the byte templates that make it fast);
 - :mod:`~monitor.report.summary`: the data -> :class:`RunReport` (layers, series, alert episodes);
-- :mod:`~monitor.report.terminal`: the terminal table; :mod:`~monitor.report.jsonout`: ``--json``
-  (its docstring is the document's schema);
+  :mod:`~monitor.report.config`: the run's configuration (``run_config``) and the keys that tell
+  runs apart;
+- :mod:`~monitor.report.formatting`: numbers and run lines as text;
+  :mod:`~monitor.report.terminal`: the terminal table; :mod:`~monitor.report.jsonout`: ``--json``
+  (its docstring is the document's schema); :mod:`~monitor.report.html`: ``--html`` (plots drawn
+  by :mod:`~monitor.report.svgplot`); :mod:`~monitor.report.compare`: ``--compare``;
 - :mod:`~monitor.report.cli`: the command line (``--fail-on`` and the exit status).
 
 Nothing here imports torch: ``import monitor`` is lazy (PEP 562), so the report starts in a

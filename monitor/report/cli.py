@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any, TextIO
 
 from monitor.report.compare import Comparison, compare, comparison_json
+from monitor.report.config import mark_differing
 from monitor.report.finding import ReportError, find_runs
 from monitor.report.html import render_page
 from monitor.report.jsonout import report_json
@@ -119,6 +120,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "activation-monitor") ->
         print(f"{prog}: error: {e}", file=err)
         return 2
     reports = [summarise(d, files, read_run(files, images=args.html is not None)) for d, files in found]
+    mark_differing(reports)
     comparison = compare(*reports) if args.compare else None
     notes = [n for r in reports for n in r.notes]
     for n in notes:

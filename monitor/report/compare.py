@@ -23,6 +23,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from monitor.report.config import MISSING, value_text
+from monitor.report.config import differences as config_differences
 from monitor.report.formatting import episodes_text, num, pct, run_line
 from monitor.report.jsonout import jf, run_json
 from monitor.report.summary import Episode, LayerReport, RunReport
@@ -151,11 +153,19 @@ def _side_json(s: Side | None) -> dict[str, Any] | None:
     }
 
 
+def _where(x: Any, y: Any) -> str:
+    return "a" if y is MISSING else "b" if x is MISSING else "both"
+
+
 def comparison_json(c: Comparison) -> dict[str, Any]:
     """The ``"compare"`` object of ``--json`` (see :mod:`monitor.report.jsonout`)."""
     return {
         "a": run_json(c.a),
         "b": run_json(c.b),
+        "config_differences": [
+            {"key": k, "a": None if x is MISSING else x, "b": None if y is MISSING else y, "in": _where(x, y)}
+            for k, x, y in config_differences(c.a.config, c.b.config)
+        ],
         "matched_by": c.matched_by,
         "thresholds": {"fraction_change": FRACTION_CHANGE, "rms_factor": RMS_FACTOR},
         "layers": [
@@ -245,8 +255,16 @@ def legend() -> str:
     )
 
 
-def header_lines(c: Comparison) -> list[str]:
+def _value(v: Any) -> str:
+    return "(none)" if v is MISSING else value_text(v)
+
+
+def header_lines(c: Comparison, arrow: str = "→") -> list[str]:
+    """The run lines of A and B, the configuration keys that differ (when both have one), how layers were matched."""
     lines = [f"A  {run_line(c.a)}", f"B  {run_line(c.b)}"]
+    changed = config_differences(c.a.config, c.b.config)
+    if changed:
+        lines.append("config: " + "; ".join(f"{k} {_value(x)} {arrow} {_value(y)}" for k, x, y in changed))
     only_a = sum(1 for r in c.rows if r.b is None)
     only_b = sum(1 for r in c.rows if r.a is None)
     matched = sum(1 for r in c.rows if r.layer and r.a is not None and r.b is not None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from monitor.report.config import items_text
 from monitor.report.summary import Episode, RunReport
 
 
@@ -36,7 +37,14 @@ def episodes_text(eps: list[Episode]) -> str:
     )
 
 
-def run_line(rep: RunReport) -> str:
+def run_label(rep: RunReport) -> str:
+    """The run directory, and the configuration keys that tell it from the other runs of its group."""
+    if rep.config and rep.config_differs:
+        return f"{rep.run} [{items_text(rep.config, rep.config_differs)}]"
+    return rep.run
+
+
+def run_summary(rep: RunReport) -> str:
     s = rep.sampled_steps
     span = f"steps {s[0]}..{s[-1]} ({len(s)} sampled)" if s else "no sampled steps"
     by_kind = rep.alerts_by_kind()
@@ -47,4 +55,8 @@ def run_line(rep: RunReport) -> str:
         alerts = "alerts: " + ", ".join(parts)
     else:
         alerts = "no alerts"
-    return f"{rep.run}: {span}, {alerts}"
+    return f"{span}, {alerts}"
+
+
+def run_line(rep: RunReport) -> str:
+    return f"{run_label(rep)}: {run_summary(rep)}"

@@ -24,7 +24,8 @@ from html import escape
 
 from monitor.report import compare as cmp
 from monitor.report.compare import Comparison
-from monitor.report.formatting import episodes_text, num, pct, run_line
+from monitor.report.config import value_text
+from monitor.report.formatting import episodes_text, num, pct, run_label, run_line, run_summary
 from monitor.report.reading import Image
 from monitor.report.summary import LayerReport, RunReport, trend
 from monitor.report.svgplot import COLOURS, Band, Line, Plot, render, spark
@@ -67,7 +68,9 @@ svg.spark { vertical-align: middle; }
 nav ol { padding-left: 1.4em; } nav li { margin: .15em 0; }
 .badge { display: inline-block; padding: 0 .45em; border-radius: .6em; font-size: .85em; color: #fff; background: #2a7; }
 .badge.bad { background: #c33; color: #fff; } .badge.warn { background: #d80; }
-table.config td { font-family: ui-monospace, "DejaVu Sans Mono", monospace; }
+table.config td { font-family: ui-monospace, "DejaVu Sans Mono", monospace; word-break: break-all; }
+table.config th { font-weight: normal; background: #f6f6f6; } table.config tr.differs th, table.config tr.differs td { font-weight: 700; }
+details summary { cursor: default; color: #444; margin-top: .4em; }
 """
 
 
@@ -105,8 +108,8 @@ def render_page(
     """The whole page for ``reports`` (one section per run, a table of contents first); with
     ``comparison`` (``--compare``), the two runs side by side first."""
     toc = "".join(
-        f'<li><a href="#run-{i}">{escape(rep.run)}</a> {_badge(rep)}<br><span class="muted">'
-        f"{escape(run_line(rep).removeprefix(rep.run + ': '))}</span></li>"
+        f'<li><a href="#run-{i}">{escape(run_label(rep))}</a> {_badge(rep)}<br><span class="muted">'
+        f"{escape(run_summary(rep))}</span></li>"
         for i, rep in enumerate(reports, 1)
     )
     body = "".join(run_section(i, rep) for i, rep in enumerate(reports, 1))
@@ -130,9 +133,11 @@ def render_page(
 
 def run_section(i: int, rep: RunReport) -> str:
     parts = [
-        f'<section class="run" id="run-{i}"><h2>{escape(rep.run)} {_badge(rep)}</h2>',
+        f'<section class="run" id="run-{i}"><h2>{escape(run_label(rep))} {_badge(rep)}</h2>',
         f'<p class="runline">{escape(run_line(rep))}</p>',
     ]
+    if rep.config:
+        parts.append(_config_table(rep))
     if rep.notes:
         parts.append('<ul class="notes">' + "".join(f"<li>{escape(n)}</li>" for n in rep.notes) + "</ul>")
     if not rep.sampled_steps:
@@ -158,6 +163,17 @@ def run_section(i: int, rep: RunReport) -> str:
         parts += [_layer(i, j, lay, rep) for j, lay in enumerate(rep.layers, 1)]
     parts.append("</section>\n")
     return "".join(parts)
+
+
+def _config_table(rep: RunReport) -> str:
+    """The run's configuration, key by key; the keys that tell it from the other runs of its group in bold."""
+    assert rep.config is not None
+    rows = "".join(
+        f'<tr class="{"differs" if k in rep.config_differs else ""}"><th>{escape(k)}</th>'
+        f"<td>{escape(value_text(v))}</td></tr>"
+        for k, v in rep.config.items()
+    )
+    return f'<details open><summary>configuration</summary><table class="config">{rows}</table></details>'
 
 
 def _table(i: int, rep: RunReport) -> str:
@@ -262,10 +278,11 @@ def compare_section(c: Comparison) -> str:
         )
         rows.append(f'<tr class="{"differs" if r.differences else ""}">{tds}</tr>')
     th = "".join(f"<th>{escape(cmp.HEAD[i])}</th>" for i in keep)
-    head = "".join(f'<p class="runline">{escape(line)}</p>' for line in cmp.header_lines(c)[:2])
+    lines = cmp.header_lines(c)
+    head = "".join(f'<p class="runline">{escape(line)}</p>' for line in lines[:2])
+    head += "".join(f"<p>{escape(line)}</p>" for line in lines[2:])
     return (
         f'<section class="run" id="compare"><h2>A vs B, layer by layer</h2>{head}'
-        f"<p>{escape(cmp.header_lines(c)[2])}</p>"
         f'<table class="compare"><thead><tr>{th}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
         f'<p class="legend">{escape(cmp.legend())}</p>'
         '<p class="muted">A is the first run below, B the second.</p></section>\n'

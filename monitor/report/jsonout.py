@@ -28,6 +28,8 @@
           "alerts": [{"step": 10, "layer": "relu2", "kind": "dead", "recovered": false,
                       "message": "step 10 | relu2 | dead: ..."}, ...],   # in logged order
           "active_alerts": [{"layer": "relu2", "kind": "dead", "step": 10}, ...],
+          "config": {"lr": 0.1, "fold": 2, ...} | null,   # the run_config object (monitor.report.config)
+          "config_differs": ["fold", "lr"],      # the keys that tell it from the other runs of its group
           "notes": ["...: the last record is incomplete ..."]
         }
       ],
@@ -42,6 +44,7 @@ With ``--compare RUN_A RUN_B`` the document is instead (see :mod:`monitor.report
       "version": 1,
       "compare": {
         "a": {...}, "b": {...},                  # each run's object, as in "runs" above
+        "config_differences": [{"key": "lr", "a": 0.3, "b": 0.001, "in": "both"}, ...],   # "a"/"b": only there
         "matched_by": "name" | "position",
         "thresholds": {"fraction_change": 0.1, "rms_factor": 10.0},
         "layers": [                              # A's forward order, then B's own layers
@@ -134,6 +137,8 @@ def run_json(rep: RunReport) -> dict[str, Any]:
             for a in rep.alerts
         ],
         "active_alerts": [{"layer": n, "kind": e.kind, "step": e.step} for n, e in rep.active],
+        "config": rep.config,
+        "config_differs": rep.config_differs,
         "notes": rep.notes,
     }
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from monitor.report.config import CONFIG_TAGS
 from monitor.report.template import Layout, Template
 
 ALERT_TAGS = ("activation_alerts/text_summary", "activation_alerts")
@@ -102,6 +103,7 @@ class RunData:
     described: dict[str, tuple[str, int]] = field(default_factory=dict)  # layer -> (kind, units), when recorded
     notes: list[str] = field(default_factory=list)
     images: dict[str, Image] | None = None  # tag -> its latest image; None: images are not read
+    config_texts: list[str] = field(default_factory=list)  # the run_config texts, in the order read
 
 
 def _read_file(path: str, run: RunData) -> None:
@@ -183,6 +185,9 @@ def _scan(ev: Any, vals: Any, run: RunData) -> Layout | None:
                 parts = [p.strip() for p in line.split(" | ")]
                 if len(parts) == 3 and parts[2].isdigit():
                     run.described[parts[0]] = (parts[1], int(parts[2]))
+            continue
+        if tag in CONFIG_TAGS:  # the run's configuration: one JSON object (see monitor.report.config)
+            run.config_texts.append(_text(v))
             continue
         prefix, sep, name = tag.partition("/")
         if not prefix.startswith(("activation_", "gradient_")):

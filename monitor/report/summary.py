@@ -23,9 +23,11 @@ import itertools
 import math
 import re
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from monitor.report.config import parse as parse_config
 from monitor.report.reading import SERIES, Image, RunData
 
 BUILTIN_KINDS = ("dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient")
@@ -109,6 +111,8 @@ class RunReport:
     alerts: list[LoggedAlert]
     notes: list[str]
     images: dict[str, Image] = field(default_factory=dict)  # tag -> latest image (read for the HTML page only)
+    config: dict[str, Any] | None = None  # the run_config object (monitor.report.config), None without one
+    config_differs: list[str] = field(default_factory=list)  # keys that tell it from the runs of its group
 
     @property
     def active(self) -> list[tuple[str, Episode]]:
@@ -216,7 +220,9 @@ def summarise(run_dir: str, files: list[str], data: RunData) -> RunReport:
             kind, n_units = _kind(name, prefixes, messages.get(name, [])), units.get(name)
         layers.append(LayerReport(name, kind, n_units, series, episodes.pop(name, [])))
     sampled = sorted(set(data.sampled))
-    return RunReport(run_dir, list(files), sampled, layers, episodes, alerts, data.notes, dict(data.images or {}))
+    config, notes = parse_config(data.config_texts, run_dir)
+    images = dict(data.images or {})
+    return RunReport(run_dir, list(files), sampled, layers, episodes, alerts, data.notes + notes, images, config)
 
 
 def trend(values: np.ndarray, points: int) -> list[float]:

@@ -24,6 +24,7 @@ import textwrap
 import numpy as np
 
 from monitor.report import compare as cmp
+from monitor.report.config import items_text
 from monitor.report.formatting import episodes_text, num, pct, run_line
 from monitor.report.summary import RunReport, trend
 
@@ -85,6 +86,8 @@ def _fit(text: str, width: int, middle: bool = False) -> str:
 
 def render_run(rep: RunReport, width: int, style: Style, unicode: bool, tty: bool) -> str:
     lines = [style(run_line(rep), BOLD)]
+    if rep.config:
+        lines.append(style(_fit("  config: " + items_text(rep.config), width), DIM))
     if not rep.sampled_steps:
         lines.append("  no sampled steps in these files")
     if rep.layers:
@@ -197,7 +200,7 @@ def render_comparison(c: cmp.Comparison, width: int, style: Style, unicode: bool
     Columns that are empty in every row are left out; when the table is wider than the terminal
     the alert columns and then the layer names are shortened."""
     arrow = "→" if unicode else "->"
-    lines = [style(ln, BOLD) for ln in cmp.header_lines(c)]
+    lines = [style(ln, BOLD) for ln in cmp.header_lines(c, arrow)]
     rows = [cmp.cells(r, arrow) for r in c.rows]
     keep = cmp.visible(rows)
     head = [cmp.HEAD[i].replace("→", arrow) for i in keep]
