@@ -10,7 +10,7 @@ about 12 minutes for 10,000 sampled steps; this writes the same file in about a 
     python benchmarks/report_speed.py [--layers 100] [--steps 10000] [--dir /tmp/report-speed]
 
 prints the file size, the time to write it, and the wall time of ``python -m monitor report DIR``
-(terminal and ``--json``), each a fresh interpreter as a user would run it, and of the reading alone
+(terminal, ``--json`` and ``--html``), each a fresh interpreter as a user would run it, and of the reading alone
 in this process.
 """
 
@@ -145,12 +145,14 @@ def main() -> None:
     print(f"event file: {size / 1e6:.0f} MB")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {**os.environ, "PYTHONPATH": root + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    for extra in ([], ["--json"]):
+    page = os.path.join(args.dir, "report.html")
+    for extra in ([], ["--json"], ["--html", page]):
         t = time.perf_counter()
         subprocess.run(
             [sys.executable, "-m", "monitor", "report", logdir, *extra], check=True, env=env, stdout=subprocess.DEVNULL
         )
         print(f"python -m monitor report {' '.join(extra)}: {time.perf_counter() - t:.2f} s (fresh interpreter)")
+    print(f"  the page: {os.path.getsize(page) / 1e6:.1f} MB")
     t = time.perf_counter()
     subprocess.run([sys.executable, "-c", "import monitor"], check=True, env=env)
     print(f"  of which `import monitor` (torch): {time.perf_counter() - t:.2f} s")
