@@ -1,0 +1,622 @@
+"""Hugging Face ``Trainer`` integration: :class:`ActivationMonitor`, a ``TrainerCallback`` around :class:`monitor.Monitor`.
+
+>>> from integrations.transformers import ActivationMonitor             # doctest: +SKIP
+>>> trainer = Trainer(model=model, args=args, train_dataset=train_ds,
+...                   callbacks=[ActivationMonitor(every_n_steps=50)])   # doctest: +SKIP
+>>> trainer.train()                                                        # doctest: +SKIP
+
+The callback only translates Trainer events into core calls (the order is the Trainer's, checked
+against ``transformers/trainer.py``: per micro-batch ``training_step`` (forward + backward), then on
+the last micro-batch of an optimizer step: clip to ``max_grad_norm``, ``on_pre_optimizer_step``,
+``optimizer.step()``, ``on_optimizer_step``, scheduler, ``zero_grad``, ``global_step += 1``,
+``on_step_end``, then logging / evaluation / saving):
+
+==========================  ========================================================================
+``on_train_begin``          build the :class:`~monitor.Monitor` on the Trainer's model (state from the
+                            checkpoint being resumed, if any); output into the Trainer's TensorBoard run
+``on_step_begin``           ``begin_step(state.global_step)`` (optimizer steps: with gradient
+                            accumulation the step spans every micro-batch of that optimizer step)
+``on_pre_optimizer_step``   ``record_gradients(optimizer)``: accumulated, all-reduced under DDP,
+                            unscaled under fp16 AMP and **after** the Trainer's clipping (it clips first)
+``on_optimizer_step``       ``end_step()`` once the optimizer stepped (the update ratio spans that step);
+                            ``on_alert="stop"`` sets ``control.should_training_stop``
+``on_step_end``             the step's scalars to the Trainer's other reporting callbacks
+                            (with :meth:`ActivationMonitor.set_trainer`)
+``on_epoch_end``            end a step that training left open; wait for the judged steps
+``on_train_end``            ``close()``: hooks removed, sinks flushed and closed
+``state()``                 the core's ``state_dict()`` in the checkpoint's ``trainer_state.json``
+==========================  ========================================================================
+
+The Trainer has no event for an exception: a sampled step that training leaves by raising is
+ended (hooks removed, nothing recorded) at the model's next forward outside the Trainer's
+training loop, at the next ``train()``, at :meth:`ActivationMonitor.close`, or when the process
+exits. See the README, section "Hugging Face Trainer".
+"""
+
+from __future__ import annotations
+
+import base64
+import collections
+import copy
+import dataclasses
+import glob
+import io
+import itertools
+import os
+import sys
+import threading
+import warnings
+import weakref
+import zlib
+from collections.abc import Callable
+from typing import Any, Literal, Union
+
+import torch
+from torch import nn
+
+from monitor import (
+    ActivationAlertError,
+    Alert,
+    LayerHealth,
+    Monitor,
+    MonitorWarning,
+    Options,
+    ParameterHealth,
+    SampleRecord,
+    Sink,
+    Thresholds,
+)
+from monitor.selection import Patterns
+
+try:
+    import transformers
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+except ImportError as e:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        "The Hugging Face Trainer integration needs the `transformers` extra: "
+        "pip install 'activation-monitor[transformers]'"
+    ) from e
+
+__all__ = ["ActivationAlertError", "ActivationMonitor"]
+
+TrainerOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
+_KWARGS = (
+    "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
+)
+_JSON_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients")
+SUBDIR = "activation_monitor"
+#: The key of the monitor's state in this callback's entry of ``trainer_state.json``.
+STATE_KEY = "activation_monitor"
+_FORMAT = "torch.save+zlib+base64"
+# Callbacks that do not get the monitor's scalars: the Trainer's flow, its console printers, and
+# its TensorBoard callback (the monitor writes into that run itself). By class name, over the MRO.
+_NOT_REPORTERS = frozenset(
+    {"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "NotebookProgressCallback", "TensorBoardCallback"}
+)
+# Frames of the Trainer's training loop (a forward outside them is not a training forward).
+_LOOP_FRAMES = frozenset({"training_step", "_run_epoch", "_inner_training_loop"})
+
+_LIVE: weakref.WeakSet[ActivationMonitor] = weakref.WeakSet()
+_SERIAL = itertools.count()
+
+
+class _MetricsQueue(Sink):
+    """Keeps ``(step, {tag: value})`` per record; drained on the training thread to the reporters."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def write(self, record: SampleRecord) -> None:
+        from monitor.tensorboard import scalar_values
+
+        values = scalar_values(record)
+        if values:
+            with self._lock:
+                self._items.append((record.step, values))
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
+
+
+class ActivationMonitor(TrainerCallback, ExportableState):
+    """Per-unit activation (and gradient) health of the Trainer's model, sampled every N optimizer steps.
+
+    Takes the options of :class:`monitor.Monitor` (the same names as the Lightning callback):
+    ``every_n_steps``, ``include``, ``exclude``, ``thresholds``, ``on_alert``, ``logdir`` and the
+    keyword-only ``histograms``, ``images_every_n_samples``, ``timeline_length``, ``functional``,
+    ``sinks``, ``background``, ``detectors``, ``gradients``; validated here, by the core's validator.
+    ``on_alert="stop"`` warns and sets ``control.should_training_stop`` (the Trainer ends training
+    after that step, ``on_train_end`` runs as usual).
+
+    Output goes into the Trainer's TensorBoard run (the directory of its ``TensorBoardCallback``),
+    as an event file of the monitor's own beside the Trainer's, or into ``logdir``. After
+    :meth:`set_trainer`, the scalars also reach the Trainer's other reporting callbacks (W&B,
+    MLflow, ...) through their ``on_log``.
+
+    Example:
+        >>> monitor = ActivationMonitor(every_n_steps=50)                                   # doctest: +SKIP
+        >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[monitor])  # doctest: +SKIP
+        >>> monitor.set_trainer(trainer)   # optional: scalars to W&B/MLflow/... too         # doctest: +SKIP
+        >>> trainer.train()                                                                 # doctest: +SKIP
+        >>> monitor.alerts, monitor.health()                                                # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        every_n_steps: int = 50,
+        include: Patterns = None,
+        exclude: Patterns = None,
+        thresholds: Thresholds | None = None,
+        on_alert: TrainerOnAlert = "warn",
+        logdir: str | os.PathLike[str] | None = None,
+        **monitor_kwargs: Any,
+    ) -> None:
+        restore = monitor_kwargs.pop("_restore", None)
+        if restore is not None:
+            # The Trainer rebuilds stateful callbacks from their `state()["args"]` when
+            # `restore_callback_states_from_checkpoint=True`: become the instance it replaces.
+            if self._adopt(restore):
+                return
+            every_n_steps, include, exclude, thresholds, on_alert, logdir, monitor_kwargs = _from_json(restore)
+        unknown = sorted(set(monitor_kwargs) - set(_KWARGS))
+        if unknown:
+            raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
+        # Every option is validated now, with the core's messages; whether a pattern matches a
+        # module is known at `on_train_begin`, on the real model.
+        Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **monitor_kwargs)
+        self.every_n_steps = every_n_steps
+        self.include = include
+        self.exclude = exclude
+        self.thresholds = thresholds
+        self.on_alert = on_alert
+        self.logdir = logdir
+        self.monitor_kwargs = monitor_kwargs
+
+        self.monitor: Monitor | None = None  # the core monitor of the current/last train()
+        self.log_dir: str | None = None  # where this rank's TensorBoard output goes (None: nowhere)
+        self._trainer: weakref.ref | None = None
+        self._queue: _MetricsQueue | None = None
+        self._rank_zero = True
+        self._global_step = 0
+        self._guard: Any = None  # the forward pre-hook of the sampled step in progress
+        self._thread: int | None = None  # the thread that began it (the Trainer's)
+        self._started = False
+        self._token = f"{os.getpid()}-{next(_SERIAL)}"
+        self._serial = next(_SERIAL)
+        self._warned: set[str] = set()
+        _LIVE.add(self)
+
+    # -- results ----------------------------------------------------------------------------------
+    @property
+    def alerts(self) -> list[Alert]:
+        """Every alert so far (entering and recovering), oldest first."""
+        return self.monitor.alerts if self.monitor is not None else []
+
+    def health(self) -> dict[str, LayerHealth]:
+        """Each watched layer's health at its latest sampled step."""
+        return self.monitor.health() if self.monitor is not None else {}
+
+    def parameter_health(self) -> dict[str, ParameterHealth]:
+        """Each parameter's gradient norm (after the Trainer's clipping) and update ratio at the latest sampled step."""
+        return self.monitor.parameter_health() if self.monitor is not None else {}
+
+    def set_trainer(self, trainer: Any) -> ActivationMonitor:
+        """Know the Trainer (as the Trainer's own ``JITCheckpointCallback.set_trainer`` does): the
+        sampled steps' scalars then also reach its other reporting callbacks (W&B, MLflow, Comet,
+        your own ``on_log``), and the TensorBoard output joins its ``TensorBoardCallback``'s writer
+        directory exactly. Adds this callback to the Trainer if it is not one of its callbacks yet.
+        Only read: nothing of the Trainer is replaced or changed. Returns ``self``."""
+        if not all(hasattr(trainer, a) for a in ("callback_handler", "add_callback")):
+            raise TypeError(f"Expected a transformers.Trainer, got {type(trainer).__name__}.")
+        self._trainer = weakref.ref(trainer)
+        if not any(cb is self or _same(cb, self) for cb in trainer.callback_handler.callbacks):
+            trainer.add_callback(self)
+        return self
+
+    def close(self) -> None:
+        """End a sampled step left open (hooks removed, nothing recorded) and close the monitor
+        (sinks flushed). Idempotent; the next ``train()`` starts a new monitor."""
+        self._close(failed=True)
+
+    # -- the run ------------------------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        self._close(failed=True)  # a previous train() that raised, or a retry (auto_find_batch_size)
+        self._started = True
+        self._rank_zero = bool(state.is_world_process_zero)
+        self._global_step = state.global_step
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"ActivationMonitor: expected the Trainer's model to be a torch.nn.Module, got {type(model).__name__}.")
+        if getattr(args, "torch_compile", False):
+            if self._rank_zero:
+                self._warn_once(
+                    "compile",
+                    "activation monitor: the Trainer compiles the model (`torch_compile=True`); compiled code does not "
+                    "run Python forward hooks added later, so activation monitoring is disabled (training is unaffected).",
+                )
+            self.monitor = None
+            return
+        saved = self._checkpoint_state(state) if state.global_step > 0 else None  # resuming from a checkpoint
+        entries = getattr(state, "stateful_callbacks", None)
+        if isinstance(entries, dict) and type(self).__name__ not in entries:
+            # A checkpoint saved without this callback: the Trainer's next save indexes
+            # `stateful_callbacks[<class name>]` and fails with a KeyError (transformers >= 4.45).
+            # Put in the entry a fresh TrainerState would hold; the only write into the Trainer's objects.
+            entries[type(self).__name__] = self.state()
+        writer, logdir = self._outputs(args, state) if self._rank_zero else (None, None)
+        reporters = self._rank_zero and self._trainer is not None
+        self._queue = _MetricsQueue() if reporters else None
+        sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
+        if self._queue is not None:
+            sinks.append(self._queue)
+        mon = Monitor(
+            model,
+            self.every_n_steps,
+            self.include,
+            self.exclude,
+            self.thresholds,
+            logdir=logdir,
+            writer=writer,
+            on_alert=self._core_on_alert(),
+            **{**self.monitor_kwargs, "sinks": sinks},
+        )
+        gather = _gather(args)
+        if gather is not None:
+            mon.gather = gather  # one collective per sampled step, on every rank
+        mon.gradients_from_callbacks()  # read at on_pre_optimizer_step: no parameter/optimizer hooks
+        if saved is not None:
+            mon.load_state_dict(saved)
+        self.monitor = mon.attach()
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
+        mon = self.monitor
+        step = state.global_step
+        if mon is None or mon.in_step or not mon.should_sample(step):
+            return
+        if mon.begin_step(step):
+            self._thread = threading.get_ident()
+            try:
+                self._guard = mon.model.register_forward_pre_hook(self._check_forward)
+            except BaseException:
+                mon.end_step(failed=True)
+                raise
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        mon = self.monitor
+        if mon is not None and mon.in_step:
+            mon.record_gradients(optimizer)  # accumulated, all-reduced, unscaled; already clipped
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._end(control)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._global_step = state.global_step
+        self._end(control)  # normally ended at on_optimizer_step already
+        self._report(args, state, control, kwargs)
+
+    def on_epoch_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # Training may have left the step open (stopped inside a gradient-accumulation window).
+        self._end(control)
+        if self.monitor is not None:
+            self.monitor.flush()  # every value reaches the reporters before their on_train_end
+        self._report(args, state, control, kwargs)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._close(failed=False)
+
+    # -- internals ----------------------------------------------------------------------------------
+    def _core_on_alert(self) -> Any:
+        mode = self.on_alert
+        if mode in ("raise", "stop"):
+            return mode  # every rank sees the same alerts: they raise or stop together (rank 0 warns)
+        if not self._rank_zero:
+            return "ignore"  # only the main process warns / calls back
+        return mode
+
+    def _end(self, control: Any) -> None:
+        mon = self.monitor
+        self._remove_guard()
+        if mon is None or not mon.in_step:
+            return
+        try:
+            if self._rank_zero:
+                mon.end_step()
+            else:  # "raise"/"stop" judge on every rank, inline; only the main process speaks
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", MonitorWarning)
+                    mon.end_step()
+        except ActivationAlertError:
+            self._close(failed=False)  # "raise": nothing left behind, then out of trainer.train()
+            raise
+        if mon.should_stop:
+            control.should_training_stop = True
+
+    def _check_forward(self, module: nn.Module, args: Any) -> None:
+        """Forward pre-hook on the model during a sampled step: a forward outside the Trainer's
+        training loop means training left the step by raising (the Trainer tells callbacks
+        nothing then): end it, remove every hook, record nothing from this forward. Forwards on
+        other threads (``DataParallel`` replicas) are not judged."""
+        if threading.get_ident() != self._thread or _in_training_loop():
+            return
+        mon = self.monitor
+        step = mon._step if mon is not None else None
+        self._close(failed=True)
+        self._warn_once(
+            "abandoned",
+            f"activation monitor: sampled step {step} never ended (did training raise?); its hooks are removed and "
+            "the step is not recorded.",
+        )
+
+    def _remove_guard(self) -> None:
+        guard, self._guard = self._guard, None
+        if guard is not None:
+            guard.remove()
+
+    def _close(self, failed: bool) -> None:
+        self._remove_guard()
+        mon = self.monitor
+        if mon is None or mon.closed:
+            return
+        try:
+            mon.end_step(failed=failed)
+        finally:
+            mon.close()  # idempotent: hooks removed, sinks flushed and closed
+            if self._queue is not None:
+                self._queue.drain()  # the reporters may be closed by now: nothing more goes to them
+
+    def _report(self, args: Any, state: Any, control: Any, kwargs: dict[str, Any]) -> None:
+        """The sampled steps' scalars to the Trainer's reporting callbacks (main process only), each
+        at its own step: ``on_log`` sees a copy of the state whose ``global_step`` is the sampled step."""
+        queue = self._queue
+        trainer = self._trainer() if self._trainer is not None else None
+        if queue is None:
+            return
+        items = queue.drain()
+        if not items or trainer is None:
+            return
+        targets = [cb for cb in trainer.callback_handler.callbacks if not _not_reporter(cb)]
+        for step, values in items:
+            at = copy.copy(state)
+            at.global_step = step
+            for cb in targets:
+                cb.on_log(args, at, control, logs=dict(values), **kwargs)
+
+    def _outputs(self, args: Any, state: Any) -> tuple[Any, str | None]:
+        """(writer, logdir) for the main process: the Trainer's TensorBoard run, or ``logdir``."""
+        try:
+            from monitor.tensorboard import require_tensorboard
+
+            require_tensorboard()
+        except ImportError as e:
+            if self.logdir is not None:
+                raise
+            self.log_dir = None
+            self._warn_once("no-tensorboard", f"activation monitor: no TensorBoard output ({e}).")
+            return None, None
+        if self.logdir is not None:
+            self.log_dir = os.fspath(self.logdir)
+            return None, self.log_dir
+        tb = self._tensorboard_callback()
+        writer = getattr(tb, "tb_writer", None) if tb is not None else None
+        if writer is not None:
+            self.log_dir = _writer_dir(writer)
+            return writer, None
+        directory = _trainer_tensorboard_dir(args, state)
+        if directory is None:
+            directory = os.path.join(args.output_dir, SUBDIR)
+            self._warn_once(
+                "where",
+                "activation monitor: the Trainer writes no TensorBoard run (`report_to` without \"tensorboard\"); "
+                f"activation output goes to TensorBoard under {directory}.",
+            )
+        self.log_dir = directory
+        others = [r for r in _report_to(args) if r != "tensorboard"]
+        if others and self._trainer is None:
+            self._warn_once(
+                "reporters",
+                f"activation monitor: call `monitor.set_trainer(trainer)` for the activation scalars to reach "
+                f"{', '.join(others)} too (they go to TensorBoard only).",
+            )
+        return None, directory
+
+    def _tensorboard_callback(self) -> Any:
+        trainer = self._trainer() if self._trainer is not None else None
+        if trainer is None:
+            return None
+        return next((cb for cb in trainer.callback_handler.callbacks if _is_class(cb, "TensorBoardCallback")), None)
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, MonitorWarning, stacklevel=3)
+
+    # -- checkpoints (ExportableState) --------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """This callback's entry in ``trainer_state.json``: ``args`` to rebuild it (the JSON-able
+        options) and, under :data:`STATE_KEY`, the monitor's ``state_dict()`` (windows, baselines,
+        active alerts, alert history, last sampled step), read back by ``on_train_begin`` of a
+        resumed run whatever ``restore_callback_states_from_checkpoint`` is."""
+        config, _ = self._json_config()
+        out: dict[str, Any] = {"args": {"_restore": {**config, "token": self._token}}, "attributes": {}}
+        mon = self.monitor
+        if mon is not None:
+            out[STATE_KEY] = {"format": _FORMAT, "global_step": self._global_step, "state": _encode(mon.state_dict())}
+        return out
+
+    def _checkpoint_state(self, state: Any) -> dict[str, Any] | None:
+        entries = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
+        if entries is None:
+            return None
+        entries = entries if isinstance(entries, list) else [entries]
+        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get(STATE_KEY), dict)]
+        config, _ = self._json_config()
+        mine = [e for e in entries if e.get("args", {}).get("_restore", {}).get("token") == self._token]
+        same = [e for e in entries if _strip_token(e.get("args", {}).get("_restore")) == config]
+        pick = (mine or same or (entries if len(entries) == 1 else []))[-1:]
+        if not pick:
+            return None
+        saved = pick[0][STATE_KEY]
+        if saved.get("format") != _FORMAT:
+            self._warn_once("format", f"activation monitor: unknown checkpoint state format {saved.get('format')!r}; starting fresh.")
+            return None
+        return _decode(saved["state"])
+
+    def _json_config(self) -> tuple[dict[str, Any], list[str]]:
+        """The options as JSON, and the names of those that are not JSON (a callable, a class, ...)."""
+        lost: list[str] = []
+        config: dict[str, Any] = {"every_n_steps": self.every_n_steps}
+        for name in ("include", "exclude"):
+            value = getattr(self, name)
+            if value is None or isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
+                config[name] = list(value) if isinstance(value, (list, tuple)) else value
+            else:
+                lost.append(name)
+        if isinstance(self.on_alert, str):
+            config["on_alert"] = self.on_alert
+        else:
+            lost.append("on_alert")
+        config["thresholds"] = dataclasses.asdict(self.thresholds) if self.thresholds is not None else None
+        config["logdir"] = os.fspath(self.logdir) if self.logdir is not None else None
+        for name, value in self.monitor_kwargs.items():
+            if name in _JSON_KWARGS:
+                config[name] = value
+            elif value is not None:
+                lost.append(name)
+        return config, lost
+
+    def _adopt(self, restore: dict[str, Any]) -> bool:
+        """Share the state of the live callback this rebuilt one replaces: the newest never-trained
+        one with the same options (a new process, a new Trainer), else the one that saved the
+        checkpoint (the same callback, resumed again). Both handles are then the same callback."""
+        config = _strip_token(restore)
+        live = sorted((cb for cb in list(_LIVE) if "_token" in cb.__dict__), key=lambda cb: -cb._serial)
+        fresh = [cb for cb in live if not cb._started and cb._json_config()[0] == config]
+        saver = [cb for cb in live if cb._token == restore.get("token")]
+        original = (fresh or saver or [None])[0]
+        if original is None:
+            return False
+        self.__dict__ = original.__dict__
+        return True
+
+
+# -- helpers ------------------------------------------------------------------------------------
+def _from_json(restore: dict[str, Any]) -> tuple[Any, ...]:
+    """Options from a checkpoint's ``args`` when no live callback could be adopted."""
+    restore = dict(restore)
+    restore.pop("token", None)
+    th = restore.pop("thresholds", None)
+    kwargs = {k: restore.pop(k) for k in _JSON_KWARGS if k in restore}
+    warnings.warn(
+        "activation monitor: `restore_callback_states_from_checkpoint=True` rebuilt ActivationMonitor from the "
+        "checkpoint's options; options that are not JSON (callables, classes, sinks, detectors) are back to their "
+        "defaults. Keep the default `restore_callback_states_from_checkpoint=False`: the callback restores its "
+        "monitor state from the checkpoint by itself.",
+        MonitorWarning,
+        stacklevel=4,
+    )
+    return (
+        restore.get("every_n_steps", 50), restore.get("include"), restore.get("exclude"),
+        Thresholds(**th) if th is not None else None, restore.get("on_alert", "warn"), restore.get("logdir"), kwargs,
+    )
+
+
+def _strip_token(restore: Any) -> Any:
+    if not isinstance(restore, dict):
+        return None
+    return {k: v for k, v in restore.items() if k != "token"}
+
+
+def _same(a: Any, b: Any) -> bool:
+    """Two handles of one callback (an adopted rebuild shares its original's ``__dict__``)."""
+    return isinstance(a, ActivationMonitor) and a.__dict__ is b.__dict__
+
+
+def _encode(state: dict[str, Any]) -> str:
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    return base64.b64encode(zlib.compress(buf.getvalue(), 6)).decode("ascii")
+
+
+def _decode(text: str) -> dict[str, Any]:
+    raw = zlib.decompress(base64.b64decode(text.encode("ascii")))
+    return torch.load(io.BytesIO(raw), weights_only=True)
+
+
+def _is_class(obj: Any, name: str) -> bool:
+    return any(c.__name__ == name for c in type(obj).__mro__)
+
+
+def _not_reporter(cb: Any) -> bool:
+    return isinstance(cb, ActivationMonitor) or any(c.__name__ in _NOT_REPORTERS for c in type(cb).__mro__)
+
+
+def _in_training_loop() -> bool:
+    """Whether this thread is inside the Trainer's training loop (a frame of it on the stack)."""
+    frame = sys._getframe(2)
+    while frame is not None:
+        if frame.f_code.co_name in _LOOP_FRAMES and isinstance(frame.f_locals.get("self"), transformers.Trainer):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def _report_to(args: Any) -> list[str]:
+    report_to = getattr(args, "report_to", None) or []
+    return [report_to] if isinstance(report_to, str) else list(report_to)
+
+
+def _writer_dir(writer: Any) -> str | None:
+    for attr in ("get_logdir", "logdir", "log_dir"):
+        value = getattr(writer, attr, None)
+        value = value() if callable(value) else value
+        if isinstance(value, (str, os.PathLike)):
+            return os.fspath(value)
+    return None
+
+
+def _trainer_tensorboard_dir(args: Any, state: Any) -> str | None:
+    """The directory of the Trainer's ``TensorBoardCallback`` (its ``on_train_begin`` ran before
+    ours: the reporting callbacks come first), or None when it writes none."""
+    trial = state.trial_name if getattr(state, "is_hyper_param_search", False) else None
+    logging_dir = getattr(args, "logging_dir", None)
+    if logging_dir:  # transformers 4.x: the callback writes into args.logging_dir (per trial: a subdirectory)
+        return os.path.join(logging_dir, trial) if trial else logging_dir
+    if "tensorboard" not in _report_to(args):
+        return None
+    env = os.environ.get("TENSORBOARD_LOGGING_DIR")
+    if env and not trial:
+        return os.path.expanduser(env)
+    # transformers 5: <output_dir>/runs/<date>_<host>[/<trial>], named when its on_train_begin ran.
+    # Its writer's newest event file, written by this process, names the directory.
+    pattern = os.path.join(glob.escape(os.fspath(args.output_dir)), "runs", "**", "events.out.tfevents.*")
+    pid = f".{os.getpid()}."
+    own = [f for f in glob.glob(pattern, recursive=True) if pid in os.path.basename(f) and not f.endswith(".activation-monitor")]
+    if not own:
+        return None
+    return os.path.dirname(max(own, key=lambda f: (_created(f), os.path.getmtime(f))))
+
+
+def _created(path: str) -> int:
+    parts = os.path.basename(path).split(".")
+    return int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
+
+
+def _gather(args: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """An all_gather over the Trainer's processes (``[world, n]``), or None for one process."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return None
+    world = dist.get_world_size()
+
+    def gather(t: torch.Tensor) -> torch.Tensor:
+        t = t.contiguous()
+        out = [torch.empty_like(t) for _ in range(world)]
+        dist.all_gather(out, t)
+        return torch.stack(out)
+
+    return gather
