@@ -37,3 +37,21 @@ def test_vanishing_gradients_example_alerts_at_step_0_and_its_fix_is_silent(tmp_
     healthy = main(["--fix", "--logdir", str(tmp_path / "ok")])
     assert healthy.alerts == []
     assert healthy.parameter_health()["fc0.weight"].update_ratio > 1e-4
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_hf_trainer_example_catches_the_exploding_residual_stream_and_its_fix_is_silent(tmp_path, capsys):
+    pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    main = load("hf_trainer.py")["main"]
+    mon = main(["--steps", "30", "--output-dir", str(tmp_path / "bad")])
+    first = {(a.layer, a.kind): a.step for a in mon.alerts if not a.recovered}
+    assert first[("transformer.h.0", "exploding")] == 10 and first[("transformer.h.1", "exploding")] == 10
+    out = capsys.readouterr().out
+    assert "ALERT step 10 | transformer.h.0 | exploding" in out
+    # the monitor's event file is in the Trainer's own TensorBoard run directory
+    files = os.listdir(mon.log_dir)
+    assert any(f.endswith(".activation-monitor") for f in files) and any(f[-1].isdigit() for f in files)
+    assert os.path.dirname(os.path.dirname(mon.log_dir)) == str(tmp_path / "bad")
+    healthy = main(["--fix", "--steps", "30", "--output-dir", str(tmp_path / "ok")])
+    assert healthy.alerts == []
