@@ -42,6 +42,7 @@ import dataclasses
 import glob
 import io
 import itertools
+import json
 import os
 import sys
 import threading
@@ -83,8 +84,15 @@ __all__ = ["ActivationAlertError", "ActivationMonitor"]
 TrainerOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
+    "run_config",
 )
-_JSON_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients")
+_JSON_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients", "run_config")
+#: The TrainingArguments a run records as its ``run_config`` (with the model class, the world size
+#: and a hyperparameter search's trial parameters); ``run_config=`` goes on top.
+RUN_CONFIG_ARGS = (
+    "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs",
+    "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim", "seed", "bf16", "fp16",
+)
 SUBDIR = "activation_monitor"
 #: The key of the monitor's state in this callback's entry of ``trainer_state.json``.
 STATE_KEY = "activation_monitor"
@@ -129,7 +137,10 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     Takes the options of :class:`monitor.Monitor` (the same names as the Lightning callback):
     ``every_n_steps``, ``include``, ``exclude``, ``thresholds``, ``on_alert``, ``logdir`` and the
     keyword-only ``histograms``, ``images_every_n_samples``, ``timeline_length``, ``functional``,
-    ``sinks``, ``background``, ``detectors``, ``gradients``; validated here, by the core's validator.
+    ``sinks``, ``background``, ``detectors``, ``gradients``, ``run_config``; validated here, by the
+    core's validator. The run's ``run_config`` (read by the run report) is the Trainer's main
+    hyperparameters (:data:`RUN_CONFIG_ARGS`, the model class, the world size, a trial's
+    parameters), updated with ``run_config=`` if given.
     ``on_alert="stop"`` warns and sets ``control.should_training_stop`` (the Trainer ends training
     after that step, ``on_train_end`` runs as usual).
 
@@ -262,7 +273,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
             logdir=logdir,
             writer=writer,
             on_alert=self._core_on_alert(),
-            **{**self.monitor_kwargs, "sinks": sinks},
+            **{**self.monitor_kwargs, "sinks": sinks, "run_config": self._run_config(args, state, model)},
         )
         gather = _gather(args)
         if gather is not None:
@@ -423,6 +434,17 @@ class ActivationMonitor(TrainerCallback, ExportableState):
             )
         return None, directory
 
+    def _run_config(self, args: Any, state: Any, model: nn.Module) -> dict[str, Any]:
+        """What this run is: the Trainer's main hyperparameters, then ``run_config=`` on top."""
+        config: dict[str, Any] = {"model": type(model).__name__, "world_size": getattr(args, "world_size", 1)}
+        for name in RUN_CONFIG_ARGS:
+            if hasattr(args, name):
+                value = getattr(args, name)
+                config[name] = getattr(value, "value", value)  # enums (optim, lr_scheduler_type) by value
+        config.update(getattr(state, "trial_params", None) or {})
+        config.update(self.monitor_kwargs.get("run_config") or {})
+        return {str(k): v for k, v in config.items()}
+
     def _tensorboard_callback(self) -> Any:
         trainer = self._trainer() if self._trainer is not None else None
         if trainer is None:
@@ -482,7 +504,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         config["thresholds"] = dataclasses.asdict(self.thresholds) if self.thresholds is not None else None
         config["logdir"] = os.fspath(self.logdir) if self.logdir is not None else None
         for name, value in self.monitor_kwargs.items():
-            if name in _JSON_KWARGS:
+            if name in _JSON_KWARGS and _jsonable(value):
                 config[name] = value
             elif value is not None:
                 lost.append(name)
@@ -522,6 +544,13 @@ def _from_json(restore: dict[str, Any]) -> tuple[Any, ...]:
         restore.get("every_n_steps", 50), restore.get("include"), restore.get("exclude"),
         Thresholds(**th) if th is not None else None, restore.get("on_alert", "warn"), restore.get("logdir"), kwargs,
     )
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        return json.loads(json.dumps(value)) == value
+    except (TypeError, ValueError):
+        return False
 
 
 def _strip_token(restore: Any) -> Any:

@@ -510,6 +510,21 @@ def test_without_tensorboard_output_goes_to_a_subdirectory_and_set_trainer_adds_
     assert ours == [(s, pytest.approx(v)) for s, v in ev["scalars"][f"activation_rms/{GPT_ACT}"]]
 
 
+def test_the_run_records_the_trainers_hyperparameters_and_run_config_on_top(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    mon = ActivationMonitor(every_n_steps=2, on_alert="ignore", run_config={"note": "baseline", "seed": 7})
+    args = targs(tmp_path, max_steps=2, gradient_accumulation_steps=2, report_to=["tensorboard"])
+    Trainer(model=gpt2(), args=args, train_dataset=Tokens(32), callbacks=[mon]).train()
+    acc = EventAccumulator(mon.log_dir, size_guidance={"tensors": 0})
+    acc.Reload()
+    [event] = acc.Tensors("run_config/text_summary")
+    config = json.loads(event.tensor_proto.string_val[0].decode())
+    assert config["model"] == "GPT2LMHeadModel" and config["learning_rate"] == 1e-3
+    assert config["gradient_accumulation_steps"] == 2 and config["lr_scheduler_type"] == "linear"
+    assert config["note"] == "baseline" and config["seed"] == 7  # run_config= wins over the Trainer's seed 0
+
+
 def test_a_callback_rebuilt_from_a_checkpoint_without_its_original_takes_the_json_options():
     """restore_callback_states_from_checkpoint=True in a process where no live callback matches."""
     saved = {
