@@ -17,7 +17,8 @@ the last micro-batch of an optimizer step: clip to ``max_grad_norm``, ``on_pre_o
 ``on_step_begin``           ``begin_step(state.global_step)`` (optimizer steps: with gradient
                             accumulation the step spans every micro-batch of that optimizer step)
 ``on_pre_optimizer_step``   ``record_gradients(optimizer)``: accumulated, all-reduced under DDP,
-                            unscaled under fp16 AMP and **after** the Trainer's clipping (it clips first)
+                            unscaled under fp16 AMP (by the clipping) and **after** the Trainer's
+                            clipping to ``max_grad_norm`` (it clips before this event)
 ``on_optimizer_step``       ``end_step()`` once the optimizer stepped (the update ratio spans that step);
                             ``on_alert="stop"`` sets ``control.should_training_stop``
 ``on_step_end``             the step's scalars to the Trainer's other reporting callbacks
