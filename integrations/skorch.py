@@ -45,7 +45,7 @@ HISTORY_KEYS = {
     "activation_saturated_fraction_max": "worst saturated fraction over bounded layers (NaN: none)",
     "activation_dormant_fraction_max": "worst dormant fraction over activation layers (NaN: none)",
     "activation_<field>_max": "the same for every *_fraction field of a user-defined detector",
-    "activation_nonfinite": "NaN/Inf values over all layers at their latest sampled step",
+    "activation_nonfinite": "units with NaN/Inf values over all layers at their latest sampled step",
     "activation_dead_fraction/<layer>": "per ReLU-family layer (with history_layers=True)",
     "activation_saturated_fraction/<layer>": "per bounded layer (with history_layers=True)",
     "activation_dormant_fraction/<layer>": "per activation layer (with history_layers=True)",

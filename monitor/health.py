@@ -32,7 +32,7 @@ class LayerHealth:
     step: int
     rms: float
     max_abs: float
-    nonfinite: int  # NaN/Inf values seen this sampled step
+    nonfinite: int  # units that held NaN/Inf values this sampled step
     firing_rate: float | None = None  # mean fraction of values > 0 (ReLU-like kinds)
     evidence_values: int = 0  # values per unit behind the count-based numbers
     evidence_steps: int = 0  # sampled steps those values span

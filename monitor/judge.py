@@ -133,7 +133,7 @@ class LayerMemory:
 
 
 def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float | None]:
-    """(rms, max_abs, nonfinite values, firing rate) of one summary; NaN/Inf never averaged in."""
+    """(rms, max_abs, units with NaN/Inf, firing rate) of one summary; NaN/Inf never averaged in."""
     n = s.positions * s.units
     with np.errstate(all="ignore"):
         total_sq = s.total_sq
@@ -146,7 +146,7 @@ def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float |
         else:
             ext = np.concatenate([s.max[np.isfinite(s.max)], s.min[np.isfinite(s.min)]])
             max_abs = float(np.abs(ext).max()) if ext.size else float("nan")
-        nonfinite = int(np.nansum(s.nonfinite)) if not (math.isfinite(total_sq) and finite_extrema) else 0
+        nonfinite = int(np.count_nonzero(s.nonfinite > 0)) if not (math.isfinite(total_sq) and finite_extrema) else 0
         if nonfinite == 0 and not finite_extrema:
             nonfinite = 1  # an extremum can only be non-finite if some value was
         firing = None

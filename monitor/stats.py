@@ -42,7 +42,8 @@ ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PR
 def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     """The statistic rows computed for an output of ``kind`` (plus ``extra`` rows a detector reads).
 
-    Every output gets its extrema, sum of squares and NaN/Inf count. ReLU-family outputs get
+    Every output gets its extrema and sum of squares (a unit held NaN/Inf where an extremum is
+    NaN/Inf: no row of its own). ReLU-family outputs get
     their pre-activation extrema (instead of the output's maximum where that is
     ``max(pre_max, 0)``), and the firing count; bounded outputs the count at a bound; activations (not blocks or other
     modules) the sum of magnitudes.
@@ -56,7 +57,7 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
         rows.append(MAX)
     if not kind.nonnegative:  # a ReLU's minimum is 0: no need to compute it
         rows.append(NEGMIN)
-    rows += [SUMSQ, NONFINITE]
+    rows.append(SUMSQ)  # NaN/Inf per unit: read from the extrema on the host (amax/amin propagate them)
     if kind.bounded:
         rows.append(AT_BOUND)
     if kind.activation:
@@ -331,7 +332,7 @@ class UnitSummary:
     max: np.ndarray
     min: np.ndarray
     sumsq: np.ndarray
-    nonfinite: np.ndarray
+    nonfinite: np.ndarray  # > 0 where the unit held NaN/Inf (1, or its value count if the row was computed)
     at_bound: np.ndarray | None
     sumabs: np.ndarray | None = None  # sum of |value| per unit (activation kinds)
     pre_max: np.ndarray | None = None  # ReLU family: largest / smallest pre-activation per unit
@@ -396,17 +397,21 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         mx = np.maximum(pre_max, 0.0)
         if upper is not None:
             mx = np.minimum(mx, upper)
+    mn = -r[NEGMIN] if NEGMIN in r else np.zeros_like(mx)  # ReLU family: min is 0
+    nonfinite = r.get(NONFINITE)  # a value count, when a detector asked for the row
+    if nonfinite is None:  # a unit held NaN/Inf iff an extremum is NaN/Inf (the reductions propagate them)
+        nonfinite = (~(np.isfinite(mx) & np.isfinite(mn))).astype(np.float64)
     fired = r.get(FIRED)
-    if fired is not None and r[NONFINITE].any():
+    if fired is not None and nonfinite.any():
         # torch.sign(NaN) is 0: a unit that saw NaN/Inf did not "not fire"; its count is unknown.
-        fired = np.where(r[NONFINITE] > 0, np.nan, fired)
+        fired = np.where(nonfinite > 0, np.nan, fired)
     return UnitSummary(
         positions=positions,
         fired=fired,
         max=mx,
-        min=-r[NEGMIN] if NEGMIN in r else np.zeros_like(mx),  # ReLU family: min is 0
+        min=mn,
         sumsq=r[SUMSQ],
-        nonfinite=r[NONFINITE],
+        nonfinite=nonfinite,
         at_bound=r.get(AT_BOUND),
         sumabs=r.get(SUMABS),
         pre_max=pre_max,

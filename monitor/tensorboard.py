@@ -12,7 +12,7 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_firing_rate/<layer>``        ReLU-like layers: mean fraction of values > 0
 ``activation_rms/<layer>``                root mean square of the layer's values
 ``activation_max_abs/<layer>``            largest magnitude
-``activation_nonfinite/<layer>``          NaN/Inf values on that sampled step
+``activation_nonfinite/<layer>``          units that held NaN/Inf values on that sampled step
 ``activation_hist/<layer>``               histogram of the values
 ``activation_scan``                       image: layers x units
 ``activation_timeline/<layer>``           image: units x sampled steps

@@ -516,7 +516,7 @@ def test_nan_steps_never_read_as_recovery_from_saturation(background):
                 model(x)
             h = mon.health()["1"]
             if p == "nan":
-                assert h.nonfinite == int(torch.isnan(out).sum()) == 128 * 32
+                assert h.nonfinite == int(torch.isnan(out).any(0).sum()) == 32  # units that held NaN
             else:
                 assert float(((out.abs() > 0.98).float().mean(0) >= 0.95).float().mean()) >= 0.5  # truth: saturated
     alerts = [(a.step, a.kind, a.recovered) for a in mon.alerts]

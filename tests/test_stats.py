@@ -113,14 +113,32 @@ def test_huge_values_do_not_overflow_or_warn():
     assert rms == float("inf")  # squares beyond float32: +inf, judged as exploding, not as NaN
 
 
-def test_nonfinite_values_are_counted_per_unit():
+def test_units_that_held_nonfinite_values_are_flagged_from_their_extrema():
     x = torch.ones(10, 4)
     x[0, 1] = float("nan")
     x[3, 1] = float("inf")
     x[5, 2] = float("-inf")
     rows = rows_for(GELU_LIKE)
+    assert "nonfinite" not in rows  # no pass of its own: amax/amin propagate NaN/Inf
+    s = summarize(unit_stats(x, (0,), rows, GELU_LIKE).numpy(), rows, positions=10)
+    np.testing.assert_array_equal(s.nonfinite, [0, 1, 1, 0])
+    # A detector that asks for the row gets the value counts.
+    rows = rows_for(GELU_LIKE, ("nonfinite",))
     s = summarize(unit_stats(x, (0,), rows, GELU_LIKE).numpy(), rows, positions=10)
     np.testing.assert_array_equal(s.nonfinite, [0, 2, 1, 0])
+
+
+def test_relu_units_are_flagged_where_their_output_held_nan_or_inf():
+    z = torch.ones(10, 4)
+    z[0, 0] = float("nan")  # relu(nan) = nan
+    z[1, 1] = float("inf")  # relu(inf) = inf
+    z[2, 2] = float("-inf")  # relu(-inf) = 0: the output is finite
+    rows = rows_for(RELU)
+    s = summarize(unit_stats(z.relu(), (0,), rows, RELU).numpy(), rows, positions=10)
+    expected = (~torch.isfinite(z.relu())).any(0).float().numpy()
+    np.testing.assert_array_equal(s.nonfinite, expected)
+    np.testing.assert_array_equal(expected, [1, 1, 0, 0])
+    assert np.isnan(s.fired[:2]).all() and (s.fired[2:] == [9, 10]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

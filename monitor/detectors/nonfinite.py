@@ -8,7 +8,8 @@ from monitor.detectors.base import Detector, LayerView, Verdict
 
 
 class NonFinite(Detector):
-    """At least one NaN/Inf value on the sampled step (counted per unit on the device)."""
+    """At least one NaN/Inf value on the sampled step (``layer.nonfinite``: units that held one; a
+    unit did iff its extrema, reduced on the device, are NaN/Inf)."""
 
     name = "nonfinite"
     causes = (
@@ -19,4 +20,4 @@ class NonFinite(Detector):
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         n = layer.nonfinite
-        return Verdict(n > 0, float(n), 0.0, f"non-finite: {n} NaN/Inf values")
+        return Verdict(n > 0, float(n), 0.0, f"non-finite: {n} units with NaN/Inf values")
