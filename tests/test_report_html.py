@@ -40,7 +40,7 @@ def report(*args) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def write_probe_image(run_dir: Path, step: int) -> None:
+def write_probe_image(run_dir: Path, step: int, tag: str = "activation_probe/attention") -> None:
     """An ``activation_probe/...`` image, in a second monitor event file of the run (as another writer would add)."""
     from PIL import Image
     from tensorboard.compat.proto.summary_pb2 import Summary
@@ -52,7 +52,7 @@ def write_probe_image(run_dir: Path, step: int) -> None:
     Image.new("RGB", (w, h), colour).save(buf, format="PNG")
     image = Summary.Image(height=h, width=w, colorspace=3, encoded_image_string=buf.getvalue())
     writer = EventFileWriter(run_dir)
-    writer.add_summary(Summary(value=[Summary.Value(tag="activation_probe/attention", image=image)]), step)
+    writer.add_summary(Summary(value=[Summary.Value(tag=tag, image=image)]), step)
     writer.close()
 
 
@@ -62,6 +62,7 @@ def runs(tmp_path_factory):
     dead_mon, _ = train_plain(root / "runs" / "dead")
     revived_mon, _ = train_plain(root / "runs" / "revived", revive_at=4)
     write_probe_image(root / "runs" / "revived", step=10)
+    write_probe_image(root / "runs" / "revived", step=10, tag="activation_probe/act2")  # a layer's: with its plots
     return root, dead_mon, revived_mon
 
 
@@ -307,6 +308,7 @@ def test_tables_as_the_browser_lays_them_out(browser, page, runs):
 def test_images_decoded_and_painted(browser):
     images = browser.eval(
         """Array.from(document.images).map(i => ({tag: i.closest('figure').dataset.tag, run: i.closest('section').id,
+           layer: (i.closest('.layer') || {}).id || null,
            complete: i.complete, w: i.naturalWidth, h: i.naturalHeight, box: i.getBoundingClientRect().toJSON()}))"""
     )
     by_run = {}
@@ -317,7 +319,11 @@ def test_images_decoded_and_painted(browser):
     assert by_run["run-1"] >= {"activation_scan"} | timelines
     assert by_run["run-2"] >= {"activation_scan", "gradient_flow", "activation_probe/attention"} | timelines
     probe = next(im for im in images if im["tag"] == "activation_probe/attention")
-    assert (probe["w"], probe["h"]) == PROBE[:2]
+    assert (probe["w"], probe["h"]) == PROBE[:2] and probe["layer"] is None  # no such layer: with the run's images
+    assert [(im["layer"], im["w"]) for im in images if im["tag"] == "activation_probe/act2"] == [("run-2-layer-3", 37)]
+    assert {im["layer"] for im in images if im["tag"].startswith("activation_timeline/")} == {
+        f"run-{i}-layer-{j}" for i in (1, 2) for j in (1, 2, 3)
+    }
     # painted: the probe's pixels are its colour; the scan's pixels are a heatmap, not blank
     y = browser.eval("window.scrollY")
     box = probe["box"]

@@ -11,8 +11,9 @@ Per run (one section each, listed in a table of contents at the top):
   linked to its plots;
 - the alert lines, as logged;
 - the latest image of each of the monitor's image tags: the scan (``activation_scan``), the
-  gradient flow (``gradient_flow``), ``activation_probe/...`` and any other ``activation_`` /
-  ``gradient_`` image; each layer's timeline (``activation_timeline/<layer>``) sits with its plots;
+  gradient flow (``gradient_flow``), any other ``activation_`` /
+  ``gradient_`` image; each layer's timeline (``activation_timeline/<layer>``) and probe heatmap
+  (``activation_probe/<layer>``) sit with its plots;
 - per layer, small plots over the sampled steps: dead / saturated fraction (0-100%), RMS and
   gradient RMS (log scale), with the layer's alerts shaded from their step to their recovery.
 """
@@ -31,7 +32,7 @@ from monitor.report.summary import LayerReport, RunReport, trend
 from monitor.report.svgplot import COLOURS, Band, Line, Plot, render, spark
 
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'"
-TIMELINE = "activation_timeline/"
+LAYER_IMAGES = {"activation_timeline/": "timeline", "activation_probe/": "probe"}  # shown with their layer
 _FIRST_IMAGES = ("activation_scan", "gradient_flow")
 
 _CSS = """
@@ -149,11 +150,9 @@ def run_section(i: int, rep: RunReport) -> str:
             f'<li class="{"recovered" if a.recovered else "alert"}">{escape(a.line)}</li>' for a in rep.alerts
         )
         parts.append(f'<h3>Alerts, as logged</h3><ul class="alerts">{items}</ul>')
-    names = {lay.name for lay in rep.layers}
+    with_layers = {prefix + lay.name for lay in rep.layers for prefix in LAYER_IMAGES}
     shown = [t for t in _FIRST_IMAGES if t in rep.images]
-    shown += sorted(
-        t for t in rep.images if t not in shown and not (t.startswith(TIMELINE) and t[len(TIMELINE) :] in names)
-    )
+    shown += sorted(t for t in rep.images if t not in shown and t not in with_layers)
     if shown:
         parts.append("<h3>Images (the latest of each)</h3><div>")
         parts += [image_tag(rep.images[t]) for t in shown]
@@ -255,10 +254,11 @@ def _layer(i: int, j: int, lay: LayerReport, rep: RunReport) -> str:
     meta = [lay.kind] + ([f"{lay.units} units"] if lay.units is not None else [])
     if lay.alerts:
         meta.append("alerts: " + episodes_text(lay.alerts))
-    timeline = rep.images.get(TIMELINE + lay.name)
     pics = ['<div class="stack">' + "".join(render(p) for p in plots) + "</div>"]
-    if timeline is not None:
-        pics.append(image_tag(timeline, "timeline"))
+    for prefix, caption in LAYER_IMAGES.items():
+        img = rep.images.get(prefix + lay.name)
+        if img is not None:
+            pics.append(image_tag(img, caption))
     active = any(e.recovered_step is None for e in lay.alerts)
     return (
         f'<div class="layer" id="run-{i}-layer-{j}"><h4><span{" class=bad" if active else ""}>{escape(lay.name)}</span> '
