@@ -1,157 +1,79 @@
-"""Heatmaps as RGB images: a "scan" (layers x units), per-layer timelines (units x time) and the
-gradient flow (layers x time).
+"""The monitor's heatmaps: the "scan" (layers x units), per-layer timelines (units x time), the
+gradient flow (layers x time) and the probe heatmap (probe samples x units).
 
-Pure numpy for the pixels (a viridis colour map from its published polynomial fit) and Pillow
-for the labels, so rendering takes a few milliseconds and needs no matplotlib.
-Non-finite cells are drawn in red.
+Every image is :data:`~monitor.picture.CARD_WIDTH` (350) pixels wide, the width of TensorBoard's
+image card, so the Images dashboard shows it pixel for pixel without "show actual image size"
+(see :mod:`monitor.picture`). Long titles wrap; long row labels lose their middle (``enc…1.relu``).
+Wide layers wrap onto several lines of units rather than being squeezed. Non-finite cells are red.
 """
 
 from __future__ import annotations
 
-import re
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 
-# Polynomial fit of matplotlib's viridis (max error ~0.013 per channel).
-_VIRIDIS = np.array(
-    [
-        [0.2777273272234177, 0.005407344544966578, 0.3340998053353061],
-        [0.1050930431085774, 1.404613529898575, 1.384590162594685],
-        [-0.3308618287255563, 0.214847559468213, 0.09509516302823659],
-        [-4.634230498983486, -5.799100973351585, -19.33244095627987],
-        [6.228269936347081, 14.17993336680509, 56.69055260068105],
-        [4.776384997670288, -13.74514537774601, -65.35303263337234],
-        [-5.435455855934631, 4.645852612178535, 26.3124352495832],
-    ]
+from monitor.picture import (  # noqa: F401 - re-exported: the names this module always had
+    BLACK,
+    CARD_WIDTH,
+    GREY,
+    LEVELS,
+    LINE,
+    MARGIN,
+    MAX_HEIGHT,
+    NAN,
+    NAN_RGB,
+    WHITE,
+    Picture,
+    bin_units,
+    color_index,
+    colorbar,
+    colorize,
+    elide,
+    shorten_names,
+    palette,
+    text_block,
+    text_mask,
+    text_width,
+    wrap,
 )
-LEVELS = 248  # palette entries used by the colour scale
-NAN, WHITE, BLACK = LEVELS, LEVELS + 1, LEVELS + 2  # further palette entries
-NAN_RGB = (220, 30, 30)
+
+MAX_LINES = 4  # a layer's units wrap onto at most this many lines of the scan
+MAX_CELL = 24  # widest cell of a unit (px)
 
 
-@lru_cache(maxsize=1)
-def palette() -> np.ndarray:
-    """256 x 3 uint8: the colour scale (viridis), then red (NaN/Inf), white, black."""
-    t = np.linspace(0.0, 1.0, LEVELS)[:, None]
-    rgb = np.zeros((LEVELS, 3))
-    for coef in _VIRIDIS[::-1]:
-        rgb = rgb * t + coef
-    pal = np.zeros((256, 3), dtype=np.uint8)
-    pal[:LEVELS] = (np.clip(rgb, 0, 1) * 255).round()
-    pal[NAN], pal[WHITE], pal[BLACK] = NAN_RGB, (255, 255, 255), (20, 20, 20)
-    return pal
+@dataclass(frozen=True)
+class UnitLayout:
+    """How ``units`` columns are laid out in ``width`` pixels: ``lines`` lines of ``per_line``
+    cells ``cell`` pixels wide; ``shown`` columns in all (``shown < units``: adjacent units averaged)."""
+
+    units: int
+    shown: int
+    per_line: int
+    lines: int
+    cell: int
 
 
-def color_index(values: np.ndarray) -> np.ndarray:
-    """Palette indices (uint8) for values in [0, 1]; NaN/Inf map to red."""
-    v = np.asarray(values, dtype=np.float64)
-    finite = np.isfinite(v)
-    idx = (np.clip(np.where(finite, v, 0.0), 0.0, 1.0) * (LEVELS - 1)).round().astype(np.uint8)
-    idx[~finite] = NAN
-    return idx
+def unit_layout(units: int, width: int, max_lines: int = MAX_LINES, cells: Sequence[int] = (2, 1)) -> UnitLayout:
+    """Cells of at least 2 px on up to ``max_lines`` balanced lines; else 1 px; else averaged."""
+    for cell in cells:
+        per_line_max = max(width // cell, 1)
+        lines = max(1, math.ceil(units / per_line_max))
+        if lines <= max_lines:
+            per_line = math.ceil(units / lines)
+            return UnitLayout(units, units, per_line, lines, min(MAX_CELL, max(width // per_line, 1)))
+    shown = width * max_lines
+    return UnitLayout(units, shown, width, max_lines, 1)
 
 
-def colorize(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] to viridis RGB (uint8); NaN/Inf become red."""
-    return palette()[color_index(values)]
+def _title(lines: Sequence[str], width: int) -> list[str]:
+    return [line for text in lines for line in wrap(text, width - 2 * MARGIN)]
 
 
-class Picture:
-    """A palette image: cheap to build, to label and to encode as PNG (1 byte per pixel)."""
-
-    def __init__(self, height: int, width: int) -> None:
-        self.pixels = np.full((height, width), WHITE, dtype=np.uint8)
-
-    def labels(self, items: Sequence[tuple[tuple[int, int], str, str]]) -> None:
-        """Draw labels: ((x, y), text, align) with align in "left", "right", "centre"."""
-        h, w = self.pixels.shape
-        for (x, y), text, align in items:
-            mask = text_mask(text)
-            mh, mw = mask.shape
-            if align != "left":
-                x -= mw if align == "right" else mw // 2
-            x0, y0 = max(x, 0), max(y, 0)
-            x1, y1 = min(x + mw, w), min(y + mh, h)
-            if x1 <= x0 or y1 <= y0:
-                continue
-            region = self.pixels[y0:y1, x0:x1]
-            region[mask[y0 - y : y1 - y, x0 - x : x1 - x]] = BLACK
-
-    def rgb(self) -> np.ndarray:
-        return palette()[self.pixels]
-
-    def png(self) -> bytes:
-        import io
-
-        from PIL import Image
-
-        img = Image.fromarray(self.pixels)
-        img.putpalette(palette().reshape(-1).tolist())  # "L" -> "P", indices kept
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
-
-
-def bin_units(values: np.ndarray, max_bins: int) -> np.ndarray:
-    """Average adjacent units so that at most ``max_bins`` remain (NaN-propagating)."""
-    v = np.asarray(values, dtype=np.float64)
-    n = v.shape[0]
-    if n <= max_bins:
-        return v
-    edges = np.linspace(0, n, max_bins + 1).round().astype(int)
-    return np.stack([v[a:b].mean(axis=0) for a, b in zip(edges[:-1], edges[1:])])
-
-
-@lru_cache(maxsize=4)
-def _font(size: int):  # type: ignore[no-untyped-def]
-    from PIL import ImageFont
-
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: fixed-size bitmap font
-        return ImageFont.load_default()
-
-
-def text_width(text: str) -> int:
-    return text_mask(text).shape[1]
-
-
-_TRAILING_NUMBER = re.compile(r"^(.*?)(\d+)$")
-
-
-def text_mask(text: str) -> np.ndarray:
-    """Boolean bitmap of ``text``. A trailing number (a step, which changes in every image) is
-    composed from cached digit bitmaps instead of rendering the whole text anew."""
-    m = _TRAILING_NUMBER.match(text)
-    if m is None or len(text) < 3:
-        return _text_mask(text)
-    head, digits = m.groups()
-    parts = [_text_mask(d) for d in digits]
-    if head.strip():
-        head_mask = _text_mask(head.rstrip())
-        gap = 4 if head.endswith(" ") else 0  # the trimmed space
-        parts.insert(0, np.pad(head_mask, ((0, 0), (0, gap))))
-    height = max(p.shape[0] for p in parts)
-    return np.concatenate([np.pad(p, ((0, height - p.shape[0]), (0, 0))) for p in parts], axis=1)
-
-
-@lru_cache(maxsize=1024)
-def _text_mask(text: str) -> np.ndarray:
-    """Boolean bitmap of ``text`` (cached: layer names repeat in every image)."""
-    from PIL import Image, ImageDraw
-
-    font = _font(12)
-    left, top, right, bottom = font.getbbox(text)
-    img = Image.new("1", (int(right) * 5 // 4 + 16, max(int(bottom) + 3, 15)), 0)  # unhinted bbox: too narrow
-    draw = ImageDraw.Draw(img)
-    draw.fontmode = "1"  # no anti-aliasing: text stays one palette colour
-    draw.text((0, 0), text, fill=1, font=font)
-    mask = np.asarray(img, dtype=bool)
-    inked = np.flatnonzero(mask.any(axis=0))
-    return mask[:, : (inked[-1] + 2 if inked.size else 1)]
+def _fit_height(pic_height: int) -> int:
+    return min(pic_height, MAX_HEIGHT)
 
 
 @dataclass
@@ -161,67 +83,122 @@ class ScanRow:
     metric: str  # "firing" or "rms"
 
 
-def _colorbar(pic: Picture, x: int, y: int, width: int, height: int, legend: str) -> list:
-    pic.pixels[y : y + height, x : x + width] = color_index(np.linspace(0, 1, width))[None, :]
-    return [
-        ((x, y + height + 2), "0", "left"),
-        ((x + width // 2, y + height + 2), "0.5", "centre"),
-        ((x + width, y + height + 2), "1", "right"),
-        ((x + width + 10, y - 3), legend, "left"),
-    ]
+def render_scan(rows: Sequence[ScanRow], step: int, width: int = CARD_WIDTH) -> Picture:
+    """Layers (forward order, top to bottom) x units: the whole network at one sampled step.
 
-
-def render_scan(rows: Sequence[ScanRow], step: int, width: int = 640, row_height: int = 16) -> Picture:
-    """Layers (rows, forward order) x units (columns): the whole network at one sampled step.
-
-    Each layer's units span the full width (wide layers are averaged into ``width`` bins).
-    Colour: firing rate for ReLU-like layers, RMS / the layer's largest unit RMS otherwise.
+    Each layer gets a label line (name, units, metric) and its units left to right, wrapped onto
+    up to four lines (cells of 2 px or more when they fit, 1 px otherwise; only layers of more
+    than 4 x 338 units are averaged). Colour: firing rate for ReLU-like layers, RMS / the layer's
+    largest unit RMS otherwise.
     """
-    labels = [f"{r.label} ({r.values.shape[0]}, {r.metric})" for r in rows]
-    label_w = max([text_width(s) for s in labels] + [80]) + 12
-    top, bottom, gap = 24, 40, 2
-    h = top + len(rows) * (row_height + gap) + bottom
-    legend = "firing rate | RMS / layer max   (red: NaN/Inf)"
-    pic = Picture(h, max(label_w + width + 12, label_w + min(200, width) + text_width(legend) + 24))
-    items = [((6, 5), f"activation scan: layers x units @ step {step}", "left")]
-    for i, (r, text) in enumerate(zip(rows, labels)):
-        binned = bin_units(r.values, width)
-        cols = (np.arange(width) * binned.shape[0] // width).clip(0, binned.shape[0] - 1)
-        y0 = top + i * (row_height + gap)
-        pic.pixels[y0 : y0 + row_height, label_w : label_w + width] = color_index(binned[cols])[None, :]
-        items.append(((label_w - 6, y0 + (row_height - 13) // 2), text, "right"))
-    items += _colorbar(pic, label_w, h - bottom + 10, min(200, width), 8, legend)
+    avail = width - 2 * MARGIN
+    title = _title([f"activation scan @ step {step}: layers x units"], width)
+    legend = wrap("firing rate, or RMS / the layer's largest (red: NaN/Inf)", avail - 130)
+    y = 4 + len(title) * LINE + 4
+    bar_y = y
+    y += max(len(legend) * LINE, 24) + 4
+    layouts = [unit_layout(r.values.shape[0], avail) for r in rows]
+    heights = []
+    for lay in layouts:
+        line_h = 14 if lay.lines == 1 else 10
+        heights.append(LINE + lay.lines * line_h + (lay.lines - 1) * 3 + 6)
+    if y + sum(heights) + 4 > MAX_HEIGHT:
+        return _compact_scan(rows, title, legend, y, bar_y, width)
+    pic = Picture(y + sum(heights) + 4, width)
+    items = text_block(title, MARGIN, 4)
+    items += colorbar(pic, MARGIN, bar_y + 2, 120, [(0.0, "0"), (0.5, "0.5"), (1.0, "1")])
+    items += text_block(legend, MARGIN + 130, bar_y - 2)
+    for r, lay, hgt in zip(rows, layouts, heights):
+        n = lay.units
+        unit_text = f"{n} units" if lay.shown == n else f"{n} units in {lay.shown} columns"
+        metric = "firing rate" if r.metric == "firing" else "RMS"
+        items.append(((MARGIN, y), elide(f"{r.label}: {unit_text}, {metric}", avail), "left"))
+        values = color_index(bin_units(r.values, lay.shown))
+        line_h = 14 if lay.lines == 1 else 10
+        ly = y + LINE
+        for i in range(lay.lines):
+            chunk = values[i * lay.per_line : (i + 1) * lay.per_line]
+            x1 = MARGIN + chunk.shape[0] * lay.cell
+            pic.pixels[ly : ly + line_h, MARGIN:x1] = np.repeat(chunk, lay.cell)[None, :]
+            if lay.lines > 1:
+                first = i * lay.per_line * n // lay.shown
+                last = min((i + 1) * lay.per_line, lay.shown) * n // lay.shown - 1
+                tag = f"{first}-{last}"
+                if width - MARGIN - x1 >= text_width(tag) + 4:
+                    items.append(((width - MARGIN, ly - 3), tag, "right"))
+            ly += line_h + 3
+        y += hgt
     pic.labels(items)
     return pic
 
 
-def render_timeline(layer: str, metric: str, values: np.ndarray, steps: Sequence[int], max_rows: int = 256) -> Picture:
+def _compact_scan(
+    rows: Sequence[ScanRow], title: list[str], legend: list[str], top: int, bar_y: int, width: int
+) -> Picture:
+    """Too many layers for a label line each: one strip per layer, names on the left (like the gradient flow)."""
+    n = len(rows)
+    short, prefix = shorten_names([r.label for r in rows], int(width * 0.42))
+    if prefix:
+        title = [*title, *wrap(f"layers: {prefix}…", width - 2 * MARGIN)]
+        top += LINE
+    row_h = int(np.clip((MAX_HEIGHT - top - 4) // max(n, 1), 2, 14))
+    label_every = max(1, -(-14 // row_h))
+    names = {i: short[i] for i in range(0, n, label_every)}
+    left = max([text_width(s) for s in names.values()] + [30]) + 10
+    avail = width - left - MARGIN
+    pic = Picture(min(top + n * row_h + 4, MAX_HEIGHT), width)
+    items = text_block(title, MARGIN, 4)
+    bar_y += LINE if prefix else 0
+    items += colorbar(pic, MARGIN, bar_y + 2, 120, [(0.0, "0"), (0.5, "0.5"), (1.0, "1")])
+    items += text_block(legend, MARGIN + 130, bar_y - 2)
+    for i, r in enumerate(rows):
+        y = top + i * row_h
+        if y + row_h > pic.pixels.shape[0]:
+            break
+        binned = bin_units(r.values, avail)
+        cols = (np.arange(avail) * binned.shape[0] // avail).clip(0, binned.shape[0] - 1)
+        pic.pixels[y : y + max(row_h - 1, 1), left : left + avail] = color_index(binned[cols])[None, :]
+        if i in names:
+            items.append(((left - 5, y + row_h // 2 - 7), names[i], "right"))
+    pic.labels(items)
+    return pic
+
+
+def render_timeline(
+    layer: str, metric: str, values: np.ndarray, steps: Sequence[int], max_rows: int = 256, width: int = CARD_WIDTH
+) -> Picture:
     """Units (rows) x sampled steps (columns) for one layer; a dying unit is a row going dark.
 
-    ``values`` is ``[units, samples]`` in [0, 1].
+    ``values`` is ``[units, samples]`` in [0, 1]; more than ``max_rows`` units are averaged.
     """
     v = bin_units(np.asarray(values, dtype=np.float64), max_rows)
     units, samples = v.shape
-    cell_h = int(np.clip(320 // max(units, 1), 2, 16))
-    cell_w = int(np.clip(480 // max(samples, 1), 3, 32))
-    left, top, right, bottom = 56, 24, 16, 50
-    gh, gw = units * cell_h, samples * cell_w
     n_units = values.shape[0]
     binned = f" ({n_units} units in {units} rows)" if units < n_units else ""
-    title = f"{layer}: {metric} per unit (rows) over sampled steps{binned}"
-    h, w = top + gh + bottom, max(left + gw + right, 440, text_width(title) + 12, left + 400)
-    pic = Picture(h, w)
-    grid = color_index(v)
-    pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)
-    items = [((6, 5), title, "left")]
+    title = _title([layer, f"{metric} per unit (rows) over sampled steps{binned}"], width)
+    left = max(text_width(str(n_units - 1)), 12) + 10
+    cell_h = int(np.clip(360 // max(units, 1), 1, 16))
+    cell_w = int(np.clip((width - left - MARGIN) // max(samples, 1), 1, 32))
+    samples = min(samples, (width - left - MARGIN) // cell_w)  # the newest columns that fit
+    v = v[:, v.shape[1] - samples :]
+    steps = list(steps)[len(steps) - samples :] if steps else []
+    top = 4 + len(title) * LINE + 4
+    gh, gw = units * cell_h, samples * cell_w
+    legend = f"{metric} (red: NaN/Inf)"
+    pic = Picture(top + gh + 18 + 10 + 2 * LINE, width)
+    pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(color_index(v), cell_h, axis=0), cell_w, axis=1)
+    items = text_block(title, MARGIN, 4)
     for frac in (0.0, 0.5, 1.0):
         row = min(int(frac * (units - 1)), units - 1)
         unit = row if units == n_units else int(row * n_units / units)
-        items.append(((left - 6, top + row * cell_h + cell_h // 2 - 7), str(unit), "right"))
+        y = top + row * cell_h + cell_h // 2 - 7
+        items.append(((left - 5, int(np.clip(y, top - 4, top + gh - 10))), str(unit), "right"))
     if steps:
-        items.append(((left, top + gh + 3), f"step {steps[0]}", "left"))
-        items.append(((left + gw, top + gh + 3), str(steps[-1]), "right"))
-    items += _colorbar(pic, left, top + gh + 24, 160, 8, f"{metric} (red: NaN/Inf)")
+        items.append(((left, top + gh + 2), f"step {steps[0]}", "left"))
+        items.append(((left + gw, top + gh + 2), str(steps[-1]), "right"))
+    bar_y = top + gh + 20
+    items += colorbar(pic, left, bar_y, 120, [(0.0, "0"), (0.5, "0.5"), (1.0, "1")])
+    items += text_block(wrap(legend, width - left - 130 - MARGIN), left + 130, bar_y - 3)
     pic.labels(items)
     return pic
 
@@ -229,7 +206,7 @@ def render_timeline(layer: str, metric: str, values: np.ndarray, steps: Sequence
 FLOW_LOW, FLOW_HIGH = -6.0, 2.0  # log10 range of the gradient-flow colours
 
 
-def render_gradient_flow(layers: Sequence[str], ratios: np.ndarray, steps: Sequence[int]) -> Picture:
+def render_gradient_flow(layers: Sequence[str], ratios: np.ndarray, steps: Sequence[int], width: int = CARD_WIDTH) -> Picture:
     """Layers (rows, forward order: the input at the top, the loss at the bottom) x sampled steps
     (columns); colour: log10 of the layer's gradient RMS over that of the layers nearest the loss
     on the same step, from 1e-6 (dark) to 1e2 (yellow). A vanishing gradient is a dark band
@@ -242,33 +219,128 @@ def render_gradient_flow(layers: Sequence[str], ratios: np.ndarray, steps: Seque
     with np.errstate(divide="ignore", invalid="ignore"):
         v = (np.log10(np.where(r > 0, r, 1e-300)) - FLOW_LOW) / (FLOW_HIGH - FLOW_LOW)
     missing = np.isnan(r)
-    cell_h = int(np.clip(360 // max(n, 1), 3, 18))
-    cell_w = int(np.clip(480 // max(samples, 1), 3, 32))
+    cell_h = int(np.clip(480 // max(n, 1), 3, 18))
     label_every = max(1, -(-14 // cell_h))  # a label needs ~14 px
-    names = [layers[i] for i in range(0, n, label_every)]
-    left = max([text_width(s) for s in names] + [60]) + 12
-    top, right, bottom = 24, 16, 52
-    gh, gw = n * cell_h, samples * cell_w
-    title = "gradient flow: layers x sampled steps, gradient RMS / layers nearest the loss"
-    h, w = top + gh + bottom, max(left + gw + right, text_width(title) + 12, left + 420)
-    pic = Picture(h, w)
+    short, prefix = shorten_names(layers, int(width * 0.42))
+    names = [short[i] for i in range(0, n, label_every)]
+    left = max([text_width(s) for s in names] + [30]) + 10
+    cell_w = int(np.clip((width - left - MARGIN) // max(samples, 1), 1, 32))
+    keep = min(samples, (width - left - MARGIN) // cell_w)
+    v, missing = v[:, samples - keep :], missing[:, samples - keep :]
+    steps = list(steps)[len(steps) - keep :] if steps else []
+    title = ["gradient flow: layers x sampled steps, gradient RMS / layers nearest the loss"]
+    title = _title(title + ([f"layers: {prefix}…"] if prefix else []), width)
+    top = 4 + len(title) * LINE + 4
+    gh, gw = n * cell_h, keep * cell_w
+    pic = Picture(_fit_height(top + gh + 20 + 10 + 2 * LINE + 4), width)
     grid = color_index(np.where(np.isfinite(v), np.clip(v, 0.0, 1.0), np.inf))  # Inf (NaN/Inf gradients): red
     grid[missing] = WHITE
-    pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)
-    items = [((6, 5), title, "left")]
-    for i in range(0, n, label_every):
-        items.append(((left - 6, top + i * cell_h + cell_h // 2 - 7), layers[i], "right"))
+    gh = min(gh, pic.pixels.shape[0] - top - 20 - 10 - 2 * LINE - 4)
+    pic.pixels[top : top + gh, left : left + gw] = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)[:gh]
+    items = text_block(title, MARGIN, 4)
+    for label, i in zip(names, range(0, n, label_every)):
+        if i * cell_h < gh:
+            items.append(((left - 5, top + i * cell_h + cell_h // 2 - 7), label, "right"))
     if steps:
-        items.append(((left, top + gh + 3), f"step {steps[0]}", "left"))
-        items.append(((left + gw, top + gh + 3), str(steps[-1]), "right"))
-    x, y, width = left, top + gh + 24, 200
-    pic.pixels[y : y + 8, x : x + width] = color_index(np.linspace(0, 1, width))[None, :]
-    items += [
-        ((x, y + 10), "1e-6", "left"),
-        ((x + width * 4 // 8, y + 10), "1e-2", "centre"),
-        ((x + width * 6 // 8, y + 10), "1", "centre"),
-        ((x + width, y + 10), "1e2", "right"),
-        ((x + width + 10, y - 3), "(white: no gradient, red: NaN/Inf)", "left"),
-    ]
+        items.append(((left, top + gh + 2), f"step {steps[0]}", "left"))
+        items.append(((left + gw, top + gh + 2), str(steps[-1]), "right"))
+    bar_y = top + gh + 20
+    ticks = [(0.0, "1e-6"), (0.5, "1e-2"), (0.75, "1"), (1.0, "1e2")]
+    items += colorbar(pic, MARGIN, bar_y, 200, ticks)
+    items += text_block(wrap("white: no gradient, red: NaN/Inf", width - 2 * MARGIN), MARGIN, bar_y + 8 + LINE)
     pic.labels(items)
     return pic
+
+
+def render_probe(
+    layer: str,
+    matrix: np.ndarray,
+    step: int,
+    labels: Sequence[str] | None = None,
+    width: int = CARD_WIDTH,
+    grid_height: int = 480,
+) -> Picture:
+    """Probe samples (rows, grouped by label) x units (columns, in unit order) for one layer.
+
+    ``matrix`` is ``[samples, units]``, its rows already in the order to draw (grouped by label,
+    see :func:`monitor.probe.row_order`), ``labels`` one per row. Colour: |activation| / the
+    largest |activation| of the image, so a unit that is silent on every probe sample (a dead
+    ReLU) is a dark column. Units that do not fit one line wrap into up to four blocks, each
+    showing every sample; rows are 1-12 px within ``grid_height`` (more samples than that are
+    averaged in adjacent groups, each labelled by its first sample).
+    """
+    m = np.abs(np.asarray(matrix, dtype=np.float64))
+    samples, units = m.shape if m.ndim == 2 else (0, 0)
+    finite = m[np.isfinite(m)]
+    top_value = float(finite.max()) if finite.size else 0.0
+    scaled = m / top_value if top_value > 0 else np.where(np.isfinite(m), 0.0, m)
+    names_in = [str(x) for x in labels] if labels is not None else None
+    left = max([text_width(elide(s, int(width * 0.35))) for s in set(names_in or ())] + [text_width(str(max(samples - 1, 0))), 12]) + 10
+    avail = width - left - MARGIN
+    lay = unit_layout(max(units, 1), avail, max_lines=1)  # one block of all units if they fit
+    if lay.shown < lay.units:
+        lay = unit_layout(units, avail, max_lines=4, cells=(1,))  # else up to four blocks of 1 px units
+    block_gap = LINE + 2 if lay.lines > 1 else 0
+    room = grid_height - lay.lines * block_gap
+    max_rows = max(room // lay.lines - 8, 8)
+    row_labels = names_in
+    if samples > max_rows:  # averaged rows; each takes the label of its first sample
+        first = np.linspace(0, samples, max_rows + 1).round().astype(int)[:-1]
+        scaled = bin_units(scaled, max_rows)
+        row_labels = [names_in[i] for i in first] if names_in is not None else None
+    rows = scaled.shape[0]
+    groups = _groups(row_labels, rows)
+    names = [elide(g[0], int(width * 0.35)) for g in groups] if row_labels is not None else []
+    seps = len(groups) - 1  # one white pixel row between label groups
+    row_h = int(np.clip((room // lay.lines - seps) // max(rows, 1), 1, 12))
+    title = _title([layer, f"probe @ step {step}: {samples} samples (rows) x {units} units"], width)
+    top = 4 + len(title) * LINE + 4
+    block_h = rows * row_h + seps
+    footer = 18 + 10 + 2 * LINE + 4
+    pic = Picture(top + lay.lines * (block_h + block_gap) + footer, width)
+    items = text_block(title, MARGIN, 4)
+    values = color_index(bin_units(scaled.T, lay.shown).T) if units else np.zeros((rows, 0), np.uint8)
+    y = top
+    for b in range(lay.lines):
+        lo, hi = b * lay.per_line, min((b + 1) * lay.per_line, lay.shown)
+        if lay.lines > 1:
+            items.append(((left, y), f"units {lo * units // lay.shown}-{hi * units // lay.shown - 1}", "left"))
+            y += block_gap
+        cells = np.repeat(values[:, lo:hi], lay.cell, axis=1)
+        gy = y
+        for g, (_, start, stop) in enumerate(groups):
+            h = (stop - start) * row_h
+            pic.pixels[gy : gy + h, left : left + cells.shape[1]] = np.repeat(cells[start:stop], row_h, axis=0)
+            if row_labels is not None and (h >= 9 or g == 0):
+                items.append(((left - 5, gy + max(h // 2 - 7, 0)), names[g], "right"))
+            gy += h + 1
+        if row_labels is None:
+            items.append(((left - 5, y - 3), "0", "right"))
+            items.append(((left - 5, y + block_h - 11), str(samples - 1), "right"))
+        y += block_h
+    if lay.lines == 1 and lay.shown == units:  # unit numbers under their columns
+        room = text_width(str(units - 1)) + 6
+        every = next(s for s in (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000) if s * lay.cell >= room)
+        ticks = list(range(0, units, every))
+        if ticks[-1] != units - 1 and (units - 1 - ticks[-1]) * lay.cell >= room:
+            ticks.append(units - 1)
+        items += [((left + u * lay.cell + lay.cell // 2, y + 2), str(u), "centre") for u in ticks]
+    bar_y = y + 20
+    items += colorbar(pic, MARGIN, bar_y, 120, [(0.0, "0"), (1.0, f"{top_value:.3g}")])
+    legend = "|activation| / largest in this image (red: NaN/Inf)"
+    items += text_block(wrap(legend, width - 130 - 2 * MARGIN), MARGIN + 130, bar_y - 3)
+    pic.labels(items)
+    return pic
+
+
+def _groups(labels: Sequence[str] | None, rows: int) -> list[tuple[str, int, int]]:
+    """Runs of equal labels: (label, first row, end row)."""
+    if labels is None or rows == 0:
+        return [("", 0, rows)]
+    out: list[tuple[str, int, int]] = []
+    start = 0
+    for i in range(1, rows + 1):
+        if i == rows or labels[i] != labels[start]:
+            out.append((labels[start], start, i))
+            start = i
+    return out

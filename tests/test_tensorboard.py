@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from monitor import Monitor
-from monitor.render import NAN_RGB, ScanRow, colorize, render_scan, render_timeline
+from monitor.render import CARD_WIDTH, MARGIN, NAN_RGB, ScanRow, colorize, render_scan, render_timeline, unit_layout
 
 
 def read(logdir):
@@ -87,17 +87,18 @@ def test_scan_and_timeline_images(half_dead_run):
     tags = set(ea.Tags()["images"])
     assert {"activation_scan", "activation_timeline/act0", "activation_timeline/act1"} <= tags
     scan = png(ea.Images("activation_scan")[-1])
-    assert scan.shape[0] >= 60 and scan.shape[1] >= 640
+    assert scan.shape[0] >= 60 and scan.shape[1] == CARD_WIDTH  # TensorBoard's card: shown pixel for pixel
     # The act0 row: its left half (dead units 0..7) is the colour of 0, the right half is not.
+    cell = unit_layout(16, CARD_WIDTH - 2 * MARGIN).cell  # 21 px per unit
     dark = colorize(np.array([0.0]))[0]
-    rows = [y for y in range(scan.shape[0]) if (scan[y] == dark).all(-1).sum() > 200]
+    rows = [y for y in range(scan.shape[0]) if (scan[y] == dark).all(-1).sum() >= 8 * cell]
     assert rows, "no row with dead units found"
     y = rows[0]
     row = scan[y]
     dark_cols = np.flatnonzero((row == dark).all(-1))
-    assert dark_cols.size == pytest.approx(320, abs=2)  # 8 of 16 units over 640 px
+    assert dark_cols.tolist() == list(range(MARGIN, MARGIN + 8 * cell))  # units 0..7, 21 px each
     timeline = png(ea.Images("activation_timeline/act0")[-1])
-    assert timeline.shape[0] > 16 * 2
+    assert timeline.shape[0] > 16 * 2 and timeline.shape[1] == CARD_WIDTH
 
 
 def test_alert_fires_and_is_logged(tmp_path):
@@ -313,7 +314,7 @@ def test_render_shapes_and_labels():
     rows = [ScanRow("a", np.linspace(0, 1, 1000), "firing"), ScanRow("b", np.array([np.nan, 0.5]), "rms")]
     pic = render_scan(rows, step=7)
     rgb = pic.rgb()
-    assert rgb.shape[1] >= 640 and rgb.dtype == np.uint8
+    assert rgb.shape[1] == CARD_WIDTH and rgb.dtype == np.uint8
     assert Image.open(io.BytesIO(pic.png())).size == (rgb.shape[1], rgb.shape[0])
     tl = render_timeline("a", "firing rate", np.random.rand(300, 20), list(range(0, 1000, 50)))
     assert tl.pixels.shape[0] >= 256  # 300 units binned into at most 256 rows, >= 1 px each
