@@ -94,6 +94,9 @@ class _FunctionalMode(TorchFunctionMode):
         if kind is None or cap.act_depth or not args or not cap.active:
             return func(*args, **kwargs)
         wp = cap.functional_point(kind, args[0])
+        if cap.tap is not None:  # a tapped capture (probe run, ablation block): see Capture.tapped
+            out = func(*args, **kwargs)
+            return out if wp is None else cap.tap_output(wp, out, args[0])
         # A ReLU's input is read before the call: an in-place relu_ overwrites it.
         pre = cap.pre_rows(wp, args[0]) if wp is not None and PRE_MAX in wp.rows else None
         out = func(*args, **kwargs)
@@ -145,6 +148,8 @@ class Capture:
         self._tracking = False
         self._grad_lock = threading.Lock()  # CUDA backward runs tensor hooks on autograd's device threads
         self._hooks = {id(wp): self._make_hooks(wp) for wp in self.module_points}
+        self.tap: Callable[[WatchPoint, Any, Any], Any] | None = None  # set on tapped captures only
+        self.tap_first = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -161,6 +166,9 @@ class Capture:
         handles = self._handles
         try:
             for wp in self.module_points:
+                if self.tap is not None:  # a tapped capture: outputs go to the tap (see Capture.tapped)
+                    handles.append(wp.module.register_forward_hook(functools.partial(self._tap_hook, wp), prepend=self.tap_first))  # type: ignore[union-attr]
+                    continue
                 pre, post = self._hooks[id(wp)]
                 if pre is not None:
                     handles.append(wp.module.register_forward_pre_hook(pre))  # type: ignore[union-attr]
@@ -426,3 +434,29 @@ class Capture:
                 p.grad_positions += numel // p.units
         except Exception as e:
             self._warn_once(f"grad:{wp.name}", f"could not record the gradient of {wp.name}: {e!r}")
+
+    # -- taps: probe runs and ablation blocks (monitor/probe.py, monitor/ablation.py) -------------------
+    def tapped(self, tap: Callable[[WatchPoint, Any, Any], Any], first: bool = False) -> Capture:
+        """A second capture of the same model and watch points whose hooks hand every watched output
+        to ``tap(watch_point, output, input)`` instead of reducing it to statistics; a return value
+        other than None replaces the output. ``first``: its module hooks run before the hooks already
+        there (an ablation, which everything else must see), else after them (a probe, which sees
+        what ran). It shares this capture's names of functional activations. ``begin()`` ... ``end()``."""
+        other = Capture(
+            self.model, self.selector, functional=self.functional, histograms=False, gradients=False,
+            tolerance=self.tolerance, rows=self._rows, warn_once=self._warn_once,
+        )
+        other.functional_points = self.functional_points
+        other.tap, other.tap_first = tap, first
+        return other
+
+    def _tap_hook(self, wp: WatchPoint, module: nn.Module, args: Any, output: Any) -> Any:
+        return self.tap_output(wp, output, args[0] if args else None)
+
+    def tap_output(self, wp: WatchPoint, output: Any, inp: Any) -> Any:
+        """``tap(wp, output, inp)`` with ``wp.unit_dim`` resolved for the output; the output it returns."""
+        x = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        if x is not None and x.ndim > 0:
+            self._resolve_unit_dim(wp, x, inp)
+        replaced = self.tap(wp, output, inp)  # type: ignore[misc]
+        return output if replaced is None else replaced

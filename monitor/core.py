@@ -16,6 +16,7 @@ import atexit
 import contextlib
 import functools
 import os
+import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -23,6 +24,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from monitor.ablation import Ablation, AblationEffect, ablated_probe, importance_table, layer_importance
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
 from monitor.capture import Capture
 from monitor.detectors import Detector, builtin_detectors
@@ -32,6 +34,7 @@ from monitor.ledger import Ledger
 from monitor.options import Options
 from monitor.pack import Job, pack
 from monitor.params import ParameterCapture
+from monitor.probe import ProbeRecord, ProbeResult, ProbeRunner, probe_input
 from monitor.runconfig import normalize_config
 from monitor.selection import Patterns, Selector, WatchPoint
 from monitor.sinks import Dispatcher, SampleRecord, Sink
@@ -111,6 +114,16 @@ class Monitor:
         run_config: what this run is (``{"lr": 0.1, "fold": 2}``): written once into the run's
             event file (text tag ``run_config``, one JSON object; see :mod:`monitor.runconfig`),
             where the run report shows it and groups runs by it.
+        probe: a fixed batch run through the model, invisibly to training, every
+            ``probe_every_n_samples`` sampled steps (and by :meth:`probe`): a tensor or NumPy array
+            (``model(P)``), a dict of keyword inputs (``model(**P)``) or ``(inputs, targets)``.
+            Gives per watched layer the samples x units matrix, each unit's most exciting samples
+            and the drift since the previous probe run (see :mod:`monitor.probe`).
+        probe_every_n_samples: sampled steps between probe runs (default 10: with
+            ``every_n_steps=50``, one probe every 500 steps).
+        probe_labels: one label per probe sample (rows of the heatmap are grouped by them), or
+            ``"targets"`` for the probe's targets.
+        probe_loss_fn: ``loss_fn(output, targets)`` for the probe's loss (needs targets).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -142,12 +155,17 @@ class Monitor:
         detectors: Sequence[Detector] | None = None,
         gradients: bool = True,
         run_config: Mapping[str, Any] | None = None,
+        probe: Any = None,
+        probe_every_n_samples: int = 10,
+        probe_labels: Any = None,
+        probe_loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
         opts = Options(
             every_n_steps, include, exclude, thresholds, logdir, writer, on_alert, histograms,
             images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
+            probe, probe_every_n_samples, probe_labels, probe_loss_fn,
         )
         self.model = model
         self.every_n_steps = every_n_steps
@@ -173,6 +191,11 @@ class Monitor:
             warn_once=self._warn_once,
         )
         self._params = ParameterCapture(model, self._warn_once) if gradients else None
+        self.probe_every_n_samples = probe_every_n_samples
+        self._probes = ProbeRunner(
+            self._capture, None if probe is None else probe_input(probe, probe_labels), probe_loss_fn, self._warn_once
+        )
+        self._probe_due: tuple[int, int] | None = None  # (step, thread) of a probe run asked for by a sampled step
         self._ledger = Ledger(Judge(self.thresholds, self.detectors))
         self._judge = self._ledger.judge
 
@@ -230,6 +253,8 @@ class Monitor:
 
         Idempotent. Also runs at interpreter exit for a monitor that was never closed.
         """
+        if self._probe_due is not None and self._probe_due[1] == threading.get_ident():
+            self.run_due_probe()  # the last sampled step's probe run (on the training thread only)
         self._capture.detach()
         if self._params is not None:
             self._params.detach()
@@ -285,6 +310,8 @@ class Monitor:
         >>> mon.health()["1"].kind
         'tanh'
         """
+        if self._probe_due is not None:
+            self.run_due_probe()  # asked for by the previous sampled step: run between two steps
         if step is None:
             step = self._auto_step
         elif isinstance(step, bool) or not isinstance(step, int):
@@ -426,6 +453,8 @@ class Monitor:
             self._seq += 1
             job = pack(self._seq, self._step, current, self.gather, params)
             self._samples += 1
+            if self._probes.probe is not None and (self._samples - 1) % self.probe_every_n_samples == 0:
+                self._probe_due = (self._step, threading.get_ident())
             self._capture.discovered = True
             if self._background:
                 self._queued = True
@@ -450,6 +479,9 @@ class Monitor:
 
     def _judge_in_background(self, job: Job) -> SampleRecord | None:
         """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""
+        if isinstance(job, ProbeRecord):
+            self._write_probe(job)
+            return None
         judged = self._ledger.take(job)
         if judged is None:
             return None
@@ -479,6 +511,90 @@ class Monitor:
             or getattr(m, "_compiler_ctx", None) is not None
             for m in self.model.modules()
         )
+
+    # -- probe and ablation (monitor/probe.py, monitor/ablation.py) ------------------------------
+    def probe(
+        self, ablate: Mapping[str, Any] | None = None, *, value: float | str = 0.0, loss_fn: Callable[[Any, Any], Any] | None = None
+    ) -> ProbeResult:
+        """Run the probe now, invisibly to training, and return its :class:`~monitor.probe.ProbeResult`
+        (also written to the sinks: TensorBoard's ``activation_probe/<layer>``, ``probe_drift/<layer>``, ...).
+
+        With ``ablate={layer: "all" | [units]}``, the probe runs twice, as is and with those units
+        replaced by ``value`` (0, a number, or ``"mean"``: each unit's mean on the probe): the
+        result holds the ablated run's matrices, ``drift`` against the unablated run (how much each
+        layer moved because of the ablation) and ``ablation``, an
+        :class:`~monitor.ablation.AblationEffect` (output, prediction and, with targets and a
+        ``loss_fn``, loss change). Ablated runs are not written and not compared with later runs.
+        """
+        step = max(self._auto_step - 1, 0)
+        if ablate is not None:
+            return ablated_probe(self._probes, self.model, ablate, value, loss_fn, step, self._warn_once)
+        result = self._probes.run(self.model, step, loss_fn)
+        self._publish(ProbeRecord(result))
+        return result
+
+    def ablate(self, layers: Mapping[str, Any], value: float | str = 0.0) -> Ablation:
+        """``with mon.ablate({"dense0.relu": [3, 7], "layers.2": "all"}):`` replaces those units of
+        watched layers by ``value`` (0, a number, or ``"mean"``: each unit's mean over the last probe
+        run) in every forward inside the block; hooks and the functional mode leave with the block."""
+        return Ablation(self._capture, layers, value, means=self._probes.last_means, warn_once=self._warn_once)
+
+    def layer_importance(
+        self, value: float | str = 0.0, loss_fn: Callable[[Any, Any], Any] | None = None
+    ) -> dict[str, AblationEffect]:
+        """Each watched layer that the probe reaches ablated whole (every unit), one after the other,
+        on the probe: ``{layer: AblationEffect}`` in forward order. Written to the sinks as the text
+        table ``probe_importance`` (most important first)."""
+        effects = layer_importance(self._probes, self.model, value, loss_fn, self._warn_once)
+        self._publish(ProbeRecord(None, step=max(self._auto_step - 1, 0), importance=importance_table(effects)))
+        return effects
+
+    def set_probe(self, probe: Any, labels: Any = None) -> None:
+        """Use another probe from now on (drift starts over). For integrations (Lightning's
+        ``probe="val"``: the first validation batch)."""
+        self._probes.set_probe(probe_input(probe, labels))
+
+    @property
+    def has_probe(self) -> bool:
+        """Whether a probe is set (and periodic probe runs have not been stopped by a failure)."""
+        return self._probes.probe is not None
+
+    @property
+    def last_probe(self) -> ProbeResult | None:
+        """The latest (unablated) probe run, or None."""
+        return self._probes.last
+
+    def run_due_probe(self) -> ProbeResult | None:
+        """Run the probe if a sampled step asked for one (``probe_every_n_samples``). The core calls
+        it at the next :meth:`step` and at :meth:`close`; integrations call it where their training
+        step has ended. A failing run warns once and stops the periodic probe; training goes on."""
+        due, self._probe_due = self._probe_due, None
+        if due is None or self._probes.probe is None:
+            return None
+        try:
+            result = self._probes.run(self.model, due[0])
+        except Exception as e:  # never let monitoring break training
+            self._probes.probe = None
+            self._warn_once("probe", f"the probe run after step {due[0]} failed, periodic probes stop: {e!r}")
+            return None
+        self._publish(ProbeRecord(result))
+        return result
+
+    def _publish(self, record: ProbeRecord) -> None:
+        if self._dispatcher is not None and not self._closed:
+            self._dispatcher.submit(record)
+
+    def _write_probe(self, record: ProbeRecord) -> None:
+        """Writer thread: hand a probe record to every sink that takes them (``write_probe``)."""
+        if self._dispatcher is None or not self._dispatcher.on_writer_thread():
+            return  # judged on the training thread after an overflow: output is dropped
+        for sink in self._sinks:
+            write = getattr(sink, "write_probe", None)
+            if callable(write):
+                try:
+                    write(record)
+                except Exception as e:
+                    self._warn_once(f"probe-sink:{id(sink)}", f"{type(sink).__name__}.write_probe failed: {e!r}")
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

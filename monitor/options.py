@@ -87,6 +87,21 @@ def check_writer(writer: Any) -> None:
         )
 
 
+def check_probe(probe: Any, every: Any, labels: Any, loss_fn: Any) -> None:
+    """The probe options (see :func:`monitor.probe.probe_input` for the probe itself)."""
+    if not _is_int(every) or every < 1:
+        raise ValueError(f"Expected `probe_every_n_samples` to be a positive integer, got {every!r}.")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"Expected `probe_loss_fn` to be None or a callable loss_fn(output, targets), got {loss_fn!r}.")
+    if probe is None:
+        if labels is not None:
+            raise ValueError("Expected `probe_labels` only together with a `probe`, got labels without a probe.")
+        return
+    from monitor.probe import probe_input
+
+    probe_input(probe, labels)
+
+
 @dataclass(frozen=True)
 class Options:
     """The monitor's options, validated. Raises ``TypeError``/``ValueError`` naming the bad value.
@@ -116,6 +131,10 @@ class Options:
     detectors: Sequence[Detector] | None = None
     gradients: bool = True
     run_config: Any = None
+    probe: Any = None
+    probe_every_n_samples: int = 10
+    probe_labels: Any = None
+    probe_loss_fn: Any = None
 
     def __post_init__(self) -> None:
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
@@ -146,3 +165,4 @@ class Options:
                     raise TypeError(f"Expected `sinks` to hold monitor.Sink objects (subclass monitor.Sink), got {s!r}.")
         check_detectors(self.detectors)
         normalize_config(self.run_config)
+        check_probe(self.probe, self.probe_every_n_samples, self.probe_labels, self.probe_loss_fn)

@@ -21,6 +21,10 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``run_config``                            text: the run's configuration, one JSON object, at the first record
 ========================================  ==========================================================
 
+With a probe (``Monitor(..., probe=P)``), per probe run: ``activation_probe/<layer>`` (image:
+probe samples x units), ``probe_drift/<layer>``, ``probe_units/<layer>`` (text), ``probe_loss``;
+``probe_importance`` (text) from ``Monitor.layer_importance``; see :mod:`monitor.probeviews`.
+
 When the backward (and the optimizer step) of a sampled step run inside the step:
 
 ========================================  ==========================================================
@@ -47,7 +51,7 @@ from __future__ import annotations
 import os
 from collections import deque
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -56,6 +60,9 @@ from monitor.judge import gradient_reference
 from monitor.render import Picture, ScanRow, render_gradient_flow, render_scan, render_timeline
 from monitor.runconfig import RUN_CONFIG_TAG, config_json, normalize_config
 from monitor.sinks import SampleRecord, Sink, yield_gil
+
+if TYPE_CHECKING:
+    from monitor.probe import ProbeRecord
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
 
@@ -283,6 +290,39 @@ class TensorBoardSink(Sink):
             timeline_due = self._samples - self._timelines_rendered_at >= self.timeline_length
             if scan_due or alert or timeline_due:
                 self._write_images(record, timelines=alert or timeline_due)
+
+    def write_probe(self, record: ProbeRecord) -> None:
+        """A probe run: per layer its heatmap, drift and units table; or a layer-importance table."""
+        from monitor import probeviews as views
+
+        out = self._output()
+        if record.importance is not None:
+            self._text(out, views.IMPORTANCE_TAG, record.importance, record.step)
+        result = record.result
+        if result is None:
+            return
+        scalars = {f"{views.DRIFT_TAG}/{n}": v for n, v in result.drift.items()}
+        if result.loss is not None:
+            scalars[views.LOSS_TAG] = result.loss
+        if scalars:
+            self._scalars(out, scalars, result.step)
+        for layer in result.activations:
+            yield_gil()
+            self._text(out, f"{views.UNITS_TAG}/{layer}", views.unit_table(result, layer), result.step)
+            if self.images_every > 0:
+                yield_gil()
+                self._image(f"{views.IMAGE_TAG}/{layer}", views.probe_picture(result, layer), result.step)
+
+    def _scalars(self, out: Any, values: dict[str, float], step: int) -> None:
+        if out is None:
+            for tag, v in values.items():
+                self._fallback.add_scalar(tag, v, step)
+        elif isinstance(out, EventFileWriter):
+            out.add_encoded(encode_event(step, [encode_value_scalar(tag, v) for tag, v in values.items()]))
+        else:
+            from tensorboard.compat.proto.summary_pb2 import Summary
+
+            out.add_summary(Summary(value=[Summary.Value(tag=t, simple_value=v) for t, v in values.items()]), step)
 
     def flush(self) -> None:
         if self._out is not None:

@@ -1,0 +1,189 @@
+"""Ablation: exact outputs against forwards written out by hand, no leaks, effects and importance."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from models import SmallCNN
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from test_probe import DropBN, train, wine  # noqa: F401 - the fixture
+
+from monitor import Monitor, MonitorWarning
+
+
+def manual(model, x, act0_units=(), act0_value=0.0, fc1_units=(), fc1_value=0.0):
+    """DropBN's forward written out (eval mode), with units replaced by hand."""
+    with torch.no_grad():
+        h = model.act0(model.bn(model.fc0(x)))
+        value = torch.as_tensor(act0_value, dtype=h.dtype)
+        h[:, list(act0_units)] = value if value.ndim == 0 else value[list(act0_units)]
+        g = F.relu(model.fc1(model.drop(h)))
+        g[:, list(fc1_units)] = fc1_value
+        return model.head(g)
+
+
+def untouched(model):
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert torch._C._len_torch_function_stack() == 0
+
+
+@pytest.fixture(scope="module")
+def trained(wine):  # noqa: F811
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = DropBN()
+    mon = Monitor(model, every_n_steps=2, on_alert="ignore", probe=(px, py), probe_loss_fn=F.cross_entropy)
+    train(model, mon, X, y, 5)
+    model.eval()
+    yield model, mon, px, py
+    mon.close()
+
+
+def test_ablated_units_are_replaced_inside_the_block_only(trained):
+    model, mon, px, _ = trained
+    with mon.ablate({"act0": [3, 7], "fc1.relu": "all"}), torch.no_grad():
+        out = model(px)
+    torch.testing.assert_close(out, manual(model, px, act0_units=[3, 7], fc1_units=range(16)), rtol=0, atol=0)
+    with mon.ablate({"fc1.relu": [0, 15]}, value=1.5), torch.no_grad():
+        out = model(px)
+    torch.testing.assert_close(out, manual(model, px, fc1_units=[0, 15], fc1_value=1.5), rtol=0, atol=0)
+    untouched(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(px), manual(model, px), rtol=0, atol=0)  # nothing left behind
+
+
+def test_mean_ablation_uses_the_last_probe_run(trained):
+    model, mon, px, _ = trained
+    last = mon.probe()
+    means = last.activations["act0"].mean(axis=0)
+    with mon.ablate({"act0": [0, 1, 2]}, value="mean"), torch.no_grad():
+        out = model(px)
+    torch.testing.assert_close(out, manual(model, px, act0_units=[0, 1, 2], act0_value=means), rtol=1e-6, atol=1e-6)
+
+
+def test_ablation_never_leaks_also_when_the_block_raises(trained):
+    model, mon, px, _ = trained
+    with pytest.raises(KeyError, match="boom"), mon.ablate({"act0": "all", "fc1.relu": [1]}):
+        model(px)
+        raise KeyError("boom")
+    untouched(model)
+    with pytest.raises(ValueError, match="Cannot ablate unit 40 of act0: it has 32 units"), mon.ablate({"act0": [40]}):
+        model(px)
+    untouched(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(px), manual(model, px), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "spec, value, error, match",
+    [
+        ({"nope": [1]}, 0.0, ValueError, r"Cannot ablate \['nope'\]: not a watched layer. Watched layers: \['act0', 'fc1.relu'\]"),
+        ({"act0": "some"}, 0.0, ValueError, "\"all\" or unit indices, got 'some'"),
+        ({"act0": [-1]}, 0.0, ValueError, "non-negative unit indices"),
+        ({"act0": [1]}, "max", ValueError, "finite number .* or \"mean\", got 'max'"),
+        ({"act0": [1]}, float("nan"), ValueError, "got nan"),
+        ([("act0", [1])], 0.0, TypeError, "non-empty dict"),
+    ],
+)
+def test_bad_ablations_are_refused_naming_the_value(trained, spec, value, error, match):
+    _, mon, _, _ = trained
+    with pytest.raises(error, match=match):
+        mon.ablate(spec, value=value)
+
+
+def test_conv_units_are_channels():
+    torch.manual_seed(0)
+    cnn = SmallCNN().eval()
+    x = torch.randn(4, 3, 16, 16)
+    mon = Monitor(cnn, on_alert="ignore", probe=x)
+    with mon.step(0):
+        cnn(x)
+    with mon.ablate({"features.1": [0, 5]}), torch.no_grad():
+        out = cnn(x)
+    f = cnn.features
+    with torch.no_grad():
+        h = f[1](f[0](x))
+        h[:, [0, 5]] = 0
+        expected = cnn.head(f[5](f[4](f[3](f[2](h)))).flatten(1))
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_probe_with_ablation_reports_the_change_against_the_unablated_probe(trained):
+    model, mon, px, py = trained
+    result = mon.probe(ablate={"act0": list(range(16))})
+    base, ablated = manual(model, px).double(), manual(model, px, act0_units=range(16)).double()
+    e = result.ablation
+    assert e.layers == ("act0",)
+    assert e.output_change == pytest.approx(float((ablated - base).norm() / base.norm()), rel=1e-6)
+    assert e.prediction_change == pytest.approx(float((ablated.argmax(1) != base.argmax(1)).double().mean()))
+    assert e.base_loss == pytest.approx(float(F.cross_entropy(base.float(), py)), rel=1e-5)
+    assert e.loss == pytest.approx(float(F.cross_entropy(ablated.float(), py)), rel=1e-5)
+    assert e.loss_change == pytest.approx(e.loss - e.base_loss)
+    assert result.drift["act0"] > 0 and set(result.drift) == {"act0", "fc1.relu"}  # vs the unablated run
+    assert mon.last_probe is None or mon.last_probe.ablation is None  # ablated runs are not "the last probe"
+
+
+def test_layer_importance_ablates_each_layer_in_turn_and_writes_a_table(wine, tmp_path):  # noqa: F811
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = DropBN()
+    with Monitor(model, every_n_steps=2, logdir=tmp_path, on_alert="ignore", probe=(px, py)) as mon:
+        train(model, mon, X, y, 5)
+        model.eval()
+        effects = mon.layer_importance(loss_fn=F.cross_entropy)
+    assert list(effects) == ["act0", "fc1.relu"]
+    base = manual(model, px).double()
+    for name, kw in (("act0", dict(act0_units=range(32))), ("fc1.relu", dict(fc1_units=range(16)))):
+        ablated = manual(model, px, **kw).double()
+        assert effects[name].output_change == pytest.approx(float((ablated - base).norm() / base.norm()), rel=1e-6)
+        assert effects[name].loss == pytest.approx(float(F.cross_entropy(ablated.float(), py)), rel=1e-5)
+    ea = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    ea.Reload()
+    table = ea.Tensors("probe_importance/text_summary")[-1].tensor_proto.string_val[0].decode()
+    assert table.startswith("| layer ablated (all units) | output change | predictions changed | loss change |")
+    assert "| act0 |" in table and "| fc1.relu |" in table
+
+
+def test_a_sampled_step_inside_an_ablation_block_records_what_ran(wine):  # noqa: F811
+    X, _, px, _ = wine
+    torch.manual_seed(0)
+    model = DropBN()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False, gradients=False)
+    with mon.ablate({"act0": "all", "fc1.relu": [0, 1, 2, 3]}), mon.step(0):
+        model(X[:64])
+    h = mon.health()
+    assert h["act0"].firing_rate == 0.0 and h["act0"].rms == 0.0
+    assert set(range(4)) <= set(h["fc1.relu"].dead_units)
+    mon.close()
+    untouched(model)
+
+
+def test_an_ablation_that_never_applies_warns(trained):
+    model, mon, px, _ = trained
+    with pytest.warns(MonitorWarning, match=r"ablation of \['fc1.relu'\] was never applied"), mon.ablate({"fc1.relu": [1]}):
+        model.fc0(px)  # no watched layer runs
+
+
+def test_probes_and_ablations_leave_no_reference_cycle_through_the_monitor(wine):  # noqa: F811
+    """A monitor in a cycle is finalised by the cycle collector after its weak references are
+    cleared, and its writer thread could no longer judge what is queued: none may form."""
+    import gc
+    import weakref
+
+    X, y, px, py = wine
+    model = DropBN()
+    opt = torch.optim.Adam(model.parameters())  # (made here: torch keeps a cycle with the frame that made it)
+    gc.disable()
+    try:
+        mon = Monitor(model, every_n_steps=1, on_alert="ignore", probe=(px, py), probe_loss_fn=F.cross_entropy)
+        train(model, mon, X, y, 2, opt=opt)
+        mon.probe(ablate={"act0": [1]}, value="mean")
+        mon.layer_importance()
+        with mon.ablate({"fc1.relu": [2]}, value="mean"):
+            model(px)
+        ref = weakref.ref(mon)
+        del mon
+        holders = [] if ref() is None else [type(r).__name__ + ":" + str(r)[:120] for r in gc.get_referrers(ref())]
+        assert ref() is None, holders  # freed by its reference count alone
+    finally:
+        gc.enable()
