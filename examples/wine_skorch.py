@@ -1,21 +1,27 @@
-"""The Wine classifier trained through skorch, watched by the ActivationMonitor callback.
+"""The Wine classifier trained through skorch, watched by the ActivationMonitor callback, with
+the test set as its probe.
 
-    python examples/wine_skorch.py            # normal settings: per-layer health, dead units of dense0
+    python examples/wine_skorch.py            # normal settings: per-layer health, the probe film
+    python examples/wine_skorch.py --seed 1   # two units of dense1 die during training (dark columns)
     python examples/wine_skorch.py --bad      # dense0 bias initialised to -10: the dead alert fires at step 0
+    python examples/wine_skorch.py --seed 1 --probe-png docs/probe_wine.png   # the README picture
     tensorboard --logdir runs/wine --samples_per_plugin images=100
 
 Besides the monitor's own output (scalars, histograms, ``activation_scan``,
-``activation_timeline/<layer>``) it writes the heatmap the seed author looked at by eye:
-``dense0_relu_samples_x_units``, the activations of dense0 after its ReLU for 5 test samples
-(rows: samples, columns: units, colour: activation / largest activation).
+``activation_timeline/<layer>``) the probe gives the heatmap the seed author looked at by eye
+(shared/seeds/004), for every layer and at every probe run: ``activation_probe/<layer>``, the
+test set (rows, grouped by wine class) x units, colour: |activation| / the largest. A unit
+silent on every test sample is a dark column; the same unit is the same column in every image,
+so the images of a run are a film of training.
 
-A unit that is 0 for those 5 samples is not necessarily dead: the monitor calls a unit dead only
-if it never fired on any training value of its evidence (here: the last epoch's training batch).
+A unit silent on the test samples is not necessarily dead: the monitor calls a unit dead only if
+it never fired on any training value of its evidence (here: the last epoch's training batch).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import sys
 import warnings
@@ -29,7 +35,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from integrations.skorch import ActivationMonitor
 from monitor import MonitorWarning, Thresholds
-from monitor.render import Picture, color_index
 
 
 class WineClassifier(nn.Module):
@@ -48,20 +53,26 @@ class WineClassifier(nn.Module):
         return X
 
 
-def heatmap(values: np.ndarray, cell: int = 16) -> Picture:
-    """A samples x units heatmap (values scaled by their maximum), each cell ``cell`` pixels wide."""
-    v = np.asarray(values, dtype=np.float64)
-    top = v[np.isfinite(v)].max() if np.isfinite(v).any() else 0.0
-    scaled = v / top if top > 0 else np.zeros_like(v)
-    rows, cols = scaled.shape
-    left, head = 24, 18
-    pic = Picture(head + rows * cell + 4, left + cols * cell + 4)
-    pic.pixels[head : head + rows * cell, left : left + cols * cell] = np.kron(
-        color_index(scaled), np.ones((cell, cell), dtype=np.uint8)
-    )
-    pic.labels([((left, 3), "dense0 after ReLU: samples x units", "left")])
-    pic.labels([((left - 4, head + i * cell + 2), str(i), "right") for i in range(rows)])
-    return pic
+def compose_probe_film(run_dir: str, layer: str, path: str) -> list[int]:
+    """The monitor's ``activation_probe/<layer>`` images at the first, middle and last probe run,
+    side by side in one PNG (as they are in the event file, pixel for pixel); returns their steps."""
+    from PIL import Image
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ea = EventAccumulator(run_dir, size_guidance={"images": 0})
+    ea.Reload()
+    events = ea.Images(f"activation_probe/{layer}")
+    chosen = [events[0], events[len(events) // 2], events[-1]] if len(events) >= 3 else events
+    images = [Image.open(io.BytesIO(e.encoded_image_string)).convert("RGB") for e in chosen]
+    gap = 12
+    film = Image.new("RGB", (sum(im.width for im in images) + gap * (len(images) - 1), max(im.height for im in images)), "white")
+    x = 0
+    for im in images:
+        film.paste(im, (x, 0))
+        x += im.width + gap
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    film.save(path, optimize=True)
+    return [e.step for e in chosen]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -71,13 +82,14 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--every", type=int, default=5, help="sample every N training batches")
     p.add_argument("--logdir", default="runs/wine", help="base log directory (each fit gets a run-NNN subdirectory)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--probe-png", default=None, help="save the probe heatmaps of --probe-layer at three points of training here")
+    p.add_argument("--probe-layer", default="dense1.relu")
     args = p.parse_args(argv)
 
     from sklearn.datasets import load_wine
     from sklearn.model_selection import train_test_split
     from sklearn.preprocessing import StandardScaler
     from skorch import NeuralNetClassifier
-    from torch.utils.tensorboard import SummaryWriter
 
     X, y = load_wine(return_X_y=True)
     X = X.astype(np.float32)
@@ -95,6 +107,9 @@ def main(argv: list[str] | None = None) -> dict:
         thresholds=Thresholds(window=2),
         logdir=args.logdir,
         on_alert="ignore",  # printed below instead of warned
+        probe=(X_test, y_test),  # the test set, invisibly to training, at every sampled step
+        probe_every_n_samples=1,
+        probe_labels=[f"class {c}" for c in y_test],
     )
     net = NeuralNetClassifier(
         WineClassifier,
@@ -120,13 +135,16 @@ def main(argv: list[str] | None = None) -> dict:
         firing = "-" if h.firing_rate is None else f"{h.firing_rate:.2f}"
         print(f"{name:<14}{h.units:>6}{dead:>7}{firing:>8}{h.rms:>9.3g}{h.max_abs:>9.3g}  {list(h.dead_units)}")
 
-    # The seed's heatmap: dense0 after ReLU for 5 test samples.
-    with torch.no_grad():
-        acts = F.relu(net.module_.dense0(torch.as_tensor(X_test[:5]))).numpy()
-    silent = np.flatnonzero((acts <= 0).all(axis=0)).tolist()
+    # The seed's heatmap, from the last probe run: the test set x units of dense0 after its ReLU.
+    probe = monitor.last_probe
+    acts = probe.activations["dense0.relu"]
+    silent = {layer: np.flatnonzero((m <= 0).all(axis=0)).tolist() for layer, m in probe.activations.items()}
     dead0 = list(health["dense0.relu"].dead_units) if "dense0.relu" in health else []
     print(f"dense0: dead units (monitor, training window): {dead0}")
-    print(f"dense0: units silent on the 5 test samples of the heatmap: {silent}")
+    print(f"units silent on all {acts.shape[0]} test samples (last probe, step {probe.step}): {silent}")
+    unit = int(np.abs(acts).mean(axis=0).argmax())
+    tops = ", ".join(f"#{t.sample} ({t.label}) {t.value:.2f}" for t in probe.top("dense0.relu", unit, 3))
+    print(f"dense0: most active unit {unit}, its favourite test samples: {tops}")
     alerts = [a for a in monitor.alerts if not a.recovered]
     for a in alerts[:5]:
         print(f"ALERT {a.message}")
@@ -134,14 +152,12 @@ def main(argv: list[str] | None = None) -> dict:
         print("no alerts")
 
     run_dir = monitor.run_dir_
-    writer = SummaryWriter(log_dir=run_dir)
-    try:
-        writer.add_image("dense0_relu_samples_x_units", heatmap(acts).rgb(), monitor.step_, dataformats="HWC")
-    finally:
-        writer.close()
     print(f"TensorBoard logs: {run_dir}  (tensorboard --logdir {args.logdir})")
+    if args.probe_png:
+        steps = compose_probe_film(run_dir, args.probe_layer, args.probe_png)
+        print(f"{args.probe_png}: activation_probe/{args.probe_layer} at steps {steps}")
     return {"net": net, "monitor": monitor, "health": health, "alerts": alerts, "run_dir": run_dir,
-            "dense0_dead": dead0, "dense0_silent_on_samples": silent}
+            "dense0_dead": dead0, "silent_on_test_set": silent, "probe": probe}
 
 
 if __name__ == "__main__":

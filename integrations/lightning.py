@@ -13,6 +13,8 @@ The callback only translates Lightning events into core calls:
 ``on_train_batch_end``        ``end_step()`` once the optimizer stepped (the update ratio spans that
                               step); scalars to non-TensorBoard loggers
 ``on_validation_start`` / end ``pause()`` / ``pause(False)``: validation forwards are never recorded
+``on_validation_batch_start`` ``probe="val"``: the first validation batch becomes the probe
+``on_train_batch_end`` (too)  ``run_due_probe()``: a probe run after the sampled step, between two steps
 ``on_exception`` / teardown   ``end_step(failed=True)`` and ``close()``: hooks are always removed
 ``state_dict`` / load         the core's ``state_dict()`` in the checkpoint
 ============================  ==================================================================
@@ -58,8 +60,9 @@ __all__ = ["ActivationAlertError", "ActivationMonitor"]
 LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
-    "run_config",
+    "run_config", "probe", "probe_every_n_samples", "probe_labels", "probe_loss_fn",
 )
+VAL_PROBE = "val"
 SUBDIR = "activation_monitor"
 
 
@@ -98,7 +101,10 @@ class ActivationMonitor(Callback):
     reach every logger through ``log_metrics`` and images/histograms go to
     ``<trainer.log_dir>/activation_monitor`` (or ``logdir=``). The run's configuration
     (``run_config`` in the event file, read by the run report) is the module's ``hparams``
-    (``save_hyperparameters()``), updated with ``run_config=`` if given.
+    (``save_hyperparameters()``), updated with ``run_config=`` if given. ``probe="val"`` probes
+    with the first validation batch (the sanity check's, by default), ``pl_module(inputs)`` with
+    ``inputs`` the batch, or its first element when it is a pair ``(inputs, targets)``; or pass
+    a batch of your own as ``probe=``.
 
     Example:
         >>> import lightning.pytorch as L  # doctest: +SKIP
@@ -123,8 +129,10 @@ class ActivationMonitor(Callback):
         if unknown:
             raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
         # Every option is validated now, with the core's messages; whether a pattern matches a
-        # module is known at `setup`, on the real model.
-        Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **monitor_kwargs)
+        # module is known at `setup`, on the real model. probe="val": the batch is known later.
+        self._val_probe = isinstance(monitor_kwargs.get("probe"), str) and monitor_kwargs["probe"] == VAL_PROBE
+        checked = {**monitor_kwargs, "probe": None, "probe_labels": None} if self._val_probe else monitor_kwargs
+        Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **checked)
         self.every_n_steps = every_n_steps
         self.include = include
         self.exclude = exclude
@@ -193,6 +201,7 @@ class ActivationMonitor(Callback):
             sinks.append(self._queue)
         # What this run is: the module's hyperparameters (save_hyperparameters), then run_config= on top.
         config = {**dict(getattr(pl_module, "hparams", None) or {}), **dict(self.monitor_kwargs.get("run_config") or {})}
+        probe = {} if self._rank_zero and not self._val_probe else {"probe": None, "probe_labels": None}  # rank 0 probes
         mon = Monitor(
             pl_module,
             self.every_n_steps,
@@ -202,7 +211,7 @@ class ActivationMonitor(Callback):
             logdir=logdir,
             writer=writer,
             on_alert=self._core_on_alert(),
-            **{**self.monitor_kwargs, "sinks": sinks, "run_config": _str_keys(config)},
+            **{**self.monitor_kwargs, "sinks": sinks, "run_config": _str_keys(config), **probe},
         )
         if trainer.world_size > 1:
             strategy = trainer.strategy
@@ -275,6 +284,8 @@ class ActivationMonitor(Callback):
         # With gradient accumulation, a micro-batch without an optimizer step leaves the step open.
         if self._stepped or not self.monitor_kwargs.get("gradients", True) or not pl_module.automatic_optimization:
             self._end(trainer)
+        if self.monitor is not None and not self.monitor.in_step:
+            self.monitor.run_due_probe()
         self._log_metrics()
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -284,6 +295,19 @@ class ActivationMonitor(Callback):
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:
             self.monitor.pause()  # e.g. val_check_interval inside a gradient-accumulation window
+
+    def on_validation_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int, dataloader_idx: int = 0
+    ) -> None:
+        mon = self.monitor
+        if not (self._val_probe and self._rank_zero and mon is not None and batch_idx == 0 and dataloader_idx == 0):
+            return
+        if not mon.has_probe:
+            try:
+                mon.set_probe(_clone(batch), self.monitor_kwargs.get("probe_labels"))
+            except (TypeError, ValueError) as e:
+                self._val_probe = False
+                warnings.warn(f"activation monitor: probe='val' cannot use the first validation batch: {e}", MonitorWarning, stacklevel=2)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.monitor is not None:
@@ -341,6 +365,17 @@ class ActivationMonitor(Callback):
             self.monitor.load_state_dict(state_dict)
         else:
             self._pending_state = dict(state_dict)
+
+
+def _clone(batch: Any) -> Any:
+    """A detached copy of a batch (tensors, tuples, lists, dicts of them) that training cannot change."""
+    if isinstance(batch, torch.Tensor):
+        return batch.detach().clone()
+    if isinstance(batch, (tuple, list)):
+        return type(batch)(_clone(b) for b in batch) if not hasattr(batch, "_fields") else type(batch)(*map(_clone, batch))
+    if isinstance(batch, dict):
+        return {k: _clone(v) for k, v in batch.items()}
+    return batch
 
 
 def _stable(patterns: Any) -> Any:

@@ -111,6 +111,17 @@ class _StepGuard:
         return (_StepGuard, ())  # never the callback, the monitor or the core's hooks
 
 
+def _probe_tensors(probe: Any) -> Any:
+    """A probe as skorch feeds ``module_``: arrays, lists and dicts of them as tensors (``to_tensor``)."""
+    if probe is None:
+        return None
+    from skorch.utils import to_tensor
+
+    if isinstance(probe, (tuple, list)) and len(probe) == 2:
+        return (to_tensor(probe[0], device="cpu"), to_tensor(probe[1], device="cpu"))
+    return to_tensor(probe, device="cpu")
+
+
 def _net_config(net: Any) -> dict[str, Any]:
     """The net's own parameters of this fit (``get_params(deep=False)``), without callbacks and private keys."""
     try:
@@ -144,6 +155,11 @@ class ActivationMonitor(Callback):
             ``optimizer__*``, ...; callbacks left out), which are recorded in the run
             (``run_config`` text tag) for the run report, e.g. to tell the runs of a
             ``GridSearchCV`` apart.
+        probe: ``X_subset`` (what ``net.predict`` takes: an array, a tensor, a dict) or
+            ``(X_subset, y_subset)``, run through ``net.module_`` invisibly to training every
+            ``probe_every_n_samples`` sampled batches (see ``monitor.Monitor``); with ``y``,
+            ``probe_loss_fn`` defaults to the net's criterion (``net.get_loss``).
+        probe_labels: one label per probe sample (heatmap rows are grouped by it), or ``"targets"``.
 
     Example:
         >>> from skorch import NeuralNetClassifier                       # doctest: +SKIP
@@ -172,6 +188,10 @@ class ActivationMonitor(Callback):
         new_run_per_fit: bool = True,
         history_layers: bool = True,
         run_config: Mapping[str, Any] | None = None,
+        probe: Any = None,
+        probe_every_n_samples: int = 10,
+        probe_labels: Any = None,
+        probe_loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:
         # sklearn contract: store the arguments unchanged; validation happens in initialize().
         self.every_n_steps = every_n_steps
@@ -190,6 +210,10 @@ class ActivationMonitor(Callback):
         self.new_run_per_fit = new_run_per_fit
         self.history_layers = history_layers
         self.run_config = run_config
+        self.probe = probe
+        self.probe_every_n_samples = probe_every_n_samples
+        self.probe_labels = probe_labels
+        self.probe_loss_fn = probe_loss_fn
 
     # -- validation ----------------------------------------------------------------------------
     def _validate(self) -> None:
@@ -203,6 +227,7 @@ class ActivationMonitor(Callback):
             self.every_n_steps, self.include, self.exclude, self.thresholds, self.logdir, None, self.on_alert,
             self.histograms, self.images_every_n_samples, self.timeline_length, self.functional, self.sinks,
             True, self.detectors, self.gradients, self.run_config,
+            _probe_tensors(self.probe), self.probe_every_n_samples, self.probe_labels, self.probe_loss_fn,
         )
         for name in ("new_run_per_fit", "history_layers"):
             if not isinstance(getattr(self, name), bool):
@@ -225,6 +250,7 @@ class ActivationMonitor(Callback):
         self.epoch_samples_ = 0
         self.pending_error_: ActivationAlertError | None = None
         self.guard_: _StepGuard | None = None  # ends the sampled step in progress (or left spent on module_)
+        self.last_probe_: Any = None  # the latest probe run (kept after fit)
         return self
 
     def on_train_begin(self, net: Any, X: Any = None, y: Any = None, **kwargs: Any) -> None:
@@ -267,6 +293,9 @@ class ActivationMonitor(Callback):
         if not training:
             return
         self._end_step(failed=False)  # normally already ended right after the forward
+        mon = getattr(self, "monitor_", None)
+        if mon is not None:
+            mon.run_due_probe()  # after the optimizer step, before the next batch
         if self.pending_error_ is not None:
             err, self.pending_error_ = self.pending_error_, None
             self._shutdown()
@@ -299,6 +328,14 @@ class ActivationMonitor(Callback):
         if mon is not None:
             self.parameter_health_ = {**getattr(self, "parameter_health_", {}), **mon.parameter_health()}
         return dict(getattr(self, "parameter_health_", {}))
+
+    @property
+    def last_probe(self) -> Any:
+        """The latest probe run (``monitor.probe.ProbeResult``: ``activations``, ``top()``, ``drift``), or None."""
+        mon = getattr(self, "monitor_", None)
+        if mon is not None and mon.last_probe is not None:
+            return mon.last_probe
+        return getattr(self, "last_probe_", None)
 
     @property
     def alerts(self) -> list[Alert]:
@@ -359,6 +396,10 @@ class ActivationMonitor(Callback):
             background=self.on_alert != "raise",  # "raise" must see the alert at the batch's end
             gradients=self.gradients,
             run_config={**_net_config(net), **dict(self.run_config or {})},
+            probe=_probe_tensors(self.probe),
+            probe_every_n_samples=self.probe_every_n_samples,
+            probe_labels=self.probe_labels,
+            probe_loss_fn=self._probe_loss(net),
         )
         mon.gradients_from_callbacks()  # read at on_grad_computed: no parameter/optimizer hooks to leave behind
         if self.monitor_state_ is not None:
@@ -367,6 +408,12 @@ class ActivationMonitor(Callback):
         self.module_ref_ = weakref.ref(module)
         if self.run_dir_ is None:
             self.run_dir_ = ""  # marks "started" when there is no log directory
+
+    def _probe_loss(self, net: Any) -> Callable[[Any, Any], Any] | None:
+        """``probe_loss_fn``, or the net's own loss when the probe has targets."""
+        if self.probe_loss_fn is not None or not isinstance(self.probe, (tuple, list)):
+            return self.probe_loss_fn
+        return lambda y_pred, y_true: net.get_loss(y_pred, y_true, training=False)
 
     def _claim_run_dir(self) -> str:
         base = os.fspath(self.logdir)  # type: ignore[arg-type]
@@ -396,7 +443,8 @@ class ActivationMonitor(Callback):
             self.alerts_ = mon.alerts
         finally:
             self.monitor_ = None
-            mon.close()
+            mon.close()  # runs a probe the last sampled batch asked for
+            self.last_probe_ = mon.last_probe or getattr(self, "last_probe_", None)
 
     def _guard(self, mon: Monitor, before: set[int]) -> None:
         """End the sampled step right after ``module_``'s forward, also when the forward raises.

@@ -13,16 +13,19 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the names below are imported on first use (PEP 562): `python -m monitor report` needs no torch
+    from monitor.ablation import AblationEffect
     from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert
     from monitor.core import Monitor
     from monitor.detectors import Detector, Evidence, LayerView, Verdict
     from monitor.health import LayerHealth, ParameterHealth
     from monitor.options import Options
+    from monitor.probe import ProbeResult
     from monitor.selection import Patterns
     from monitor.sinks import LayerSample, SampleRecord, Sink
     from monitor.thresholds import Thresholds
 
 _WHERE = {
+    "AblationEffect": "monitor.ablation",
     "ActivationAlertError": "monitor.alerts",
     "Alert": "monitor.alerts",
     "MonitorWarning": "monitor.alerts",
@@ -35,6 +38,7 @@ _WHERE = {
     "LayerHealth": "monitor.health",
     "ParameterHealth": "monitor.health",
     "Options": "monitor.options",
+    "ProbeResult": "monitor.probe",
     "Patterns": "monitor.selection",
     "LayerSample": "monitor.sinks",
     "SampleRecord": "monitor.sinks",
@@ -57,6 +61,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "AblationEffect",
     "ActivationAlertError",
     "Alert",
     "Detector",
@@ -70,6 +75,7 @@ __all__ = [
     "Options",
     "ParameterHealth",
     "Patterns",
+    "ProbeResult",
     "SampleRecord",
     "Sink",
     "Thresholds",

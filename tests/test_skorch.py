@@ -587,7 +587,7 @@ def test_example_runs(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "dense0: dead units" in out and str(tmp_path) in out
     images = read(bad["run_dir"]).Tags()["images"]
-    assert "dense0_relu_samples_x_units" in images and "activation_scan" in images
+    assert "activation_probe/dense0.relu" in images and "activation_scan" in images
     assert good["run_dir"] != bad["run_dir"]
 
 
