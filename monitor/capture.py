@@ -29,6 +29,7 @@ from monitor.selection import Selector, WatchPoint, make_watch_point
 from monitor.stats import (
     GRAD_ROWS,
     PRE_MAX,
+    block_token_rows,
     combine_rows,
     grad_stat_rows,
     histogram_sample,
@@ -36,9 +37,17 @@ from monitor.stats import (
     sample_stride,
     unit_stat_rows,
 )
+from monitor.tokens import TOKEN_SIM
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 _SERIAL_BELOW = 1 << 18  # elements
+
+
+def _token_dim(wp: WatchPoint) -> int:
+    """Where the tokens are in a stack block's 3-d output: 1 (``[batch, tokens, width]``, Hugging
+    Face and ``batch_first=True``), or 0 for ``nn.Transformer*Layer(batch_first=False)``."""
+    attn = getattr(wp.module, "self_attn", None)
+    return 0 if getattr(attn, "batch_first", True) is False else 1
 
 
 def first_tensor(obj: Any) -> torch.Tensor | None:
@@ -78,6 +87,7 @@ class Pending:
     hist_sampled: int  # values actually binned
     grad: list[torch.Tensor] | None = None  # GRAD_ROWS of the gradient w.r.t. this output, once backward reached it
     grad_positions: int = 0
+    sequences: int = 0  # stack blocks: sequences behind the token rows (monitor.tokens)
 
 
 class _FunctionalMode(TorchFunctionMode):
@@ -385,6 +395,10 @@ class Capture:
                         pre = pre_stat_rows(x, dims)  # no usable input: the output stands in (no margin)
                     stats = pre + stats
                 units = stats[0].shape[0]
+                sequences = 0
+                if TOKEN_SIM in wp.rows:  # a stack block: how alike its tokens are, how much it changed them
+                    rows, sequences = block_token_rows(x, inp, _token_dim(wp), units)
+                    stats += rows
                 hist = None
                 sampled = 0
                 if self.histograms:
@@ -395,7 +409,9 @@ class Capture:
                     torch.set_num_threads(threads)
             prev = self._current.get(wp)
             if prev is None:
-                self._current[wp] = Pending(stats, units, [] if hist is None else [hist], numel // units, numel, sampled)
+                self._current[wp] = Pending(
+                    stats, units, [] if hist is None else [hist], numel // units, numel, sampled, sequences=sequences
+                )
             elif prev.units == units:
                 prev.stats = combine_rows(prev.stats, stats, wp.rows)
                 if hist is not None:
@@ -403,6 +419,7 @@ class Capture:
                 prev.positions += numel // units
                 prev.hist_numel += numel
                 prev.hist_sampled += sampled
+                prev.sequences += sequences
             else:
                 self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
                 return

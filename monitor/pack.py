@@ -34,7 +34,7 @@ from monitor.stats import (
     summarize_grad,
 )
 
-COUNTS = 4  # per watch point: positions, histogram values sampled, values they stand for, gradient positions
+COUNTS = 5  # per watch point: positions, histogram values sampled, values they stand for, gradient positions, sequences
 
 
 @dataclass
@@ -104,7 +104,8 @@ def pack(
     counts = [
         float(v)
         for wp in points
-        for v in (current[wp].positions, current[wp].hist_sampled, current[wp].hist_numel, current[wp].grad_positions)
+        for p in (current[wp],)
+        for v in (p.positions, p.hist_sampled, p.hist_numel, p.grad_positions, p.sequences)
     ]
     if gather is not None:
         pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
@@ -156,8 +157,9 @@ def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | N
         r, c = len(p.stats), p.units
         block = host_flat[offset : offset + r * c].reshape(r, c)
         offset += r * c
-        positions, sampled, numel, grad_positions = (counts[COUNTS * i + k] for k in range(COUNTS))
+        positions, sampled, numel, grad_positions, sequences = (counts[COUNTS * i + k] for k in range(COUNTS))
         summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
+        summary.sequences = int(sequences)
         if p.grad is not None:
             g = len(GRAD_ROWS) * c
             summary.grad = summarize_grad(host_flat[offset : offset + g].reshape(len(GRAD_ROWS), c), int(grad_positions))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from monitor.activations import Kind
+from monitor.tokens import INPUT_SQ, TOKEN_ROWS, TOKEN_SIM, UPDATE_SQ, token_rows
 
 # Row names and their reductions. NEGMIN stores -min so that it reduces by max like MAX.
 FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND = "fired", "max", "negmin", "sumsq", "nonfinite", "at_bound"
@@ -36,7 +37,7 @@ _SMALL = 1 << 16  # elements: below, per-kernel overhead dominates memory traffi
 MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX, GRAD_MAX})
 MIN_ROWS = frozenset({PRE_MIN})
 PRE_ROWS = (PRE_MAX, PRE_MIN)
-ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PRE_MAX, PRE_MIN})
+ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PRE_MAX, PRE_MIN, *TOKEN_ROWS})
 
 
 def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -46,7 +47,7 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     NaN/Inf: no row of its own). ReLU-family outputs get
     their pre-activation extrema (instead of the output's maximum where that is
     ``max(pre_max, 0)``), and the firing count; bounded outputs the count at a bound; activations (not blocks or other
-    modules) the sum of magnitudes.
+    modules) the sum of magnitudes; stack blocks the sequence rows of :mod:`monitor.tokens`.
     """
     rows: list[str] = []
     if kind.can_die:
@@ -62,9 +63,12 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
         rows.append(AT_BOUND)
     if kind.activation:
         rows.append(SUMABS)
+    tokens = kind.name == "block" or any(r in TOKEN_ROWS for r in extra)
     for r in extra:
-        if r not in rows:
+        if r not in rows and r not in TOKEN_ROWS:
             rows.append(r)
+    if tokens:  # last: the hooks append them after the other rows (monitor.tokens: 3-d outputs only)
+        rows += TOKEN_ROWS
     return tuple(rows)
 
 
@@ -113,7 +117,19 @@ def unit_stats(
     tensor([1., 1.])
     """
     pre = pre_stat_rows(x, dims) if PRE_MAX in rows else []
-    return torch.stack(pre + unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr))
+    out = pre + unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr)
+    if TOKEN_SIM in rows:
+        out += block_token_rows(x, None, 1, out[0].shape[0])[0]
+    return torch.stack(out)
+
+
+def block_token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int, units: int) -> tuple[list[torch.Tensor], int]:
+    """The TOKEN_ROWS of a block's output: :func:`monitor.tokens.token_rows` for a 3-d output
+    whose last dimension holds the units, zero rows and no sequences otherwise."""
+    if x.ndim == 3 and x.shape[-1] == units:
+        return token_rows(x, inp, token_dim)
+    z = torch.zeros(units, dtype=torch.float32, device=x.device)
+    return [z, z, z], 0
 
 
 def unit_stat_rows(
@@ -131,7 +147,7 @@ def unit_stat_rows(
     """
     if x.dtype != torch.float32:
         x = x.float()
-    return [_REDUCERS[row](x, dims, kind, lo_thr, hi_thr) for row in rows if row not in PRE_ROWS]
+    return [_REDUCERS[row](x, dims, kind, lo_thr, hi_thr) for row in rows if row not in _NOT_HERE]
 
 
 def _fired(x: torch.Tensor, dims: tuple[int, ...], kind: Kind, lo: float | None, hi: float | None) -> torch.Tensor:
@@ -142,6 +158,8 @@ def _nonfinite(x: torch.Tensor, dims: tuple[int, ...], kind: Kind, lo: float | N
     # finite * 0 == 0, while nan * 0 and inf * 0 are nan: count those per unit.
     return (x * 0).nan_to_num_(nan=1.0).sum(dims)
 
+
+_NOT_HERE = frozenset((*PRE_ROWS, *TOKEN_ROWS))  # rows the hooks compute from more than the output
 
 _REDUCERS = {
     FIRED: _fired,
@@ -338,6 +356,10 @@ class UnitSummary:
     pre_max: np.ndarray | None = None  # ReLU family: largest / smallest pre-activation per unit
     pre_min: np.ndarray | None = None
     grad: GradSummary | None = None  # the gradient with respect to this output; None: no backward seen
+    token_sim: np.ndarray | None = None  # stack blocks: the sequence rows of monitor.tokens
+    update_sq: np.ndarray | None = None
+    input_sq: np.ndarray | None = None
+    sequences: int = 0  # sequences behind token_sim (0: not a [batch, tokens, width] output)
 
     @property
     def units(self) -> int:
@@ -416,6 +438,9 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         sumabs=r.get(SUMABS),
         pre_max=pre_max,
         pre_min=r.get(PRE_MIN),
+        token_sim=r.get(TOKEN_SIM),
+        update_sq=r.get(UPDATE_SQ),
+        input_sq=r.get(INPUT_SQ),
     )
 
 

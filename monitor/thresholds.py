@@ -72,6 +72,10 @@ class Thresholds:
             of its first ``baseline_samples`` judged sampled steps), and ...
         max_grad_norm: ... the model's total gradient norm (all parameters, before clipping) above this.
 
+    Collapse (stack blocks with ``[batch, tokens, width]`` outputs):
+        collapse_similarity: alert when the tokens of a sequence have at least this mean pairwise
+            cosine similarity (centred by the step's mean token; :mod:`monitor.tokens`).
+
     Entering and leaving an alert:
         release: hysteresis. A layer enters an alert at the threshold and leaves it only when
             its value is below ``release`` times the threshold ...
@@ -101,13 +105,16 @@ class Thresholds:
     exploding_orders: float = 4.0
     grad_growth_factor: float = 100.0
     max_grad_norm: float = 1e3
+    collapse_similarity: float = 0.9
     release: float = 0.8
     recovery_samples: int = 2
 
     def __post_init__(self) -> None:
         for name in ("min_positions", "window", "baseline_samples", "recovery_samples", "vanishing_samples"):
             _positive_int(name, getattr(self, name))
-        for name in ("dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release"):
+        for name in (
+            "dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release", "collapse_similarity",
+        ):
             _fraction(name, getattr(self, name))
         ok = isinstance(self.saturation_tolerance, (int, float)) and 0 <= self.saturation_tolerance < 0.5
         if not ok:

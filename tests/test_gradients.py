@@ -340,7 +340,8 @@ def test_state_dict_keeps_gradient_baselines():
 
 @pytest.mark.parametrize("workload", ["mlp", "cnn", "transformer"])
 def test_benchmark_workloads_stay_silent_under_sgd_and_adam(workload):
-    """300 steps of each healthy benchmark workload, SGD with momentum and Adam: no gradient alert."""
+    """300 steps of each healthy benchmark workload, SGD with momentum and Adam: no gradient alert,
+    and the transformer's blocks do not collapse."""
     import os
     import sys
 
@@ -359,9 +360,12 @@ def test_benchmark_workloads_stay_silent_under_sgd_and_adam(workload):
 
         mon, losses = _train(w.model, opt, 300, 10, data, w.loss)
         assert losses[-1] < losses[0]
-        gradient_alerts = [a.message for a in mon.alerts if "gradient" in a.kind]
+        gradient_alerts = [a.message for a in mon.alerts if "gradient" in a.kind or a.kind == "collapse"]
         assert not gradient_alerts, (opt_name, gradient_alerts)
         assert all(h.grad_rms is not None and h.grad_rms > 0 for h in mon.health().values())
+        if workload == "transformer":
+            sims = [h.metrics["token_similarity"] for h in mon.health().values() if h.kind == "block"]
+            assert len(sims) >= 4 and max(sims) < 0.3, sims  # the 4 layers and the encoder around them
         print(workload, opt_name, [a.message[:80] for a in mon.alerts])
 
 

@@ -1,11 +1,12 @@
 """Detectors: each signal is one unit behind one interface (:class:`Detector`).
 
 The built-ins, in the order they are judged: ``dead``, ``saturated``, ``dormant``,
-``exploding``, ``nonfinite``, ``vanishing_gradient``, ``exploding_gradient``. A detector of your own goes through the same path:
+``exploding``, ``nonfinite``, ``vanishing_gradient``, ``exploding_gradient``, ``collapse``. A detector of your own goes through the same path:
 ``Monitor(model, detectors=[MyDetector()])``.
 """
 
 from monitor.detectors.base import Detector, Evidence, LayerView, Verdict
+from monitor.detectors.collapse import Collapse
 from monitor.detectors.dead import Dead
 from monitor.detectors.dormant import Dormant
 from monitor.detectors.exploding import Exploding
@@ -16,13 +17,14 @@ from monitor.detectors.saturated import Saturated
 
 def builtin_detectors() -> list[Detector]:
     """Fresh instances of the built-in detectors, in the order they are judged."""
-    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite(), VanishingGradient(), ExplodingGradient()]
+    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite(), VanishingGradient(), ExplodingGradient(), Collapse()]
 
 
 BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in builtin_detectors())
 
 __all__ = [
     "BUILTIN_NAMES",
+    "Collapse",
     "Dead",
     "Detector",
     "Dormant",

@@ -1,0 +1,89 @@
+"""Sequence statistics of a stack block's output: how alike its tokens are, how much it changed them.
+
+Two signals of a transformer block that per-unit statistics cannot show (seed 003's "层塌陷"):
+
+- **token similarity**: the mean pairwise cosine similarity of the token vectors of one sequence,
+  averaged over the sequences of the step. Tokens are first centred by the mean token of the
+  whole call (every sequence, every position), so a direction that all tokens share (the
+  anisotropy of trained language models) does not count as collapse; a sequence whose tokens
+  became one vector does. Near 0 for a healthy block; 1 when the tokens of each sequence are
+  identical (rank collapse: Dong et al. 2021, "Attention is not all you need: pure attention
+  loses rank doubly exponentially with depth").
+- **block update**: ``||output - input|| / ||input||`` over the step, how much the block changes
+  the residual stream it was given (only when its input is a tensor of the output's shape).
+
+Both fit the per-unit rows of :mod:`monitor.stats`, so they travel in the step's one transfer,
+combine across calls and DDP ranks by summing, and cost O(tokens x width):
+
+- ``token_sim[k]`` = sum over sequences of ``(mean_t u[t, k])**2`` with ``u`` the centred,
+  normalised tokens; summed over ``k`` that is ``|mean_t u_t|**2 = (1 + (T - 1) c) / T`` per
+  sequence, where ``c`` is its mean pairwise cosine, so ``c`` follows on the host from ``T``;
+- ``update_sq[k]`` = sum of ``(output - input)**2``, ``input_sq[k]`` = sum of ``input**2``.
+
+The number of sequences travels with the step's counts. With fewer than two sequences in a step
+the centring would remove each sequence's own mean, so the similarity is not judged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+TOKEN_SIM, UPDATE_SQ, INPUT_SQ = "token_sim", "update_sq", "input_sq"
+TOKEN_ROWS = (TOKEN_SIM, UPDATE_SQ, INPUT_SQ)
+
+
+def token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int) -> tuple[list[torch.Tensor], int]:
+    """The TOKEN_ROWS of a ``[batch, tokens, width]`` output (``token_dim`` 1; 0 for
+    ``[tokens, batch, width]``) and the number of sequences in it. ``inp``: the block's input
+    (used when it has the output's shape). On x's device, float32, no host sync.
+
+    >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # each sequence: one vector twice
+    >>> rows, n = token_rows(x, None, 1)
+    >>> round(token_similarity(rows[0].numpy(), n, 4), 6)
+    1.0
+    """
+    shape = x.shape
+    if x.dtype != torch.float32:
+        x = x.float()
+    if token_dim == 0:
+        x = x.transpose(0, 1)
+    sequences = x.shape[0]
+    c = x - x.mean((0, 1))
+    u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
+    sim = u.mean(1).square_().sum(0)
+    if isinstance(inp, torch.Tensor) and inp.shape == shape and inp.is_floating_point():
+        i = inp.detach()
+        if i.dtype != torch.float32:
+            i = i.float()
+        if token_dim == 0:
+            i = i.transpose(0, 1)
+        upd = (x - i).square_().sum((0, 1))
+        base = i.square().sum((0, 1))
+    else:
+        upd = base = torch.zeros_like(sim)
+    return [sim, upd, base], sequences
+
+
+def token_similarity(token_sim: np.ndarray, sequences: int, positions: int) -> float | None:
+    """Mean pairwise cosine similarity of a sequence's (centred) tokens, from the summed row.
+
+    None when fewer than two sequences or tokens were seen, or the row is not finite."""
+    if sequences < 2 or positions < 2 * sequences:
+        return None
+    t = positions / sequences
+    total = float(np.sum(token_sim, dtype=np.float64))
+    if not math.isfinite(total):
+        return None
+    return (t * total / sequences - 1.0) / (t - 1.0)
+
+
+def block_update(update_sq: np.ndarray, input_sq: np.ndarray) -> float | None:
+    """``||output - input|| / ||input||`` over the step (None without a usable input)."""
+    num = float(np.sum(update_sq, dtype=np.float64))
+    den = float(np.sum(input_sq, dtype=np.float64))
+    if not (den > 0 and math.isfinite(den) and math.isfinite(num)):
+        return None
+    return math.sqrt(num / den)

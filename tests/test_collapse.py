@@ -1,0 +1,156 @@
+"""Representation collapse of stack blocks: token similarity and block update, against ground truth
+computed here with plain loops over sequences, on real attention stacks and transformers."""
+
+from __future__ import annotations
+
+import itertools
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from monitor import Monitor
+from monitor.tokens import block_update, token_rows, token_similarity
+
+
+def true_similarity(x: np.ndarray) -> float:
+    """Mean over sequences of the mean pairwise cosine of its tokens, centred by the mean token of
+    all sequences and positions; x is [batch, tokens, width]."""
+    c = x - x.reshape(-1, x.shape[-1]).mean(0)
+    sims = []
+    for seq in c:
+        pairs = [
+            float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in itertools.permutations(seq, 2)
+        ]
+        sims.append(np.mean(pairs))
+    return float(np.mean(sims))
+
+
+@pytest.mark.parametrize("token_dim", [1, 0])
+def test_rows_give_the_pairwise_cosine_and_the_update_ratio(token_dim):
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(6, 1, 16, generator=g)
+    x = base + 0.7 * torch.randn(6, 9, 16, generator=g)  # tokens of a sequence partly alike
+    inp = torch.randn(6, 9, 16, generator=g)
+    xs, ins = (x, inp) if token_dim == 1 else (x.transpose(0, 1), inp.transpose(0, 1))
+    rows, n = token_rows(xs, ins, token_dim)
+    assert n == 6
+    got = token_similarity(rows[0].numpy(), n, x.shape[0] * x.shape[1])
+    truth = true_similarity(x.double().numpy())
+    assert 0.2 < truth < 0.9
+    assert got == pytest.approx(truth, abs=1e-5)
+    upd = block_update(rows[1].numpy(), rows[2].numpy())
+    assert upd == pytest.approx(float((x - inp).norm() / inp.norm()), rel=1e-5)
+
+
+def test_one_sequence_or_one_token_is_not_judged():
+    rows, n = token_rows(torch.randn(1, 8, 4), None, 1)
+    assert token_similarity(rows[0].numpy(), n, 8) is None
+    rows, n = token_rows(torch.randn(5, 1, 4), None, 1)
+    assert token_similarity(rows[0].numpy(), n, 5) is None
+    assert block_update(rows[1].numpy(), rows[2].numpy()) is None  # no input given
+
+
+class AttentionOnly(nn.Module):
+    """Self-attention with no residual connection and no MLP (Dong et al. 2021)."""
+
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.attn = nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]
+
+
+def outputs_of(model: nn.Module, blocks: list[nn.Module], x: torch.Tensor) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append(o.detach().double().numpy())) for b in blocks]
+    with torch.no_grad():
+        model(x)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_an_attention_only_stack_collapses_and_alerts_at_the_first_sampled_step():
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[AttentionOnly(32, 4) for _ in range(5)])
+    x = torch.randn(8, 12, 32)
+    truth = [true_similarity(o) for o in outputs_of(stack, list(stack), x)]
+    mon = Monitor(stack, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        stack(x)
+    health = mon.health()
+    for i, t in enumerate(truth):
+        assert health[str(i)].metrics["token_similarity"] == pytest.approx(t, abs=1e-4)
+    alerted = sorted(a.layer for a in mon.alerts if a.kind == "collapse")
+    assert alerted == [str(i) for i, t in enumerate(truth) if t >= 0.9]
+    assert len(alerted) >= 3 and truth[-1] > 0.999  # near-identical tokens a few layers in
+    assert "rank collapse" in next(a.message for a in mon.alerts if a.kind == "collapse")
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_a_healthy_pre_ln_transformer_trains_without_collapse(batch_first):
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 4, 128, batch_first=batch_first, norm_first=True, dropout=0.0)
+    model = nn.TransformerEncoder(layer, 3, enable_nested_tensor=False)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 20, 64), torch.randn(16, 20, 64)
+    if not batch_first:
+        x, y = x.transpose(0, 1), y.transpose(0, 1)
+    mon = Monitor(model, every_n_steps=10, on_alert="ignore", background=False)
+    with mon:
+        for step in range(60):
+            with mon.step(step):
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+    assert [a for a in mon.alerts if a.kind == "collapse"] == []
+    blocks = list(model.layers)
+    outs = outputs_of(model, blocks, x)
+    health = mon.health()
+    for i, o in enumerate(outs):
+        h = health[f"layers.{i}"]
+        assert h.metrics["token_similarity"] < 0.2
+        assert 0 < h.metrics["block_update"] < 5
+        truth = true_similarity(o if batch_first else o.transpose(1, 0, 2))
+        assert truth < 0.2  # the same model, now: still far from collapse
+
+
+def test_hugging_face_blocks_get_token_similarity_and_block_update():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(cfg).eval()  # no dropout: the same forward twice
+    ids = torch.randint(0, 64, (4, 16))
+    blocks = list(model.transformer.h)
+    truth = [true_similarity(o) for o in _first_outputs(model, blocks, ids)]
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        model(ids)
+    health = mon.health()
+    for i, t in enumerate(truth):
+        h = health[f"transformer.h.{i}"]
+        assert h.metrics["token_similarity"] == pytest.approx(t, abs=1e-4)
+        assert h.metrics["block_update"] is not None and h.metrics["block_update"] > 0
+    assert [a for a in mon.alerts if a.kind == "collapse"] == []
+
+
+def _first_outputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor) -> list[np.ndarray]:
+    seen: list[np.ndarray] = []
+
+    def keep(m, a, o):
+        seen.append((o[0] if isinstance(o, tuple) else o).detach().double().numpy())
+
+    hooks = [b.register_forward_hook(keep) for b in blocks]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return seen
