@@ -219,8 +219,8 @@ def ablated_probe(
     base, base_out, base_loss = runner.forward(model, loss_fn)
     with Ablation(runner.capture, spec, value, means=functools.partial(_means, base), warn_once=warn_once) as abl:
         mats, out, loss = runner.forward(model, loss_fn)
-    result = ProbeResult(step, mats, runner.probe.labels if runner.probe is not None else None, loss)
-    result.drift = {n: drift(base[n], m) for n, m in mats.items() if n in base and base[n].shape == m.shape}
+    moved = {n: drift(base[n], m) for n, m in mats.items() if n in base and base[n].shape == m.shape}
+    result = ProbeResult(step, mats, runner.probe.labels if runner.probe is not None else None, loss, drift=moved)
     result.ablation = effect(list(abl.spec), base_out, out, base_loss, loss)
     return result
 

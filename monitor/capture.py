@@ -463,7 +463,7 @@ class Capture:
             self.model, self.selector, functional=self.functional, histograms=False, gradients=False,
             tolerance=self.tolerance, rows=self._rows, warn_once=self._warn_once,
         )
-        other.functional_points = self.functional_points
+        other.functional_points = _SharedPoints(self.functional_points)  # type: ignore[assignment]
         other.tap, other.tap_first = tap, first
         return other
 
@@ -477,3 +477,26 @@ class Capture:
             self._resolve_unit_dim(wp, x, inp)
         replaced = self.tap(wp, output, inp)  # type: ignore[misc]
         return output if replaced is None else replaced
+
+
+class _SharedPoints:
+    """A capture's functional watch points as a tapped capture sees them. A probe's forward is
+    called from another line than the training forward, and a model made of library modules has
+    no call site of its own (the first frame outside torch is the caller's line): a key not seen
+    before falls back to the one watch point of the same producer and activation, if one exists."""
+
+    def __init__(self, points: dict[tuple, WatchPoint]) -> None:
+        self.points = points
+
+    def get(self, key: tuple) -> WatchPoint | None:
+        wp = self.points.get(key)
+        if wp is None:
+            same = [p for k, p in self.points.items() if k[:2] == key[:2]]
+            wp = same[0] if len(same) == 1 else None
+        return wp
+
+    def values(self) -> Any:
+        return self.points.values()
+
+    def __setitem__(self, key: tuple, wp: WatchPoint) -> None:
+        self.points[key] = wp

@@ -140,7 +140,7 @@ def text_mask(text: str) -> np.ndarray:
     """Boolean bitmap of ``text``. A trailing number (a step, which changes in every image) is
     composed from cached digit bitmaps instead of rendering the whole text anew."""
     m = _TRAILING_NUMBER.match(text)
-    if m is None or len(text) < 3:
+    if m is None or len(text) <= 6:  # short numbers (unit and step ticks) are cached as they are
         return _text_mask(text)
     head, digits = m.groups()
     parts = [_text_mask(d) for d in digits]

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -74,7 +75,6 @@ class TopInput(NamedTuple):
     label: Any  # its label, or None
 
 
-@dataclass
 class ProbeResult:
     """One probe run: per watched layer, the ``[samples, units]`` matrix and what follows from it.
 
@@ -84,16 +84,70 @@ class ProbeResult:
     first). ``changed[layer]``: units whose favourite sample (the one exciting them most) changed
     since the previous run; ``favourite_changes[layer]``: per unit, how often that happened over
     the run so far. ``loss``: the loss on the probe (targets and a loss function given).
+
+    ``drift``, ``changed`` and ``favourite_changes`` are computed when first read (the writer
+    thread reads them for TensorBoard), not on the training thread.
     """
 
-    step: int
-    activations: dict[str, np.ndarray]
-    labels: list[Any] | None = None
-    loss: float | None = None
-    drift: dict[str, float] = field(default_factory=dict)
-    changed: dict[str, np.ndarray] = field(default_factory=dict)
-    favourite_changes: dict[str, np.ndarray] = field(default_factory=dict)
-    ablation: Any = None  # monitor.ablation.AblationEffect for mon.probe(ablate=...)
+    def __init__(
+        self,
+        step: int,
+        activations: dict[str, np.ndarray],
+        labels: list[Any] | None = None,
+        loss: float | None = None,
+        *,
+        previous: ProbeResult | None = None,
+        drift: dict[str, float] | None = None,
+    ) -> None:
+        self.step, self.activations, self.labels, self.loss = step, activations, labels, loss
+        self.ablation: Any = None  # monitor.ablation.AblationEffect for mon.probe(ablate=...)
+        self._previous = previous
+        self._lock = threading.Lock()
+        self._done = drift is not None  # given: an ablated run, compared with the unablated one
+        self._drift: dict[str, float] = dict(drift or {})
+        self._changed: dict[str, np.ndarray] = {}
+        self._counts: dict[str, np.ndarray] = {}
+        self._favourites: dict[str, np.ndarray] = {}
+
+    def __repr__(self) -> str:
+        return f"ProbeResult(step={self.step}, layers={self.layers}, loss={self.loss})"
+
+    @property
+    def drift(self) -> dict[str, float]:
+        self.finish()
+        return self._drift
+
+    @property
+    def changed(self) -> dict[str, np.ndarray]:
+        self.finish()
+        return self._changed
+
+    @property
+    def favourite_changes(self) -> dict[str, np.ndarray]:
+        self.finish()
+        return self._counts
+
+    def finish(self) -> None:
+        """Compute drift and favourite changes against the previous run (once; then forget it)."""
+        with self._lock:
+            if self._done:
+                return
+            prev = self._previous
+            if prev is not None:
+                prev.finish()
+            for name, m in self.activations.items():
+                fav = favourites(m)
+                before = prev._favourites.get(name) if prev is not None else None
+                counts = prev._counts.get(name) if prev is not None else None
+                counts = np.zeros(fav.shape, np.int64) if counts is None or counts.shape != fav.shape else counts.copy()
+                if before is not None and before.shape == fav.shape:
+                    changed = np.flatnonzero(before != fav)
+                    counts[changed] += 1
+                    self._changed[name] = changed
+                self._favourites[name], self._counts[name] = fav, counts
+                if prev is not None and name in prev.activations and prev.activations[name].shape[0] == m.shape[0]:
+                    self._drift[name] = drift(prev.activations[name], m)
+            self._previous, self._done = None, True
 
     @property
     def layers(self) -> list[str]:
@@ -156,15 +210,12 @@ class ProbeRunner:
         self._tapped: Capture | None = None
         self._collect = _Collect(warn_once)  # the tap (no reference back: no cycle through the monitor)
         self.last: ProbeResult | None = None
-        self._favourites: dict[str, np.ndarray] = {}
-        self._changes: dict[str, np.ndarray] = {}
         self.seconds = 0.0  # training-thread time spent in probe runs (benchmarks read it)
         self.runs = 0
 
     def set_probe(self, probe: ProbeInput) -> None:
         """A new probe: drift and favourites start over."""
         self.probe, self.last = probe, None
-        self._favourites, self._changes = {}, {}
 
     def forward(
         self, model: nn.Module, loss_fn: Callable[..., Any] | None = None
@@ -209,24 +260,12 @@ class ProbeRunner:
         return None if last is None or layer not in last.activations else last.activations[layer].mean(axis=0)
 
     def result(self, step: int, mats: dict[str, np.ndarray], loss: float | None) -> ProbeResult:
-        prev = self.last.activations if self.last is not None else {}
-        result = ProbeResult(step, mats, self.probe.labels if self.probe is not None else None, loss)
-        for name, m in mats.items():
-            fav = favourites(m)
-            before = self._favourites.get(name)
-            counts = self._changes.get(name)
-            if counts is None or counts.shape != fav.shape:
-                counts = np.zeros(fav.shape, dtype=np.int64)
-            if before is not None and before.shape == fav.shape:
-                changed = np.flatnonzero(before != fav)
-                counts = counts.copy()
-                counts[changed] += 1
-                result.changed[name] = changed
-            self._favourites[name], self._changes[name] = fav, counts
-            result.favourite_changes[name] = counts
-            if name in prev and prev[name].shape[0] == m.shape[0]:
-                result.drift[name] = drift(prev[name], m)
-        return result
+        """The result of a run; drift and favourites against the previous run are computed later
+        (the previous run's first, so at most two results are ever linked)."""
+        prev = self.last
+        if prev is not None:
+            prev.finish()  # normally done already, by the writer thread
+        return ProbeResult(step, mats, self.probe.labels if self.probe is not None else None, loss, previous=prev)
 
 
 class _Collect:

@@ -378,3 +378,26 @@ def test_probe_every_n_samples_defaults_to_10_and_probe_needs_a_probe():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mon.close()
+
+
+def test_probe_layers_keep_their_training_names_in_library_code():
+    """F.relu inside torch's own TransformerEncoderLayer has no call site in user code: the probe,
+    called from another line than the training forward, must still find the training's layer."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False))
+    x = torch.randn(4, 6, 16)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", probe=x[:3])
+    with mon.step(0):
+        model(x)
+    result = mon.probe()
+    assert result.layers == list(mon.health()) and "0.layers.1.linear1.relu" in result.layers
+    with mon.ablate({"0.layers.1.linear1.relu": "all"}), torch.no_grad():
+        model.eval()
+        ablated = model(x)
+    with torch.no_grad():
+        first = model[0].layers[0](x)
+        second = model[0].layers[1]
+        h = second.norm1(first + second._sa_block(first, None, None))
+        expected = second.norm2(h + second.linear2(torch.zeros_like(second.linear1(h))))
+    torch.testing.assert_close(ablated, expected, rtol=1e-5, atol=1e-5)

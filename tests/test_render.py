@@ -4,7 +4,18 @@ titles wrap instead of running off the edge, and dead units are dark cells where
 import numpy as np
 import pytest
 
-from monitor.picture import BLACK, CARD_WIDTH, LINE, MARGIN, MAX_HEIGHT, color_index, elide, shorten_names, text_width, wrap
+from monitor.picture import (
+    BLACK,
+    CARD_WIDTH,
+    LINE,
+    MARGIN,
+    MAX_HEIGHT,
+    color_index,
+    elide,
+    shorten_names,
+    text_width,
+    wrap,
+)
 from monitor.render import ScanRow, render_gradient_flow, render_probe, render_scan, render_timeline, unit_layout
 
 LONG = "model.encoder.layer.11.intermediate.intermediate_act_fn"
