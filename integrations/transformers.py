@@ -22,7 +22,8 @@ the last micro-batch of an optimizer step: clip to ``max_grad_norm``, ``on_pre_o
 ``on_optimizer_step``       ``end_step()`` once the optimizer stepped (the update ratio spans that step);
                             ``on_alert="stop"`` sets ``control.should_training_stop``
 ``on_step_end``             the step's scalars to the Trainer's other reporting callbacks
-                            (with :meth:`ActivationMonitor.set_trainer`)
+                            (the Trainer found on the call stack at ``on_train_begin``, or
+                            given with :meth:`ActivationMonitor.set_trainer`)
 ``on_epoch_end``            end a step that training left open; wait for the judged steps
 ``on_train_end``            ``close()``: hooks removed, sinks flushed and closed
 ``state()``                 the core's ``state_dict()`` in the checkpoint's ``trainer_state.json``
@@ -146,14 +147,15 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     after that step, ``on_train_end`` runs as usual).
 
     Output goes into the Trainer's TensorBoard run (the directory of its ``TensorBoardCallback``),
-    as an event file of the monitor's own beside the Trainer's, or into ``logdir``. After
-    :meth:`set_trainer`, the scalars also reach the Trainer's other reporting callbacks (W&B,
-    MLflow, ...) through their ``on_log``.
+    as an event file of the monitor's own beside the Trainer's, or into ``logdir``. The scalars
+    also reach the Trainer's other reporting callbacks (W&B, MLflow, ...) through their
+    ``on_log``: the callback finds the Trainer that runs it on the call stack at
+    ``on_train_begin`` (callbacks are not handed the Trainer); :meth:`set_trainer` names it
+    explicitly (e.g. when ``train()`` is wrapped in a way that hides it).
 
     Example:
         >>> monitor = ActivationMonitor(every_n_steps=50)                                   # doctest: +SKIP
         >>> trainer = Trainer(model=model, args=args, train_dataset=ds, callbacks=[monitor])  # doctest: +SKIP
-        >>> monitor.set_trainer(trainer)   # optional: scalars to W&B/MLflow/... too         # doctest: +SKIP
         >>> trainer.train()                                                                 # doctest: +SKIP
         >>> monitor.alerts, monitor.health()                                                # doctest: +SKIP
     """
@@ -238,6 +240,10 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     # -- the run ------------------------------------------------------------------------------------
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._close(failed=True)  # a previous train() that raised, or a retry (auto_find_batch_size)
+        if self._trainer is None or self._trainer() is None:
+            trainer = _calling_trainer(self)  # the Trainer whose train() calls us: read, never changed
+            if trainer is not None:
+                self._trainer = weakref.ref(trainer)
         self._started = True
         self._rank_zero = bool(state.is_world_process_zero)
         self._global_step = state.global_step
@@ -430,8 +436,9 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         if others and self._trainer is None:
             self._warn_once(
                 "reporters",
-                f"activation monitor: call `monitor.set_trainer(trainer)` for the activation scalars to reach "
-                f"{', '.join(others)} too (they go to TensorBoard only).",
+                f"activation monitor: the Trainer running this callback was not found; call "
+                f"`monitor.set_trainer(trainer)` for the activation scalars to reach {', '.join(others)} too "
+                "(they go to TensorBoard only).",
             )
         return None, directory
 
@@ -582,6 +589,21 @@ def _is_class(obj: Any, name: str) -> bool:
 
 def _not_reporter(cb: Any) -> bool:
     return isinstance(cb, ActivationMonitor) or any(c.__name__ in _NOT_REPORTERS for c in type(cb).__mro__)
+
+
+def _calling_trainer(callback: ActivationMonitor) -> Any:
+    """The ``transformers.Trainer`` on this thread's call stack whose callbacks hold ``callback``
+    (the one running ``train()`` now), or None. Callbacks are not handed the Trainer; its
+    training loop's frame has it as ``self``."""
+    frame = sys._getframe(1)
+    while frame is not None:
+        obj = frame.f_locals.get("self")
+        if isinstance(obj, transformers.Trainer):
+            handler = getattr(obj, "callback_handler", None)
+            if handler is not None and any(cb is callback for cb in handler.callbacks):
+                return obj
+        frame = frame.f_back
+    return None
 
 
 def _in_training_loop() -> bool:
