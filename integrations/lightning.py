@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any, Literal, Union
 
 import torch
-from torch import nn
 
 from monitor import (
     ActivationAlertError,
@@ -179,21 +178,8 @@ class ActivationMonitor(Callback):
         state = self._pending_state
         if state is None and previous is not None and previous.model is pl_module:
             state = previous.state_dict()  # a re-used Trainer continues the same run
-        if _compiled(pl_module):
-            # Compiled code does not run forward hooks added later (and adding them would force
-            # recompiles): stay out of the way entirely. The core does the same for `.compile()`.
-            if self._rank_zero:
-                warnings.warn(
-                    "activation monitor: the LightningModule (or part of it) is torch.compile'd; compiled code "
-                    "does not run Python forward hooks added later, so activation monitoring is disabled for it "
-                    "(training is unaffected). Monitor an uncompiled module, or compile only the loss.",
-                    MonitorWarning,
-                    stacklevel=2,
-                )
-            self.monitor = None
-            self._pending_state = state
-            self._queue = None
-            return
+        # A compiled module (torch.compile(module), which Lightning unwraps, or .compile()) is
+        # watched like any other: the core runs its sampled steps eagerly (monitor/compiled.py).
         writer, logdir, self._metric_loggers = self._outputs(trainer)
         self._queue = _MetricsQueue() if self._metric_loggers else None
         sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
@@ -386,12 +372,3 @@ def _stable(patterns: Any) -> Any:
     items = patterns if isinstance(patterns, (list, tuple)) else [patterns]
     return [p if isinstance(p, str) else f"{getattr(p, '__module__', '')}.{getattr(p, '__qualname__', type(p).__qualname__)}" for p in items]
 
-
-def _compiled(module: nn.Module) -> bool:
-    """Compiled by ``torch.compile(lightning_module)`` (Lightning unwraps it), ``.compile()`` or a compiled child."""
-    if getattr(module, "_compiler_ctx", None):
-        return True
-    return any(
-        type(m).__name__ == "OptimizedModule" or getattr(m, "_compiled_call_impl", None) is not None
-        for m in module.modules()
-    )

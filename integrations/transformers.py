@@ -249,15 +249,6 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         self._global_step = state.global_step
         if not isinstance(model, nn.Module):
             raise TypeError(f"ActivationMonitor: expected the Trainer's model to be a torch.nn.Module, got {type(model).__name__}.")
-        if getattr(args, "torch_compile", False):
-            if self._rank_zero:
-                self._warn_once(
-                    "compile",
-                    "activation monitor: the Trainer compiles the model (`torch_compile=True`); compiled code does not "
-                    "run Python forward hooks added later, so activation monitoring is disabled (training is unaffected).",
-                )
-            self.monitor = None
-            return
         saved = self._checkpoint_state(state) if state.global_step > 0 else None  # resuming from a checkpoint
         entries = getattr(state, "stateful_callbacks", None)
         if isinstance(entries, dict) and type(self).__name__ not in entries:
@@ -286,6 +277,8 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         if gather is not None:
             mon.gather = gather  # one collective per sampled step, on every rank
         mon.gradients_from_callbacks()  # read at on_pre_optimizer_step: no parameter/optimizer hooks
+        if getattr(args, "torch_compile", False):
+            mon.mark_compiled()  # the Trainer runs a compiled wrapper of `model`: sampled steps run its eager code
         if saved is not None:
             mon.load_state_dict(saved)
         self.monitor = mon.attach()

@@ -27,6 +27,7 @@ from torch import nn
 from monitor.ablation import Ablation, AblationEffect, ablated_probe, importance_table, layer_importance
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
 from monitor.capture import Capture
+from monitor.compiled import EagerSteps, has_compiled_parts, root_compiled, unwrap
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import LayerHealth, ParameterHealth
 from monitor.judge import Judge
@@ -167,7 +168,10 @@ class Monitor:
             images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
             probe, probe_every_n_samples, probe_labels, probe_loss_fn,
         )
+        self._compiled_parts = has_compiled_parts(model)
+        model = unwrap(model)  # torch.compile(model): watch the module it runs (see monitor/compiled.py)
         self.model = model
+        self._eager = EagerSteps()  # sampled steps of a compiled model run its eager code
         self.every_n_steps = every_n_steps
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         self.on_alert: OnAlert = on_alert
@@ -235,13 +239,13 @@ class Monitor:
             return self
         self._attached = True
         _OPEN.add(self)
-        if self._compiled():
+        if self._compiled_parts and not self._eager.available:
             self._enabled = False
             self._warn_once(
                 "compile",
-                "the model (or part of it) is torch.compile'd: compiled code does not run Python forward "
-                "hooks added later, so activation monitoring is disabled for it (training is unaffected). "
-                "Monitor the model before compiling it, or compile only the loss.",
+                "the model (or part of it) is torch.compile'd and this PyTorch has no torch.compiler.set_stance "
+                "(2.6+), which the monitor needs to run sampled steps eagerly: monitoring is disabled for it "
+                "(training is unaffected). Upgrade PyTorch, or monitor an uncompiled model.",
             )
         if (self._sinks or self.background) and self._dispatcher is None:
             judge = weakref.WeakMethod(self._judge_in_background)  # the thread must not keep us alive
@@ -418,18 +422,26 @@ class Monitor:
         if self._capture.active:
             raise RuntimeError("Monitor.step() contexts cannot be nested.")
         self._step = step
-        self._capture.begin()
+        if self._compiled_parts or root_compiled(self.model):
+            self._eager.enter()  # compiled code runs its eager code (hooks included) until the step ends
+        try:
+            self._capture.begin()
+        except BaseException:
+            self._eager.exit()
+            raise
         if self._params is not None:
             try:
                 self._params.begin()
             except BaseException:
                 self._capture.detach()
+                self._eager.exit()
                 raise
 
     def _end(self, failed: bool) -> None:
         try:
             current = self._capture.end()
         finally:
+            self._eager.exit()
             params = self._params.end(failed, host=self.gather is None) if self._params is not None else None
         if failed or self._closed:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
@@ -505,12 +517,14 @@ class Monitor:
 
     def _compiled(self) -> bool:
         """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
-        return any(
-            type(m).__name__ == "OptimizedModule"
-            or getattr(m, "_compiled_call_impl", None) is not None
-            or getattr(m, "_compiler_ctx", None) is not None
-            for m in self.model.modules()
-        )
+        return self._compiled_parts or root_compiled(self.model)
+
+    def mark_compiled(self) -> None:
+        """The model runs through a compiled wrapper the monitor was not given (the Hugging Face
+        Trainer's ``torch_compile=True`` compiles its own wrapper of the model): run sampled steps
+        and probes under the ``"force_eager"`` compiler stance, as for a compiled model
+        (:mod:`monitor.compiled`). For integrations."""
+        self._compiled_parts = True
 
     # -- probe and ablation (monitor/probe.py, monitor/ablation.py) ------------------------------
     def probe(
@@ -527,9 +541,10 @@ class Monitor:
         ``loss_fn``, loss change). Ablated runs are not written and not compared with later runs.
         """
         step = max(self._auto_step - 1, 0)
-        if ablate is not None:
-            return ablated_probe(self._probes, self.model, ablate, value, loss_fn, step, self._warn_once)
-        result = self._probes.run(self.model, step, loss_fn)
+        with self._eager.around(self._compiled()):  # a compiled model's probe runs its eager code
+            if ablate is not None:
+                return ablated_probe(self._probes, self.model, ablate, value, loss_fn, step, self._warn_once)
+            result = self._probes.run(self.model, step, loss_fn)
         self._publish(ProbeRecord(result))
         return result
 
@@ -545,7 +560,8 @@ class Monitor:
         """Each watched layer that the probe reaches ablated whole (every unit), one after the other,
         on the probe: ``{layer: AblationEffect}`` in forward order. Written to the sinks as the text
         table ``probe_importance`` (most important first)."""
-        effects = layer_importance(self._probes, self.model, value, loss_fn, self._warn_once)
+        with self._eager.around(self._compiled()):
+            effects = layer_importance(self._probes, self.model, value, loss_fn, self._warn_once)
         self._publish(ProbeRecord(None, step=max(self._auto_step - 1, 0), importance=importance_table(effects)))
         return effects
 
@@ -572,7 +588,8 @@ class Monitor:
         if due is None or self._probes.probe is None:
             return None
         try:
-            result = self._probes.run(self.model, due[0])
+            with self._eager.around(self._compiled()):  # a compiled model's probe runs its eager code
+                result = self._probes.run(self.model, due[0])
         except Exception as e:  # never let monitoring break training
             self._probes.probe = None
             self._warn_once("probe", f"the probe run after step {due[0]} failed, periodic probes stop: {e!r}")

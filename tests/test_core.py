@@ -340,15 +340,16 @@ def test_on_alert_modes():
         assert len(mon.alerts) == 1
 
 
-def test_compiled_model_disables_monitoring_with_one_warning():
+def test_a_compiled_model_leaves_no_hooks_and_no_stance_behind():
     model = mlp()
-    model.compile()  # marks the module; nothing is compiled until it runs
-    with pytest.warns(MonitorWarning, match="torch.compile"):
-        mon = Monitor(model, every_n_steps=1).attach()
-    with mon.step(0):
-        pass
-    assert hook_counts(model) == [(0, 0, 0)] * len(list(model.modules()))
-    mon.close()
+    model.compile(backend="eager")  # marks the module; compiled when it runs (tests/test_compile.py: the rest)
+    before = hook_counts(model)
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon, mon.step(0):
+        model(torch.randn(8, 13))
+        assert torch._dynamo.eval_frame._stance.stance == "force_eager"
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+    assert hook_counts(model) == before
+    assert sorted(mon.health()) == ["act0", "act1"]
 
 
 # -- persistence and memory ----------------------------------------------------------------------
@@ -431,8 +432,11 @@ def test_activations_in_a_training_step_method_are_not_the_model():
 def test_a_compiled_submodule_is_detected():
     model = nn.Sequential(mlp(), nn.ReLU())
     model[0] = torch.compile(model[0], backend="eager")
-    with pytest.warns(MonitorWarning, match="torch.compile"):
-        Monitor(model, every_n_steps=1).attach().close()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore")
+    assert mon._compiled()
+    with mon, mon.step(0):
+        model(torch.randn(8, 13))
+    assert sorted(mon.health()) == ["0", "0._orig_mod.act0", "0._orig_mod.act1", "1"]  # names inside a compiled child
 
 
 # -- judging on the writer thread (background=True) --------------------------------------------

@@ -347,8 +347,12 @@ class PlainMLP(MLP):
 
 
 @pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
-def test_torch_compile_module_trains_with_one_warning(tmp_path, how):
-    cb = ActivationMonitor(every_n_steps=1)
+def test_a_compiled_module_is_monitored_without_recompiling(tmp_path, how):
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    cb = ActivationMonitor(every_n_steps=2)
     model = PlainMLP()
     if how == "torch.compile":
         model = torch.compile(model, backend="eager")  # dynamo tracing, without inductor's build time
@@ -356,12 +360,12 @@ def test_torch_compile_module_trains_with_one_warning(tmp_path, how):
         model.compile(backend="eager")
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        t = trainer(tmp_path, logger=False, callbacks=[cb], limit_train_batches=4, limit_val_batches=0)
+        t = trainer(tmp_path, logger=False, callbacks=[cb], limit_train_batches=6, limit_val_batches=0)
         t.fit(model, loader())
-    assert t.global_step == 4
-    compile_warnings = [x for x in w if issubclass(x.category, MonitorWarning) and "compile" in str(x.message)]
-    assert len(compile_warnings) == 1, [str(x.message) for x in w]
-    assert cb.alerts == [] and cb.health() == {}
+    assert t.global_step == 6
+    assert [str(x.message) for x in w if issubclass(x.category, MonitorWarning) and "torch.compile" in str(x.message)] == []
+    assert cb.health() and all(h.step == 4 for h in cb.health().values())  # sampled steps 0, 2, 4 were seen
+    assert counters["stats"]["unique_graphs"] == 1  # compiled once (an unsampled step), never again
     assert hook_count(t.lightning_module) == 0
 
 

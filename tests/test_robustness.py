@@ -271,17 +271,14 @@ def test_problem_warnings_point_at_the_users_line():
     assert empty.lineno in (empty_line, empty_line + 1)
 
 
-def test_compile_warning_points_at_the_users_line():
+def test_a_compiled_model_gives_no_warning():
     model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
     model.compile()  # marks the module; nothing is compiled
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
-        line = inspect.currentframe().f_lineno + 1
         mon = Monitor(model, every_n_steps=1).attach()
     mon.close()
-    got = [w for w in _monitor_warnings(rec) if "torch.compile" in str(w.message)]
-    assert len(got) == 1
-    assert (got[0].filename, got[0].lineno) == (__file__, line)
+    assert [str(w.message) for w in _monitor_warnings(rec)] == []
 
 
 # -- 4. a user-defined detector through the whole path ------------------------------------------

@@ -1,0 +1,154 @@
+"""Compiled models are monitored: sampled steps run the eager code under the "force_eager" compiler
+stance, unsampled steps the compiled code, and nothing is compiled again (the compiler's own
+counters). Compared with an eager twin trained on the same data."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch._dynamo.utils import counters
+
+from monitor import Monitor, MonitorWarning
+
+
+def twin_models() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    with torch.no_grad():
+        a[2].bias.fill_(-100.0)  # the second ReLU layer is dead from the start
+    b = nn.Sequential(nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 3))
+    b.load_state_dict(a.state_dict())
+    return a, b
+
+
+def train(model: nn.Module, call: nn.Module, steps: int, every: int) -> tuple[Monitor, list[float]]:
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    g = torch.Generator().manual_seed(1)
+    mon = Monitor(call, every_n_steps=every, on_alert="ignore", background=False)
+    graphs = []
+    with mon:
+        for step in range(steps):
+            x, y = torch.randn(64, 13, generator=g), torch.randint(0, 3, (64,), generator=g)
+            with mon.step(step):
+                F.cross_entropy(call(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+            graphs.append(counters["stats"]["unique_graphs"])
+    return mon, graphs
+
+
+def test_an_inductor_compiled_model_is_monitored_like_its_eager_twin_and_never_recompiled():
+    eager, compiled_base = twin_models()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(compiled_base)  # the default backend: inductor, C++ on the CPU
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # no "monitoring is disabled"
+        mon_c, graphs = train(compiled_base, compiled, steps=8, every=2)
+    mon_e, _ = train(eager, eager, steps=8, every=2)
+    # the killed layer alerts at the first sampled step, in both
+    assert [(a.step, a.layer, a.kind) for a in mon_c.alerts if a.kind == "dead"] == [(0, "3", "dead")]
+    assert [(a.step, a.layer, a.kind) for a in mon_e.alerts if a.kind == "dead"] == [(0, "3", "dead")]
+    # the same names (no _orig_mod) and numbers within float tolerance (compiled training steps
+    # may round differently from eager ones)
+    hc, he = mon_c.health(), mon_e.health()
+    assert sorted(hc) == sorted(he) == ["1", "3"]
+    for name in hc:
+        assert hc[name].step == he[name].step == 6
+        assert hc[name].rms == pytest.approx(he[name].rms, rel=1e-4, abs=1e-6)
+        assert hc[name].grad_rms == pytest.approx(he[name].grad_rms, rel=1e-3, abs=1e-9)
+    assert sorted(mon_c.parameter_health()) == sorted(mon_e.parameter_health())
+    # compiled once, at the first unsampled step (1); sampled steps 2, 4, 6 compiled nothing more
+    assert graphs[0] == 0 and graphs[1] >= 1 and graphs[-1] == graphs[1], graphs
+    assert torch._dynamo.eval_frame._stance.stance == "default"
+
+
+class Net(nn.Module):
+    """A module of the user's (``Module.compile`` on a bare ``nn.Sequential`` compiles nothing:
+    the compiler skips torch's own files)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.act0, self.fc1, self.act1 = nn.Linear(13, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act1(self.fc1(self.act0(self.fc0(x))))
+
+
+def test_module_compile_after_the_monitor_was_built_is_seen_at_the_sampled_step():
+    model = Net()
+    torch._dynamo.reset()
+    counters.clear()
+    mon = Monitor(model, every_n_steps=2, on_alert="ignore", background=False)
+    model.compile(backend="eager")  # e.g. Lightning's configure_model, after the callback's monitor exists
+    with mon:
+        for step in range(5):
+            with mon.step(step):
+                model(torch.randn(16, 13)).sum().backward()
+    assert sorted(mon.health()) == ["act0", "act1"] and mon.health()["act0"].step == 4
+    assert counters["stats"]["unique_graphs"] == 1  # compiled at step 1, reused at step 3
+
+
+def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
+    _, model = twin_models()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    probe = torch.randn(12, 13)
+    mon = Monitor(compiled, every_n_steps=2, on_alert="ignore", background=False, probe=probe)
+    with mon:
+        for step in range(4):
+            with mon.step(step):
+                compiled(torch.randn(16, 13)).sum().backward()
+        result = mon.probe()
+    assert result.activations["1"].shape == (12, 64)
+    with torch.no_grad():
+        truth = model[1](model[0](probe)).numpy()
+    assert result.activations["1"] == pytest.approx(truth, rel=1e-5, abs=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+def test_without_set_stance_a_compiled_model_is_left_alone_with_one_warning(monkeypatch):
+    from monitor.compiled import EagerSteps
+
+    monkeypatch.setattr(EagerSteps, "available", property(lambda self: False))
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    model.compile(backend="eager")
+    with pytest.warns(MonitorWarning, match="set_stance"):
+        mon = Monitor(model, every_n_steps=1).attach()
+    with mon.step(0):
+        model(torch.randn(2, 4))
+    mon.close()
+    assert mon.health() == {} and not model._forward_hooks
+
+
+def test_hugging_face_trainer_with_torch_compile_is_monitored(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from integrations.transformers import ActivationMonitor
+
+    torch._dynamo.reset()
+    counters.clear()
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model = transformers.GPT2LMHeadModel(cfg)
+    ids = torch.randint(0, 64, (64, 16), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": r, "labels": r} for r in ids]
+    args = TrainingArguments(
+        output_dir=str(tmp_path), max_steps=5, per_device_train_batch_size=8, report_to=[], save_strategy="no",
+        use_cpu=True, disable_tqdm=True, torch_compile=True, torch_compile_backend="eager", logging_steps=100,
+    )
+    mon = ActivationMonitor(every_n_steps=2, on_alert="ignore", logdir=str(tmp_path / "tb"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        Trainer(model=model, args=args, train_dataset=data, callbacks=[mon]).train()
+    health = mon.health()
+    assert health and {h.step for h in health.values()} == {4}
+    assert "transformer.h.0.mlp.act" in health
+    assert counters["stats"]["unique_graphs"] >= 1  # the Trainer's compiled model ran compiled between samples
