@@ -598,6 +598,8 @@ class Monitor:
         return result
 
     def _publish(self, record: ProbeRecord) -> None:
+        if not self._attached and not self._closed:
+            self.attach()  # mon.probe() before any sampled step: its output still reaches the sinks
         if self._dispatcher is not None and not self._closed:
             self._dispatcher.submit(record)
 

@@ -401,3 +401,13 @@ def test_probe_layers_keep_their_training_names_in_library_code():
         h = second.norm1(first + second._sa_block(first, None, None))
         expected = second.norm2(h + second.linear2(torch.zeros_like(second.linear1(h))))
     torch.testing.assert_close(ablated, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_probe_before_any_training_step_is_written_too(tmp_path):
+    model = mlp(width=8, depth=1)
+    mon = Monitor(model, logdir=tmp_path, on_alert="ignore", probe=torch.randn(5, 13))  # not attached yet
+    mon.probe()
+    mon.close()
+    ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Images("activation_probe/act0")] == [0]
