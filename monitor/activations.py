@@ -4,6 +4,8 @@ A *kind* describes how a watched output is judged:
 
 - ``relu``-family kinds (``relu``, ``relu6``) can have *dead* units (never > 0).
 - bounded kinds (``tanh``, ``sigmoid``, ``hardtanh``, ``relu6`` upper bound, ...) can *saturate*.
+- the gates and states of recurrent layers (``lstm_forget``, ``gru_hidden``, ...: see
+  :mod:`monitor.recurrent`) carry their role in ``Kind.rnn``.
 - every kind, including ``block`` (the output of a stack block: a transformer's residual stream)
   and ``module`` (any other module a user includes), can explode or turn non-finite.
 """
@@ -29,6 +31,9 @@ class Kind:
     upper: float | None = None
     activation: bool = True  # an activation function (False: a stack block or another module)
     clamps: bool = False  # output = clamp(input, 0[, upper]): its maximum follows from the input's
+    # A recomputed gate or state of an nn.LSTM / nn.GRU (monitor.recurrent): "gate", "candidate",
+    # "hidden" or "cell"; "" for everything else.
+    rnn: str = ""
 
     @property
     def bounded(self) -> bool:

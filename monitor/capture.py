@@ -25,7 +25,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from monitor.activations import conv_like, functional_kind, is_activation_module
-from monitor.selection import Selector, WatchPoint, make_watch_point
+from monitor.recurrent import recompute
+from monitor.selection import RecurrentWatch, Selector, WatchPoint, make_watch_point
 from monitor.stats import (
     GRAD_ROWS,
     PRE_MAX,
@@ -141,6 +142,12 @@ class Capture:
         self.module_points = selector.module_watch_points(model, tolerance)
         for wp in self.module_points:
             wp.rows = rows(wp)
+        # nn.LSTM / nn.GRU: gates and states recomputed in a forward hook (monitor.recurrent)
+        self.recurrent = selector.recurrent_watch_points(model, tolerance)
+        for rw in self.recurrent:
+            for _, wp in rw.points:
+                wp.rows = rows(wp)
+        self._generators: dict[torch.device, torch.Generator] = {}  # inter-layer dropout masks
         self.functional_points: dict[tuple, WatchPoint] = {}
         self.functional_seen = False
         self.discovered = False  # a sampled step in this process looked for functional activations
@@ -183,6 +190,10 @@ class Capture:
                 if pre is not None:
                     handles.append(wp.module.register_forward_pre_hook(pre))  # type: ignore[union-attr]
                 handles.append(wp.module.register_forward_hook(post))  # type: ignore[union-attr]
+            if self.tap is None:
+                for rw in self.recurrent:
+                    hook = functools.partial(self._record_recurrent, rw)
+                    handles.append(rw.module.register_forward_hook(hook, with_kwargs=True))
             if self._tracking or not self.discovered:
                 for name, module in self.model.named_modules():
                     if not name:
@@ -259,6 +270,37 @@ class Capture:
                     self._pre[key] = rows
 
         return pre, post
+
+    def _record_recurrent(self, rw: RecurrentWatch, module: nn.Module, args: Any, kwargs: Any, output: Any) -> None:
+        """Forward hook of an nn.LSTM / nn.GRU: recompute its gates and states on a subset of the
+        sequences (:func:`monitor.recurrent.recompute`) and record each like a watched output."""
+        try:
+            if self.paused or torch._C._current_graph_task_id() != -1:
+                return
+            out = first_tensor(output[0] if isinstance(output, tuple) and output else output)
+            device = out.device if out is not None else torch.device("cpu")
+            gen = self._generators.get(device)
+            if gen is None and module.training and module.dropout > 0:
+                gen = self._generators[device] = torch.Generator(device=device)
+                gen.manual_seed(0)
+            # Small matrix products and a loop over time: one CPU thread beats a parallel region.
+            threads = torch.get_num_threads() if device.type == "cpu" and module.hidden_size <= 256 else 1
+            if threads > 1:
+                torch.set_num_threads(1)
+            self.act_depth += 1  # its sigmoid/tanh calls are not functional activations of the model
+            try:
+                got = recompute(module, tuple(args), kwargs or {}, output, rw.wanted, gen)
+            finally:
+                self.act_depth -= 1
+                if threads > 1:
+                    torch.set_num_threads(threads)
+        except Exception as e:
+            self._warn_once(f"record:{rw.name}", f"could not recompute the gates of {rw.name or type(module).__name__}: {e!r}")
+            return
+        for slot, wp in rw.points:
+            t = got.get((slot.layer, slot.direction, slot.role))
+            if t is not None:
+                self.record(wp, t, None)
 
     def _enter_activation(self, module: nn.Module, args: Any) -> None:
         self.act_depth += 1

@@ -11,6 +11,12 @@
   name and the module for modules, and with the functional name (``"dense0.relu"``) and ``None``
   for functional activations.
 
+``nn.LSTM``/``nn.GRU`` modules are watched through their recomputed gates and states
+(:mod:`monitor.recurrent`): *virtual* watch points named ``<module>.l<k>[_reverse].<role>``
+(``rnn.l0.forget``), selected by default, by a pattern that matches their module (``nn.LSTM``,
+``"rnn"``) or by one that matches their own name (``"*.forget"``; predicates get the name and the
+recurrent module). The module's own (tuple) output is watched only when ``include`` selects it.
+
 Selection is normalised once, at construction, into :class:`Selector`; a glob or class that can
 match nothing in the model is an error that lists close names, and a value of the wrong type is a
 ``TypeError`` listing the valid forms (:func:`validate_patterns` does that check without a model).
@@ -36,9 +42,12 @@ from monitor.activations import (
     module_kind,
     saturation_thresholds,
 )
+from monitor.recurrent import Slot, is_recurrent, layout
 from monitor.stats import reduce_dims, rows_for
 
-__all__ = ["Pattern", "Patterns", "Predicate", "Selector", "WatchPoint", "make_watch_point", "validate_patterns"]
+__all__ = [
+    "Pattern", "Patterns", "Predicate", "RecurrentWatch", "Selector", "WatchPoint", "make_watch_point", "validate_patterns",
+]
 
 #: ``predicate(name, module) -> bool``; ``module`` is ``None`` for functional activations.
 Predicate: TypeAlias = Callable[[str, nn.Module | None], bool]
@@ -71,6 +80,20 @@ class WatchPoint:
 def make_watch_point(name: str, kind: Kind, module: nn.Module | None, tolerance: float) -> WatchPoint:
     lo, hi = saturation_thresholds(kind, tolerance) if kind.bounded else (None, None)
     return WatchPoint(name=name, kind=kind, module=module, rows=rows_for(kind), lo_thr=lo, hi_thr=hi)
+
+
+@dataclass(eq=False)
+class RecurrentWatch:
+    """An ``nn.LSTM``/``nn.GRU`` whose gates and states are recomputed on sampled steps
+    (:mod:`monitor.recurrent`): its selected virtual watch points, ``[positions, units]`` each."""
+
+    name: str
+    module: nn.Module
+    points: list[tuple[Slot, WatchPoint]]
+    wanted: frozenset[tuple[int, int, str]] = frozenset()  # (layer, direction, role) of the points
+
+    def __post_init__(self) -> None:
+        self.wanted = frozenset((s.layer, s.direction, s.role) for s, _ in self.points)
 
 
 # -- type checks (no model needed) --------------------------------------------------------------
@@ -215,6 +238,10 @@ class _Matcher:
             or any(self._ask(p, name, None) for p in self.predicates)
         )
 
+    def virtual(self, name: str, module: nn.Module) -> bool:
+        """A recurrent module's gate or state (``rnn.l0.forget``), asked by its own name."""
+        return any(fnmatchcase(name, p) for p in self.globs) or any(self._ask(p, name, module) for p in self.predicates)
+
 
 class Selector:
     """Normalised include/exclude patterns: globs, module classes and predicates.
@@ -235,23 +262,27 @@ class Selector:
         names = [n for n, _ in named]
         types = sorted({type(m).__name__ for m in model.modules()})
         fn_names = sorted(FUNCTIONAL_NAMES)
+        virtual = [s.name for n, m in model.named_modules() if is_recurrent(m) for s in layout(n, m)]
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
             for p in patterns:
                 if isinstance(p, str):
-                    self._check_glob(model, arg, p, names, types, fn_names)
+                    self._check_glob(model, arg, p, names, types, fn_names, virtual)
                 elif isinstance(p, type):
                     self._check_class(model, arg, p, named)
 
     def _check_glob(
-        self, model: nn.Module, arg: str, p: str, names: list[str], types: list[str], fn_names: list[str]
+        self, model: nn.Module, arg: str, p: str, names: list[str], types: list[str], fn_names: list[str],
+        virtual: list[str],
     ) -> None:
         if any(fnmatchcase(n, p) for n in names) or any(fnmatchcase(t, p) for t in types):
+            return
+        if any(fnmatchcase(v, p) for v in virtual):  # a gate or state of an LSTM/GRU
             return
         if self.functional and any(
             fnmatchcase(f, p) or any(fnmatchcase(f"{n}.{f}", p) for n in names) for f in fn_names
         ):
             return
-        close = difflib.get_close_matches(p, names + types + fn_names, n=6, cutoff=0.5)
+        close = difflib.get_close_matches(p, names + types + fn_names + virtual, n=6, cutoff=0.5)
         hint = f" Close names: {', '.join(close)}." if close else f" Module names include: {', '.join(names[:8])}."
         raise ValueError(
             f"`{arg}` pattern {p!r} matches no module name, module type or functional activation "
@@ -302,6 +333,32 @@ class Selector:
                 continue
             points.append(make_watch_point(name, kind, module, tolerance))
         return points
+
+    def recurrent_watch_points(self, model: nn.Module, tolerance: float) -> list[RecurrentWatch]:
+        """The ``nn.LSTM``/``nn.GRU`` modules of the model and their selected gates and states.
+
+        Watched by default. A virtual point (``rnn.l0.forget``) is selected when ``include`` is
+        empty or matches its module (name, type, class, predicate) or its own name (glob, or a
+        predicate called with its name and the module), and not when ``exclude`` matches either.
+        """
+        watches: list[RecurrentWatch] = []
+        for name, module in model.named_modules():
+            if not is_recurrent(module):
+                continue
+            whole_in = not self._include or self._include.module(name, module)
+            whole_out = bool(self._exclude) and self._exclude.module(name, module)
+            points = []
+            for slot in layout(name, module):
+                if whole_out or (self._exclude and self._exclude.virtual(slot.name, module)):
+                    continue
+                if not whole_in and not self._include.virtual(slot.name, module):
+                    continue
+                wp = make_watch_point(slot.name, slot.kind, None, tolerance)
+                wp.unit_dim = -1  # recomputed as [positions, units]
+                points.append((slot, wp))
+            if points:
+                watches.append(RecurrentWatch(name, module, points))
+        return watches
 
     def wants_functional(self, name: str, kind: Kind) -> bool:
         if not self.functional:

@@ -26,6 +26,7 @@ from monitor.tokens import INPUT_SQ, TOKEN_ROWS, TOKEN_SIM, UPDATE_SQ, token_row
 # Row names and their reductions. NEGMIN stores -min so that it reduces by max like MAX.
 FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND = "fired", "max", "negmin", "sumsq", "nonfinite", "at_bound"
 SUMABS = "sumabs"  # sum of |value| per unit (mean |activation|: dormant units)
+AT_HIGH = "at_high"  # recurrent gates: values at the upper bound (at_bound - at_high: at the lower one)
 # Rows of a ReLU-family layer's *input* (its pre-activation), read in a forward pre-hook, before an
 # in-place ReLU overwrites it: how far below zero a silent unit sits.
 PRE_MAX, PRE_MIN = "pre_max", "pre_min"
@@ -37,7 +38,7 @@ _SMALL = 1 << 16  # elements: below, per-kernel overhead dominates memory traffi
 MAX_ROWS = frozenset({MAX, NEGMIN, PRE_MAX, GRAD_MAX})
 MIN_ROWS = frozenset({PRE_MIN})
 PRE_ROWS = (PRE_MAX, PRE_MIN)
-ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, SUMABS, PRE_MAX, PRE_MIN, *TOKEN_ROWS})
+ALL_ROWS = frozenset({FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND, AT_HIGH, SUMABS, PRE_MAX, PRE_MIN, *TOKEN_ROWS})
 
 
 def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
@@ -61,6 +62,8 @@ def rows_for(kind: Kind, extra: tuple[str, ...] = ()) -> tuple[str, ...]:
     rows.append(SUMSQ)  # NaN/Inf per unit: read from the extrema on the host (amax/amin propagate them)
     if kind.bounded:
         rows.append(AT_BOUND)
+    if kind.rnn == "gate":  # which bound a stuck gate sits at (monitor.detectors.gates)
+        rows.append(AT_HIGH)
     if kind.activation:
         rows.append(SUMABS)
     tokens = kind.name == "block" or any(r in TOKEN_ROWS for r in extra)
@@ -168,6 +171,7 @@ _REDUCERS = {
     SUMSQ: lambda x, dims, kind, lo, hi: (x * x).sum(dims),
     NONFINITE: _nonfinite,
     AT_BOUND: lambda x, dims, kind, lo, hi: _at_bound(x, lo, hi).sum(dims),
+    AT_HIGH: lambda x, dims, kind, lo, hi: _at_bound(x, None, hi).sum(dims),
     SUMABS: lambda x, dims, kind, lo, hi: x.sum(dims) if kind.nonnegative else x.abs().sum(dims),
 }
 
@@ -360,6 +364,7 @@ class UnitSummary:
     update_sq: np.ndarray | None = None
     input_sq: np.ndarray | None = None
     sequences: int = 0  # sequences behind token_sim (0: not a [batch, tokens, width] output)
+    at_high: np.ndarray | None = None  # recurrent gates: values at the upper bound per unit
 
     @property
     def units(self) -> int:
@@ -436,6 +441,7 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         nonfinite=nonfinite,
         at_bound=r.get(AT_BOUND),
         sumabs=r.get(SUMABS),
+        at_high=r.get(AT_HIGH),
         pre_max=pre_max,
         pre_min=r.get(PRE_MIN),
         token_sim=r.get(TOKEN_SIM),

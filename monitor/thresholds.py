@@ -50,6 +50,12 @@ class Thresholds:
         saturated_positions: a unit is saturated when at a bound on at least this fraction of
             its values.
         saturated_fraction: alert when at least this fraction of a bounded layer's units saturate.
+            The hidden state of an LSTM/GRU (``hidden_saturated``) is judged with these numbers too.
+
+    Recurrent gates (``nn.LSTM``/``nn.GRU`` input, forget, output, reset, update gates):
+        gate_saturated_positions: a gate unit is stuck at 0 (at 1) when within
+            ``saturation_tolerance`` of that bound on at least this fraction of its values.
+        gate_saturated_fraction: alert when at least this fraction of a gate's units are stuck.
 
     Dormant (every activation; Sokar et al. 2023):
         dormant_tau: a unit is dormant when its mean abs(activation) is at most this times the
@@ -93,6 +99,8 @@ class Thresholds:
     saturation_tolerance: float = 0.01
     saturated_positions: float = 0.95
     saturated_fraction: float = 0.5
+    gate_saturated_positions: float = 0.95
+    gate_saturated_fraction: float = 0.5
     dormant_tau: float = 0.1
     dormant_fraction: float = 0.5
     max_rms: float = 1e3
@@ -114,6 +122,7 @@ class Thresholds:
             _positive_int(name, getattr(self, name))
         for name in (
             "dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release", "collapse_similarity",
+            "gate_saturated_positions", "gate_saturated_fraction",
         ):
             _fraction(name, getattr(self, name))
         ok = isinstance(self.saturation_tolerance, (int, float)) and 0 <= self.saturation_tolerance < 0.5

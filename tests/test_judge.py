@@ -204,7 +204,10 @@ def test_every_builtin_detector_declares_its_interface():
     from monitor.stats import ALL_ROWS
 
     names = [d.name for d in builtin_detectors()]
-    assert names == ["dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient", "collapse"]
+    assert names == [
+        "dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient", "collapse",
+        "gate_saturated", "hidden_saturated",
+    ]
     for d in builtin_detectors():
         assert d.causes and "try" in d.causes
         assert set(d.reads) <= ALL_ROWS and set(d.windowed) <= ALL_ROWS

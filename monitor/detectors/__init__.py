@@ -1,7 +1,8 @@
 """Detectors: each signal is one unit behind one interface (:class:`Detector`).
 
 The built-ins, in the order they are judged: ``dead``, ``saturated``, ``dormant``,
-``exploding``, ``nonfinite``, ``vanishing_gradient``, ``exploding_gradient``, ``collapse``. A detector of your own goes through the same path:
+``exploding``, ``nonfinite``, ``vanishing_gradient``, ``exploding_gradient``, ``collapse``,
+``gate_saturated``, ``hidden_saturated``. A detector of your own goes through the same path:
 ``Monitor(model, detectors=[MyDetector()])``.
 """
 
@@ -10,6 +11,7 @@ from monitor.detectors.collapse import Collapse
 from monitor.detectors.dead import Dead
 from monitor.detectors.dormant import Dormant
 from monitor.detectors.exploding import Exploding
+from monitor.detectors.gates import GateSaturated, HiddenSaturated
 from monitor.detectors.gradients import ExplodingGradient, VanishingGradient
 from monitor.detectors.nonfinite import NonFinite
 from monitor.detectors.saturated import Saturated
@@ -17,7 +19,10 @@ from monitor.detectors.saturated import Saturated
 
 def builtin_detectors() -> list[Detector]:
     """Fresh instances of the built-in detectors, in the order they are judged."""
-    return [Dead(), Saturated(), Dormant(), Exploding(), NonFinite(), VanishingGradient(), ExplodingGradient(), Collapse()]
+    return [
+        Dead(), Saturated(), Dormant(), Exploding(), NonFinite(), VanishingGradient(), ExplodingGradient(), Collapse(),
+        GateSaturated(), HiddenSaturated(),
+    ]
 
 
 BUILTIN_NAMES: tuple[str, ...] = tuple(d.name for d in builtin_detectors())
@@ -31,6 +36,8 @@ __all__ = [
     "Evidence",
     "Exploding",
     "ExplodingGradient",
+    "GateSaturated",
+    "HiddenSaturated",
     "LayerView",
     "NonFinite",
     "Saturated",

@@ -27,7 +27,7 @@ class Saturated(Detector):
     )
 
     def applies(self, kind: Kind) -> bool:
-        return kind.bounded
+        return kind.bounded and kind.rnn not in ("gate", "hidden")  # those: gate_saturated, hidden_saturated
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         th, units = layer.thresholds, layer.units
