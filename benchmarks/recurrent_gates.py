@@ -25,15 +25,14 @@ import os
 import sys
 import warnings
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from monitor import Monitor  # noqa: E402
-from monitor.recurrent import recompute  # noqa: E402
+from monitor import Monitor
+from monitor.recurrent import recompute
 
 
 class Net(nn.Module):

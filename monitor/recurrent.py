@@ -138,13 +138,12 @@ def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 @dataclass
 class _Batch:
     """The recomputed sequences, time-major and padded: input ``[T, k, F]``, initial states
-    ``[L*D, k, *]``; for packed input the sequences' lengths (host) and the index maps."""
+    ``[L*D, k, *]``; for packed input of different lengths, the index maps."""
 
     x: torch.Tensor
     h0: torch.Tensor
     c0: torch.Tensor | None
     last: torch.Tensor | None  # the module's own output for these sequences, [T, k, D*H_out], or None
-    lengths: torch.Tensor | None = None  # packed input: per sequence (host), longest first
     reverse: torch.Tensor | None = None  # packed input: [T, k] time index of each sequence read backwards
     valid: torch.Tensor | None = None  # packed input: flat indices of the real positions of [T, k]
 
@@ -179,7 +178,6 @@ def _subset(module: nn.Module, inp: Any, hx: Any, output: Any, reuse: bool) -> _
             t = torch.arange(steps).unsqueeze(1)
             real = t < lengths.unsqueeze(0)
             extra = {
-                "lengths": lengths,
                 "reverse": _to(torch.where(real, lengths.unsqueeze(0) - 1 - t, t), x.device),
                 "valid": _to(real.reshape(-1).nonzero().squeeze(1), x.device),
             }

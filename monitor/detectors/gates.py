@@ -127,10 +127,14 @@ class HiddenSaturated(Detector):
         fraction = sat.size / units
         values, steps = ev.values, ev.steps
         lim = 1 - 2 * th.saturation_tolerance
-        what = lambda: (  # noqa: E731 - built only when an alert needs it
-            f"hidden saturated: {sat.size}/{units} units ({pct(fraction)}) of the hidden state sit at +-1 (abs > {lim:g}) "
-            f"on >= {pct(th.saturated_positions)} of {_over(values, steps)}, threshold {pct(th.saturated_fraction)}"
-        )
+
+        def what() -> str:  # built only when an alert needs it
+            return (
+                f"hidden saturated: {sat.size}/{units} units ({pct(fraction)}) of the hidden state sit at +-1 "
+                f"(abs > {lim:g}) on >= {pct(th.saturated_positions)} of {_over(values, steps)}, "
+                f"threshold {pct(th.saturated_fraction)}"
+            )
+
         metrics = {"hidden_saturated_fraction": fraction, "hidden_saturated_units": tuple(sat.tolist())}
         bad, band = level(fraction, th.saturated_fraction, th.release, ev.complete)
         return Verdict(bad, fraction, th.saturated_fraction, what, metrics, band)
