@@ -89,7 +89,8 @@ class Monitor:
             names (``"dense0.relu"``), module classes (``nn.Tanh``, subclasses match) or a
             predicate ``callable(name, module) -> bool``; a string, a class, a callable or a
             list of them. By default every activation module, functional activation and stack
-            block is watched.
+            block is watched, and the gates and states of every ``nn.LSTM``/``nn.GRU`` (recomputed:
+            :mod:`monitor.recurrent`).
         thresholds: a :class:`Thresholds`; defaults are silent on healthy runs.
         logdir: write TensorBoard events here (needs the ``tensorboard`` extra).
         writer: or a ``SummaryWriter``: the monitor writes its own event file into the writer's
