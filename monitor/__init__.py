@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # the names below are imported on first use (PEP 562): `pytho
     from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert
     from monitor.core import Monitor
     from monitor.detectors import Detector, Evidence, LayerView, Verdict
-    from monitor.health import LayerHealth, ParameterHealth
+    from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
     from monitor.options import Options
     from monitor.probe import ProbeResult
     from monitor.selection import Patterns
@@ -35,6 +35,7 @@ _WHERE = {
     "Evidence": "monitor.detectors",
     "LayerView": "monitor.detectors",
     "Verdict": "monitor.detectors",
+    "AttentionHealth": "monitor.health",
     "LayerHealth": "monitor.health",
     "ParameterHealth": "monitor.health",
     "Options": "monitor.options",
@@ -64,6 +65,7 @@ __all__ = [
     "AblationEffect",
     "ActivationAlertError",
     "Alert",
+    "AttentionHealth",
     "Detector",
     "Evidence",
     "LayerHealth",

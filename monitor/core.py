@@ -26,10 +26,11 @@ from torch import nn
 
 from monitor.ablation import Ablation, AblationEffect, ablated_probe, importance_table, layer_importance
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
+from monitor.attention import AttentionCapture
 from monitor.capture import Capture
 from monitor.compiled import EagerSteps, has_compiled_parts, root_compiled, unwrap
 from monitor.detectors import Detector, builtin_detectors
-from monitor.health import LayerHealth, ParameterHealth
+from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
 from monitor.judge import Judge
 from monitor.ledger import Ledger
 from monitor.options import Options
@@ -126,6 +127,9 @@ class Monitor:
         probe_labels: one label per probe sample (rows of the heatmap are grouped by them), or
             ``"targets"`` for the probe's targets.
         probe_loss_fn: ``loss_fn(output, targets)`` for the probe's loss (needs targets).
+        attention: on sampled steps, also measure every attention head (``nn.MultiheadAttention``,
+            Hugging Face attention run with ``attn_implementation="eager"`` or ``"sdpa"``): the
+            entropy of its attention and its mass on the first token (see :mod:`monitor.attention`).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))
@@ -161,13 +165,14 @@ class Monitor:
         probe_every_n_samples: int = 10,
         probe_labels: Any = None,
         probe_loss_fn: Callable[[Any, Any], Any] | None = None,
+        attention: bool = True,
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"Expected `model` to be a torch.nn.Module, got {type(model).__name__}.")
         opts = Options(
             every_n_steps, include, exclude, thresholds, logdir, writer, on_alert, histograms,
             images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
-            probe, probe_every_n_samples, probe_labels, probe_loss_fn,
+            probe, probe_every_n_samples, probe_labels, probe_loss_fn, attention,
         )
         self._compiled_parts = has_compiled_parts(model)
         model = unwrap(model)  # torch.compile(model): watch the module it runs (see monitor/compiled.py)
@@ -196,6 +201,8 @@ class Monitor:
             warn_once=self._warn_once,
         )
         self._params = ParameterCapture(model, self._warn_once) if gradients else None
+        capture = self._capture
+        self._attention = AttentionCapture(model, self._warn_once, lambda: capture.paused) if attention else None
         self.probe_every_n_samples = probe_every_n_samples
         self._probes = ProbeRunner(
             self._capture, None if probe is None else probe_input(probe, probe_labels), probe_loss_fn, self._warn_once
@@ -263,6 +270,8 @@ class Monitor:
         self._capture.detach()
         if self._params is not None:
             self._params.detach()
+        if self._attention is not None:
+            self._attention.detach()
         if self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None
@@ -355,6 +364,8 @@ class Monitor:
         framework reports a finished forward but no exception (skorch)."""
         if self._capture.active:
             self._capture.end_forward()
+            if self._attention is not None:
+                self._attention.end_forward()
 
     @property
     def in_step(self) -> bool:
@@ -385,6 +396,13 @@ class Monitor:
         self._drain()
         with self._ledger.lock:
             return dict(self._ledger.param_health)
+
+    def attention_health(self) -> dict[str, AttentionHealth]:
+        """Each attention module's heads at its latest sampled step (entropy, normalised entropy and
+        first-token mass per head), in forward order (empty until one was measured)."""
+        self._drain()
+        with self._ledger.lock:
+            return dict(self._ledger.attention)
 
     def gradients_from_callbacks(self) -> None:
         """For integrations: the framework reports where gradients are final, so sampled steps
@@ -437,8 +455,15 @@ class Monitor:
                 self._capture.detach()
                 self._eager.exit()
                 raise
+        if self._attention is not None:
+            try:
+                self._attention.begin()
+            except BaseException:
+                self._end(failed=True)
+                raise
 
     def _end(self, failed: bool) -> None:
+        attention = self._attention.end(failed) if self._attention is not None else None
         try:
             current = self._capture.end()
         finally:
@@ -455,7 +480,7 @@ class Monitor:
                 "(a GradScaler that skips a step with inf gradients also gives this once)",
             )
         self._last_sampled = self._step
-        if not current:
+        if not current and attention is None:
             self._warn_once(
                 "empty",
                 f"no watched activation ran during sampled step {self._step}; check `include`/`exclude` "
@@ -464,7 +489,7 @@ class Monitor:
             return
         try:
             self._seq += 1
-            job = pack(self._seq, self._step, current, self.gather, params)
+            job = pack(self._seq, self._step, current, self.gather, params, attention)
             self._samples += 1
             if self._probes.probe is not None and (self._samples - 1) % self.probe_every_n_samples == 0:
                 self._probe_due = (self._step, threading.get_ident())

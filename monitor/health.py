@@ -117,3 +117,52 @@ class ParameterHealth:
     step: int
     grad_norm: float | None
     update_ratio: float | None
+
+
+@dataclass(frozen=True)
+class AttentionHealth:
+    """One attention module's heads at its latest sampled step (see :mod:`monitor.attention`).
+
+    Per head (tuples of length ``heads``), over the measured queries of the step (the first
+    sequences of each call; queries that may see a single key left out):
+    ``entropy``: the mean entropy of a query's attention distribution, in nats;
+    ``normalized_entropy``: the mean of entropy / log(keys the query may see): 0 when every query
+    looks at one key, 1 when it spreads evenly over all it may see;
+    ``sink``: the mean attention mass on the first token (the first key a query may see).
+    NaN for a head with no measured query. ``queries``: the queries behind each mean.
+
+    Example:
+        >>> h = AttentionHealth("layers.0.self_attn", 10, 2, (2.1, 0.0), (0.9, 0.0), (0.1, 1.0), 512)
+        >>> h.collapsed(0.02), h.sinks(0.98)
+        ((1,), (1,))
+    """
+
+    name: str
+    step: int
+    heads: int
+    entropy: tuple[float, ...]
+    normalized_entropy: tuple[float, ...]
+    sink: tuple[float, ...]
+    queries: int
+
+    def collapsed(self, threshold: float) -> tuple[int, ...]:
+        """Heads whose normalised entropy is at most ``threshold`` on this step."""
+        return tuple(i for i, v in enumerate(self.normalized_entropy) if v <= threshold)
+
+    def sinks(self, threshold: float) -> tuple[int, ...]:
+        """Heads whose first-token mass is at least ``threshold`` on this step."""
+        return tuple(i for i, v in enumerate(self.sink) if v >= threshold)
+
+    def scalars(self) -> dict[str, float]:
+        """``entropy`` (mean over heads of the normalised entropy), ``entropy_min``, ``sink`` (mean
+        first-token mass over heads), ``sink_max``: heads with a value only."""
+        ent = [v for v in self.normalized_entropy if v == v]
+        sink = [v for v in self.sink if v == v]
+        out: dict[str, float] = {}
+        if ent:
+            out["entropy"] = sum(ent) / len(ent)
+            out["entropy_min"] = min(ent)
+        if sink:
+            out["sink"] = sum(sink) / len(sink)
+            out["sink_max"] = max(sink)
+        return out

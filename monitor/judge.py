@@ -29,7 +29,7 @@ from monitor.activations import Kind
 from monitor.alerts import Alert
 from monitor.detectors import Detector, Evidence, LayerView
 from monitor.detectors.base import baseline
-from monitor.health import LayerHealth
+from monitor.health import AttentionHealth, LayerHealth
 from monitor.stats import AT_BOUND, FIRED, UnitSummary, safe_rms
 from monitor.thresholds import Thresholds
 
@@ -232,6 +232,28 @@ class Judge:
                 v = judge(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)
                 self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
         return alerts
+
+    def judge_attention(self, step: int, modules: Sequence[Any]) -> tuple[list[AttentionHealth], list[Alert]]:
+        """Judge each attention module measured on ``step`` (its :class:`~monitor.attention.AttentionNumbers`)
+        with the detectors that have ``evaluate_attention``; the module's name is the alert's subject."""
+        healths: list[AttentionHealth] = []
+        alerts: list[Alert] = []
+        with np.errstate(all="ignore"):
+            for m in modules:
+                healths.append(
+                    AttentionHealth(
+                        m.name, step, m.heads, tuple(m.entropy.tolist()), tuple(m.normalized.tolist()),
+                        tuple(m.sink.tolist()), int(m.queries.max()) if m.queries.size else 0,
+                    )
+                )
+                mem = self.memory(m.name)
+                for det in self.detectors:
+                    judge = getattr(det, "evaluate_attention", None)
+                    if judge is None:
+                        continue
+                    v = judge(m, self.thresholds, mem.detectors.setdefault(det.name, {}))
+                    self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, m.name, alerts)
+        return healths, alerts
 
     def _transition(
         self, mem: LayerMemory, det: Detector, verdict: Any, bad: bool | None, unhealthy: bool, step: int, name: str, alerts: list[Alert]

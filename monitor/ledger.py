@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from monitor.alerts import Alert
-from monitor.health import LayerHealth, ParameterHealth
+from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
 from monitor.judge import Judge
 from monitor.pack import Job, unpack
 from monitor.sinks import LayerSample, SampleRecord
@@ -30,6 +30,7 @@ class Ledger:
         self.param_health: dict[str, ParameterHealth] = {}
         self.alerts: list[Alert] = []
         self.order: list[str] = []  # layer names in first-seen forward order
+        self.attention: dict[str, AttentionHealth] = {}  # attention modules, in first-seen forward order
         self._order_set: set[str] = set()
         self.judged_seq = 0  # the last sampled step judged (steps are numbered when packed)
 
@@ -40,7 +41,7 @@ class Ledger:
             if job.seq <= self.judged_seq:
                 return None
             self.judged_seq = job.seq
-            unpacked, params = unpack(job)
+            unpacked, params, attention = unpack(job)
             healths, alerts = self.judge.judge_step(
                 job.step, [(wp.name, wp.kind, summary) for wp, summary, _, _ in unpacked], params.grad_norms
             )
@@ -57,10 +58,13 @@ class Ledger:
             if new_names:
                 self.order.extend(new_names)
                 self._order_set.update(new_names)
+            heads, attention_alerts = self.judge.judge_attention(job.step, attention)
+            self.attention.update((h.name, h) for h in heads)
+            alerts += attention_alerts
             self.alerts.extend(alerts)
             if len(self.alerts) > MAX_ALERTS:
                 del self.alerts[: len(self.alerts) - MAX_ALERTS]
-        return SampleRecord(job.step, layers, alerts, parameters), alerts
+        return SampleRecord(job.step, layers, alerts, parameters, heads), alerts
 
     def layer_health(self) -> dict[str, LayerHealth]:
         with self.lock:

@@ -135,6 +135,7 @@ class Options:
     probe_every_n_samples: int = 10
     probe_labels: Any = None
     probe_loss_fn: Any = None
+    attention: bool = True
 
     def __post_init__(self) -> None:
         if not _is_int(self.every_n_steps) or self.every_n_steps < 1:
@@ -148,7 +149,7 @@ class Options:
         check_logdir(self.logdir)
         check_writer(self.writer)
         check_on_alert(self.on_alert)
-        for name in ("histograms", "functional", "background", "gradients"):
+        for name in ("histograms", "functional", "background", "gradients", "attention"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Expected `{name}` to be True or False, got {getattr(self, name)!r}.")
         if not _is_int(self.images_every_n_samples) or self.images_every_n_samples < 0:

@@ -7,7 +7,8 @@ models, a :class:`~monitor.stats.UnitSummary` per layer and the parameters' numb
 
 Layout of the flat vector: per watch point its activation rows, then its gradient rows (if
 backward reached it); the parameters' gradient norms, update norms and weight norms; the
-histogram samples or counts; under DDP, the counts.
+attention heads' sums (:mod:`monitor.attention`); the histogram samples or counts; under DDP, the
+counts.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from monitor.attention import AttentionNumbers, AttentionPartials, attention_numbers
 from monitor.capture import Pending
 from monitor.params import ParameterPartials
 from monitor.selection import WatchPoint
@@ -60,6 +62,7 @@ class Job:
     counts: list[float]  # per point: COUNTS numbers
     bin_on_host: bool
     params: ParameterPartials
+    attention: AttentionPartials | None = None
 
 
 def pack(
@@ -68,6 +71,7 @@ def pack(
     current: dict[WatchPoint, Pending],
     gather: Callable[[torch.Tensor], torch.Tensor] | None,
     params: ParameterPartials | None = None,
+    attention: AttentionPartials | None = None,
 ) -> Job:
     """Concatenate a step's partials into one flat tensor on their device.
 
@@ -76,7 +80,7 @@ def pack(
     params = params if params is not None else ParameterPartials()
     points = list(current)
     pieces: list[torch.Tensor] = []
-    device = current[points[0]].stats[0].device
+    device = current[points[0]].stats[0].device if points else attention.rows[0].device  # type: ignore[union-attr]
     hist_samples: list[torch.Tensor] = []
     hist_groups: list[int] = []
     # CPU tensors: the host is their device, so the sampled values are binned later on the same
@@ -93,6 +97,8 @@ def pack(
             hist_groups.append(len(p.hist_samples))
     param_at = sum(t.numel() for t in pieces)
     pieces += params.tensors()
+    if attention is not None:
+        pieces += attention.tensors()  # sums: under DDP, added across ranks like the counts
     if hist_samples and bin_on_host:
         pieces += hist_samples  # binned on the host later; they travel in the same one transfer
     elif hist_samples:
@@ -122,12 +128,14 @@ def pack(
     elif flat.device.type == "cuda":
         ready = torch.cuda.Event()
         ready.record(torch.cuda.current_stream(flat.device))
-    return Job(seq, step, flat, ready, points, pending, counts, bin_on_host, params)
+    return Job(seq, step, flat, ready, points, pending, counts, bin_on_host, params, attention)
 
 
-def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | None, float]], ParameterNumbers]:
+def unpack(
+    job: Job,
+) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | None, float]], ParameterNumbers, list[AttentionNumbers]]:
     """Per layer (watch point, summary, histogram bucket counts or None, values per counted value),
-    in forward order, and the parameters' numbers.
+    in forward order, the parameters' numbers and the attention modules' numbers.
 
     No ATen kernel runs here: on the writer thread, CPU kernels called from a second thread slowed
     the training thread about 3x on a 2-core machine (a second OpenMP team).
@@ -145,7 +153,10 @@ def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | N
     offset = 0
     param_at = sum((len(p.stats) + (len(GRAD_ROWS) if p.grad is not None else 0)) * p.units for p in job.pending)
     params = _params(job.params, np.asarray(host_flat[param_at : param_at + len(job.params)], dtype=np.float64))
-    hist_offset = param_at + len(job.params)
+    attention_at = param_at + len(job.params)
+    n_attention = len(job.attention) if job.attention is not None else 0
+    attention = attention_numbers(job.attention, host_flat[attention_at : attention_at + n_attention])
+    hist_offset = attention_at + n_attention
     buckets = len(histogram_edges()) + 1
     host_counts = None
     if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy, all layers at once
@@ -174,7 +185,7 @@ def unpack(job: Job) -> tuple[list[tuple[WatchPoint, UnitSummary, np.ndarray | N
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
         layers.append((wp, summary, hist, scale))
-    return layers, params
+    return layers, params, attention
 
 
 def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:

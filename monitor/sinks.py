@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from monitor.alerts import Alert
-from monitor.health import LayerHealth, ParameterHealth
+from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
 from monitor.stats import UnitSummary, histogram_edges
 
 _FLOAT_MAX = float(np.finfo(np.float64).max)
@@ -130,6 +130,7 @@ class SampleRecord:
     layers: list[LayerSample]
     alerts: list[Alert] = field(default_factory=list)
     parameters: list[ParameterHealth] = field(default_factory=list)  # when a backward ran inside the step
+    attention: list[AttentionHealth] = field(default_factory=list)  # attention modules measured, in forward order
 
 
 class Sink:

@@ -1,0 +1,616 @@
+"""Attention heads on a sampled step: per head, how spread its attention is and how much of it sits
+on the first token.
+
+For every attention module of the model, on sampled steps only, per head:
+
+- the **entropy** of each query's attention distribution over the keys it may see (nats), and the
+  same divided by ``log(visible keys)``: the **normalised entropy**, 0 when a query looks at one key
+  only, 1 when it spreads evenly over every key it may see;
+- the **first-token mass** (an "attention sink"): the probability on the first key the query may see
+  (the first token of the sequence; the first non-padding one under left padding).
+
+Queries that may see only one key (the first query of a causal head, a row masked down to one key)
+are left out of all three: their entropy is 0 and their first-token mass 1 by construction. Queries
+that may see no key at all are left out too. Padding *keys* are excluded through the masks; padding
+*queries* count like any other (the model computes their distributions too).
+
+Where the probabilities come from:
+
+- ``nn.MultiheadAttention`` (also inside ``nn.TransformerEncoderLayer``/``DecoderLayer``, and any
+  module built from it): recomputed from the module's own inputs and parameters in a forward hook
+  (``with_kwargs``: ``key_padding_mask``, ``attn_mask``, ``is_causal``), exactly as
+  ``F.multi_head_attention_forward`` forms them (in-projection or separate q/k projections, biases,
+  ``bias_k``, ``add_zero_attn``, ``1/sqrt(head_dim)`` scaling, boolean or additive masks), before
+  attention dropout. ``nn.TransformerEncoderLayer``'s fused fast path (eval mode under ``no_grad``),
+  which never calls its ``self_attn``, is not taken while any of the layer's modules has a forward
+  hook (PyTorch's own rule): on a sampled step the layer runs its regular path and the hook sees
+  every call.
+- Hugging Face attention modules (``GPT2Attention``, ``BertSelfAttention``, ``LlamaAttention``, ...:
+  the innermost module of ``transformers`` whose class name ends in ``Attention``): while such a
+  module runs, a ``TorchFunctionMode`` (pushed by a forward pre-hook, popped by an ``always_call``
+  forward hook) sees its attention. With ``attn_implementation="eager"`` it takes the softmax's
+  output: the probabilities before attention dropout (the ``attn_weights`` that eager attention
+  returns are after dropout in training mode); keys the module's ``attention_mask`` hides (and
+  scores at the dtype's minimum or ``-inf``) are excluded. With ``"sdpa"`` (the default of
+  ``transformers`` 5 on PyTorch 2.x) it reads the query, key, mask, ``is_causal`` and scale handed to
+  ``F.scaled_dot_product_attention`` and recomputes the probabilities from them (GQA key heads
+  repeated). Flash and flex attention are neither: those modules are skipped with one warning.
+
+Cost: only the first :data:`SEQUENCES` sequences of a call are used, and of longer sequences
+:data:`QUERIES` evenly strided queries (every key is kept), in float32, on the module's device,
+with no host sync. Each module's call adds a ``[4, heads]`` row block of sums (entropy, normalised
+entropy, first-token mass, queries) to the step's one flat tensor; calls and DDP ranks add up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import math
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+SEQUENCES = 8  # sequences of a call whose attention is measured (the first ones)
+QUERIES = 256  # queries per sequence at most (evenly strided); every key is kept
+MASKED = -1e4  # an additive mask value at or below this hides its key (exp(-1e4) is 0 in float32)
+ROWS = 4  # per head: sum of entropy (nats), of normalised entropy, of first-token mass; queries counted
+
+_SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
+_SDPA = F.scaled_dot_product_attention
+_SDPA_ARGS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def _quiet() -> Any:
+    """No torch-function modes (the capture's functional mode) around the monitor's own arithmetic."""
+    return torch._C.DisableTorchFunction()
+
+
+@dataclass(eq=False)
+class AttentionPoint:
+    """One attention module: ``kind`` ``"mha"`` (``nn.MultiheadAttention``) or ``"hf"`` (Hugging Face)."""
+
+    name: str
+    module: nn.Module
+    kind: str
+
+
+def is_hf_attention(module: nn.Module) -> bool:
+    """A Hugging Face attention class (``transformers.*``, name ending in ``Attention``)."""
+    cls = type(module)
+    return cls.__module__.startswith("transformers.") and cls.__name__.endswith("Attention")
+
+
+def find_attention(model: nn.Module) -> list[AttentionPoint]:
+    """Every ``nn.MultiheadAttention`` and every innermost Hugging Face attention module, in
+    registration order (their forward order is learnt on the first sampled step)."""
+    points: list[AttentionPoint] = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.MultiheadAttention):
+            p = AttentionPoint(name, m, "mha")
+        elif is_hf_attention(m) and not any(
+            is_hf_attention(c) or isinstance(c, nn.MultiheadAttention) for c in m.modules() if c is not m
+        ):
+            p = AttentionPoint(name, m, "hf")
+        else:
+            continue
+        points.append(p)
+    return points
+
+
+def hf_implementation(module: nn.Module) -> str | None:
+    """The ``attn_implementation`` a Hugging Face attention module runs with (None: unknown)."""
+    impl = getattr(getattr(module, "config", None), "_attn_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
+# -- the numbers, on the device ----------------------------------------------------------------------
+
+
+def head_rows(p: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """``[ROWS, heads]`` sums over sequences and queries of one call.
+
+    ``p``: ``[S, H, Q, K]`` float32 probabilities; ``visible``: boolean, broadcastable to ``p``
+    (``[S or 1, H or 1, Q, K]``), the keys each query may see. Queries that see fewer than two keys
+    are not counted.
+
+    >>> p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
+    >>> head_rows(p, torch.tensor([[[[True, False], [True, True]]]])).squeeze(1).tolist()  # 1st query: 1 key
+    [0.6931471824645996, 1.0, 0.5, 1.0]
+    """
+    n_vis = visible.sum(-1)
+    counted = (n_vis >= 2).expand(p.shape[:-1])
+    ent = torch.special.entr(p).sum(-1)
+    norm = ent / n_vis.clamp_min(2).to(p.dtype).log()
+    first = visible.to(torch.uint8).argmax(-1, keepdim=True).expand(*p.shape[:-1], 1)
+    sink = p.gather(-1, first).squeeze(-1)
+    zero = p.new_zeros(())
+    rows = torch.stack(
+        [torch.where(counted, ent, zero), torch.where(counted, norm, zero), torch.where(counted, sink, zero), counted.to(p.dtype)]
+    )
+    return rows.sum((1, 3))
+
+
+def _additive(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(additive float32 mask, visible) of a boolean (True: hidden) or additive mask."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, device=mask.device).masked_fill_(mask, -math.inf), ~mask
+    add = mask.float()
+    return add, add > MASKED
+
+
+def _strided(length: int, queries: int) -> int:
+    return max(1, math.ceil(length / queries))
+
+
+def mha_rows(
+    mha: nn.MultiheadAttention,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_padding_mask: torch.Tensor | None = None,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    sequences: int = SEQUENCES,
+    queries: int = QUERIES,
+) -> torch.Tensor | None:
+    """``[ROWS, heads]`` of one ``nn.MultiheadAttention`` call, recomputed from its inputs and
+    parameters as ``F.multi_head_attention_forward`` computes them (before dropout). None when the
+    inputs are not plain dense tensors."""
+    if not isinstance(query, torch.Tensor) or not isinstance(key, torch.Tensor) or query.is_nested or key.is_nested:
+        return None
+    if not query.is_floating_point() or query.dim() not in (2, 3) or key.dim() != query.dim():
+        return None
+    e, h = mha.embed_dim, mha.num_heads
+    d = e // h
+    batched = query.dim() == 3
+    if not batched:
+        q_in, k_in = query.unsqueeze(0), key.unsqueeze(0)
+        n = 1
+        if key_padding_mask is not None:
+            key_padding_mask = key_padding_mask.unsqueeze(0)
+    elif mha.batch_first:
+        n = query.shape[0]
+        q_in, k_in = query[:sequences], key[:sequences]
+    else:
+        n = query.shape[1]
+        q_in, k_in = query[:, :sequences].transpose(0, 1), key[:, :sequences].transpose(0, 1)
+    s, length, keys = q_in.shape[0], q_in.shape[1], k_in.shape[1]
+    stride = _strided(length, queries)
+    q_in = q_in[:, ::stride]
+    rows_q = q_in.shape[1]
+    if mha._qkv_same_embed_dim:
+        w_q, w_k = mha.in_proj_weight[:e], mha.in_proj_weight[e : 2 * e]
+    else:
+        w_q, w_k = mha.q_proj_weight, mha.k_proj_weight
+    b = mha.in_proj_bias
+    b_q, b_k = (b[:e].float(), b[e : 2 * e].float()) if b is not None else (None, None)
+    q = F.linear(q_in.float(), w_q.float(), b_q)
+    k = F.linear(k_in.float(), w_k.float(), b_k)
+    extra = 0
+    if mha.bias_k is not None:
+        k = torch.cat([k, mha.bias_k.float().expand(s, 1, e)], dim=1)
+        extra += 1
+    if mha.add_zero_attn:
+        k = torch.cat([k, k.new_zeros(s, 1, e)], dim=1)
+        extra += 1
+    total = keys + extra
+    q = q.view(s, rows_q, h, d).transpose(1, 2)
+    k = k.view(s, total, h, d).transpose(1, 2)
+    scores = torch.matmul(q * (1.0 / math.sqrt(d)), k.transpose(-1, -2))  # [S, H, Q, K]
+    add: torch.Tensor | None = None
+    vis: torch.Tensor | None = None
+    if attn_mask is not None:
+        m = attn_mask.view(n, h, length, keys)[:s] if attn_mask.dim() == 3 else attn_mask.reshape(1, 1, length, keys)
+        add, vis = _additive(m[:, :, ::stride])
+    elif is_causal:
+        pos = torch.arange(0, length, stride, device=scores.device)
+        hidden = torch.arange(keys, device=scores.device)[None, :] > pos[:, None]
+        add, vis = _additive(hidden[None, None])
+    if key_padding_mask is not None:
+        a2, v2 = _additive(key_padding_mask[:s].reshape(s, 1, 1, keys))
+        add = a2 if add is None else add + a2
+        vis = v2 if vis is None else vis & v2
+    if add is not None and vis is not None:
+        if extra:  # the appended keys (bias_k, zero attention) are never masked
+            add = F.pad(add, (0, extra))
+            vis = F.pad(vis, (0, extra), value=True)
+        scores = scores + add
+    else:
+        vis = torch.ones((1, 1, 1, total), dtype=torch.bool, device=scores.device)
+    return head_rows(torch.softmax(scores, dim=-1), vis)
+
+
+def _mask_visible(mask: Any, shape: torch.Size) -> torch.Tensor | None:
+    """The keys a Hugging Face ``attention_mask`` lets each query see, cut to ``shape``
+    (``[S, H, Q, K]`` of the measured probabilities); None when it does not fit."""
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 4:
+        return None
+    s, h, q, k = shape
+    if not (mask.shape[0] == 1 or mask.shape[0] >= s) or mask.shape[1] not in (1, h):
+        return None
+    if mask.shape[2] not in (1, q) or mask.shape[3] < k:
+        return None
+    mask = mask[:s, :, :, :k]
+    if mask.dtype == torch.bool:
+        return mask
+    if not mask.is_floating_point():
+        return mask != 0
+    return mask > torch.finfo(mask.dtype).min / 2
+
+
+def sdpa_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+    scale: float | None = None,
+    sequences: int = SEQUENCES,
+    queries: int = QUERIES,
+) -> torch.Tensor | None:
+    """``[ROWS, heads]`` of one ``F.scaled_dot_product_attention(query, key, value, attn_mask,
+    is_causal=..., scale=...)`` call with ``[B, H, L, E]`` inputs, its probabilities recomputed as
+    SDPA defines them: ``softmax(q k^T * scale + mask)``, a boolean ``attn_mask`` marking the keys
+    that take part, ``is_causal`` the top-left causal mask, fewer key heads repeated (GQA). None for
+    other shapes."""
+    if query.dim() != 4 or key.dim() != 4 or query.is_nested or key.is_nested or not query.is_floating_point():
+        return None
+    length, keys = query.shape[2], key.shape[2]
+    stride = _strided(length, queries)
+    q = query[:sequences, :, ::stride].float()
+    k = key[:sequences].float()
+    if k.shape[1] != q.shape[1]:
+        if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
+            return None
+        k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    scores = torch.matmul(q * scale, k.transpose(-1, -2))  # [S, H, Q, K]
+    s, h = q.shape[0], q.shape[1]
+    vis = torch.ones((1, 1, 1, keys), dtype=torch.bool, device=scores.device)
+    if is_causal:
+        pos = torch.arange(0, length, stride, device=scores.device)
+        vis = (torch.arange(keys, device=scores.device)[None, :] <= pos[:, None])[None, None]
+        scores = scores.masked_fill(~vis, -math.inf)
+    if isinstance(attn_mask, torch.Tensor):
+        m = attn_mask.reshape((1,) * (4 - attn_mask.dim()) + tuple(attn_mask.shape)) if attn_mask.dim() < 4 else attn_mask
+        if m.dim() != 4 or m.shape[-1] != keys or m.shape[1] not in (1, h) or m.shape[2] not in (1, length):
+            return None
+        m = m[:s] if m.shape[0] > 1 else m
+        m = m[:, :, ::stride] if m.shape[2] > 1 else m
+        if m.dtype == torch.bool:
+            vis = vis & m
+            scores = scores.masked_fill(~m, -math.inf)
+        else:
+            add = m.float()
+            vis = vis & (add > MASKED)
+            scores = scores + add
+    return head_rows(torch.softmax(scores, dim=-1), vis)
+
+
+def hf_rows(
+    scores: torch.Tensor, probs: torch.Tensor, mask: Any = None, sequences: int = SEQUENCES, queries: int = QUERIES
+) -> torch.Tensor:
+    """``[ROWS, heads]`` of one eager softmax of a Hugging Face attention module: ``scores`` its
+    input, ``probs`` its output (``[B, H, Tq, Tk]``), ``mask`` the module's ``attention_mask``."""
+    stride = _strided(scores.shape[2], queries)
+    x = scores[:sequences, :, ::stride]
+    p = probs[:sequences, :, ::stride].float()
+    vis = x > torch.finfo(x.dtype).min / 2 if x.is_floating_point() else torch.ones_like(x, dtype=torch.bool)
+    if mask is not None:
+        mask = mask[:, :, ::stride] if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1 else mask
+        mv = _mask_visible(mask, p.shape)
+        if mv is not None:
+            vis = vis & mv
+    return head_rows(p, vis)
+
+
+# -- one sampled step ------------------------------------------------------------------------------
+
+
+@dataclass
+class AttentionPartials:
+    """One sampled step's attention sums, on the device: per module (in the order they first ran)
+    a ``[ROWS, heads]`` tensor, flattened into the step's one tensor by :func:`monitor.pack.pack`."""
+
+    names: list[str] = field(default_factory=list)
+    heads: list[int] = field(default_factory=list)
+    rows: list[torch.Tensor] = field(default_factory=list)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [r.reshape(-1) for r in self.rows]
+
+    def __len__(self) -> int:
+        return ROWS * sum(self.heads)
+
+
+@dataclass
+class AttentionNumbers:
+    """One attention module on one sampled step, on the host: per head the mean entropy (nats),
+    mean normalised entropy, mean first-token mass (NaN for a head with no counted query), and the
+    queries behind the means."""
+
+    name: str
+    entropy: np.ndarray
+    normalized: np.ndarray
+    sink: np.ndarray
+    queries: np.ndarray
+
+    @property
+    def heads(self) -> int:
+        return int(self.entropy.shape[0])
+
+
+def attention_numbers(partials: AttentionPartials | None, values: np.ndarray) -> list[AttentionNumbers]:
+    """The host side of :class:`AttentionPartials`: ``values`` is their slice of the flat vector."""
+    out: list[AttentionNumbers] = []
+    if partials is None:
+        return out
+    offset = 0
+    for name, h in zip(partials.names, partials.heads):
+        block = np.asarray(values[offset : offset + ROWS * h], dtype=np.float64).reshape(ROWS, h)
+        offset += ROWS * h
+        count = block[3]
+        with np.errstate(all="ignore"):
+            means = np.where(count > 0, block[:3] / np.where(count > 0, count, 1.0), np.nan)
+        out.append(AttentionNumbers(name, means[0], means[1], means[2], count))
+    return out
+
+
+class _SoftmaxMode(TorchFunctionMode):
+    """Active only while a Hugging Face attention module runs: hands its softmax to the capture."""
+
+    def __init__(self, capture: AttentionCapture) -> None:
+        super().__init__()
+        self.capture = capture
+        self.inert = False  # left on the stack under another mode: passes everything through
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if not self.inert and self.capture._hf_stack:
+            if func is _SDPA:
+                self.capture._sdpa(args, kwargs)
+            elif func in _SOFTMAX:
+                self.capture._softmax(args, kwargs, out)
+        return out
+
+
+_FORWARD_PARAMS: dict[type, inspect.Signature | None] = {}
+
+
+def _bound_mask(module: nn.Module, args: tuple, kwargs: dict) -> Any:
+    """The ``attention_mask`` a Hugging Face attention module was called with (by keyword or position)."""
+    if "attention_mask" in kwargs:
+        return kwargs["attention_mask"]
+    if not args[1:]:
+        return None
+    cls = type(module)
+    if cls not in _FORWARD_PARAMS:
+        try:
+            _FORWARD_PARAMS[cls] = inspect.signature(module.forward)
+        except (TypeError, ValueError):
+            _FORWARD_PARAMS[cls] = None
+    sig = _FORWARD_PARAMS[cls]
+    if sig is None:
+        return None
+    names = [n for n, p in sig.parameters.items() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if "attention_mask" in names and names.index("attention_mask") < len(args):
+        return args[names.index("attention_mask")]
+    return None
+
+
+_MHA_ARGS = ("query", "key", "value", "key_padding_mask", "need_weights", "attn_mask", "average_attn_weights", "is_causal")
+
+
+def _bind(names: tuple[str, ...], args: tuple, kwargs: dict) -> dict[str, Any]:
+    out = dict(zip(names, args))
+    out.update(kwargs)
+    return out
+
+
+class AttentionCapture:
+    """The attention hooks of sampled steps on one model. ``begin()`` ... forward ... ``end()``.
+
+    Like :class:`~monitor.params.ParameterCapture`: hooks exist only between ``begin()`` and
+    ``end()``/``detach()``, which remove them on every path; nothing here reads a value back to the host.
+    """
+
+    def __init__(self, model: nn.Module, warn_once: Callable[[str, str], None], paused: Callable[[], bool] = lambda: False) -> None:
+        self.model = model
+        self.points = find_attention(model)
+        self._warn_once = warn_once
+        self._paused = paused
+        self._handles: list[Any] = []
+        self._rows: dict[str, torch.Tensor] = {}
+        self._heads: dict[str, int] = {}
+        self._hf_stack: list[tuple[AttentionPoint, Any]] = []  # HF modules running now, with their masks
+        self._hf_called: set[str] = set()
+        self._hf_seen: set[str] = set()
+        self._mode: _SoftmaxMode | None = None
+        self._owner = threading.get_ident()
+
+    def begin(self) -> None:
+        self._rows, self._heads, self._hf_stack = {}, {}, []
+        self._hf_called, self._hf_seen = set(), set()
+        self._owner = threading.get_ident()
+        if not self.points:
+            return
+        skipped = []
+        try:
+            for p in self.points:
+                m = p.module
+                if p.kind == "mha":
+                    self._handles.append(m.register_forward_hook(self._mha_hook(p), with_kwargs=True))
+                    continue
+                impl = hf_implementation(m)
+                if impl is not None and impl not in ("eager", "sdpa"):
+                    skipped.append((p.name, impl))
+                    continue
+                self._handles.append(m.register_forward_pre_hook(self._hf_pre(p), with_kwargs=True))
+                self._handles.append(m.register_forward_hook(self._hf_post, always_call=True))
+        except BaseException:
+            self.detach()
+            raise
+        if skipped:
+            names = ", ".join(n for n, _ in skipped[:2]) + (f" and {len(skipped) - 2} more" if len(skipped) > 2 else "")
+            self._warn_once(
+                "attention-impl",
+                f"attention heads: {names} run with attn_implementation={skipped[0][1]!r}, whose kernel never forms "
+                "the attention probabilities and whose inputs the monitor does not read, so their heads are not "
+                "watched. Load the model with attn_implementation=\"eager\" or \"sdpa\" (from_pretrained(..., "
+                "attn_implementation=\"sdpa\") or model.set_attn_implementation(\"sdpa\")) to watch them, or pass "
+                "attention=False.",
+            )
+
+    def end_forward(self) -> None:
+        """Remove the hooks (idempotent); a softmax mode still pushed on this thread is popped."""
+        handles, self._handles = self._handles, []
+        for h in handles:
+            h.remove()
+        self._pop_mode()
+
+    def detach(self) -> None:
+        self.end_forward()
+
+    def end(self, failed: bool = False) -> AttentionPartials | None:
+        """Remove the hooks and hand over the step's sums (None when nothing was measured)."""
+        try:
+            self.end_forward()
+            rows, self._rows = self._rows, {}
+            missing = sorted(self._hf_called - self._hf_seen)
+            if missing and not failed:
+                self._warn_once(
+                    "attention-none",
+                    f"attention heads: {missing[0]} ran but neither a softmax nor F.scaled_dot_product_attention was "
+                    "seen inside it (does it run attn_implementation=\"eager\" or \"sdpa\"?); its heads are not watched.",
+                )
+            if failed or not rows:
+                return None
+            names = list(rows)
+            return AttentionPartials(names, [self._heads[n] for n in names], [rows[n] for n in names])
+        except Exception as e:  # noqa: BLE001 - never let monitoring break training
+            self._warn_once("attention", f"could not compute the attention heads' numbers: {e!r}")
+            return None
+
+    # -- recording ---------------------------------------------------------------------------------
+    def _skip(self) -> bool:
+        return self._paused() or torch._C._current_graph_task_id() != -1  # checkpoint re-forward: seen already
+
+    def _add(self, p: AttentionPoint, rows: torch.Tensor | None) -> None:
+        if rows is None:
+            return
+        prev = self._rows.get(p.name)
+        if prev is None:
+            self._rows[p.name] = rows
+            self._heads[p.name] = int(rows.shape[1])
+        elif prev.shape == rows.shape:
+            self._rows[p.name] = prev + rows.to(prev.device)
+
+    def _measure(self, p: AttentionPoint, fn: Callable[[], torch.Tensor | None]) -> None:
+        try:
+            with torch.no_grad(), _quiet(), _no_autocast():
+                self._add(p, fn())
+        except Exception as e:  # noqa: BLE001 - never let monitoring break training
+            self._warn_once(f"attention:{p.name}", f"could not measure the attention heads of {p.name}: {e!r}")
+
+    def _mha_hook(self, p: AttentionPoint) -> Callable[..., None]:
+        mha = p.module
+
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            if self._skip():
+                return
+            a = _bind(_MHA_ARGS, args, kwargs)
+            self._measure(
+                p,
+                lambda: mha_rows(
+                    mha,  # type: ignore[arg-type]
+                    _detach(a.get("query")),
+                    _detach(a.get("key")),
+                    a.get("key_padding_mask"),
+                    a.get("attn_mask"),
+                    bool(a.get("is_causal", False)),
+                ),
+            )
+
+        return hook
+
+    def _hf_pre(self, p: AttentionPoint) -> Callable[..., None]:
+        def pre(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            self._hf_called.add(p.name)
+            if threading.get_ident() != self._owner:
+                return
+            self._hf_stack.append((p, _bound_mask(module, args, kwargs)))
+            if self._mode is None:
+                self._mode = _SoftmaxMode(self)
+                self._mode.__enter__()
+
+        return pre
+
+    def _hf_post(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if threading.get_ident() != self._owner:
+            return
+        if self._hf_stack and self._hf_stack[-1][0].module is module:
+            self._hf_stack.pop()
+        if not self._hf_stack:
+            self._pop_mode()
+
+    def _pop_mode(self) -> None:
+        mode = self._mode
+        if mode is None or threading.get_ident() != self._owner:
+            return
+        self._mode = None
+        self._hf_stack = []
+        from torch.overrides import _get_current_function_mode_stack
+
+        stack = _get_current_function_mode_stack()
+        if stack and stack[-1] is mode:
+            mode.__exit__(None, None, None)
+        else:  # another mode was pushed above ours and left there: ours stays, inert
+            mode.inert = True
+
+    def _sdpa(self, args: tuple, kwargs: dict) -> None:
+        p = self._hf_stack[-1][0]
+        a = _bind(_SDPA_ARGS, args, kwargs)
+        q, k = a.get("query"), a.get("key")
+        if not isinstance(q, torch.Tensor) or not isinstance(k, torch.Tensor):
+            return
+        self._hf_seen.add(p.name)
+        if self._skip():
+            return
+        mask = a.get("attn_mask")
+        self._measure(
+            p, lambda: sdpa_rows(q.detach(), k.detach(), _detach(mask), bool(a.get("is_causal", False)), a.get("scale"))
+        )
+
+    def _softmax(self, args: tuple, kwargs: dict, out: Any) -> None:
+        p, mask = self._hf_stack[-1]
+        x = args[0] if args else kwargs.get("input")
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if not isinstance(x, torch.Tensor) or not isinstance(out, torch.Tensor) or x.dim() != 4 or out.shape != x.shape:
+            return
+        if dim not in (-1, 3):
+            return
+        self._hf_seen.add(p.name)
+        if self._skip():
+            return
+        self._measure(p, lambda: hf_rows(x.detach(), out.detach(), mask))
+
+
+def _detach(x: Any) -> Any:
+    return x.detach() if isinstance(x, torch.Tensor) else x
+
+
+def _no_autocast() -> contextlib.ExitStack:
+    """float32 arithmetic inside an autocast region too."""
+    stack = contextlib.ExitStack()
+    for device in ("cuda", "cpu"):
+        with contextlib.suppress(Exception):
+            if torch.is_autocast_enabled(device):
+                stack.enter_context(torch.autocast(device, enabled=False))
+    return stack
