@@ -82,6 +82,13 @@ class Thresholds:
         collapse_similarity: alert when the tokens of a sequence have at least this mean pairwise
             cosine similarity (centred by the step's mean token; :mod:`monitor.tokens`).
 
+    Attention heads (``nn.MultiheadAttention``, Hugging Face attention; :mod:`monitor.attention`):
+        attention_entropy: a head whose mean normalised entropy (entropy / log(visible keys): 0 when
+            every query looks at one key, 1 when it spreads evenly) is at most this has collapsed ...
+        attention_sink: ... and a head whose mean attention mass on the first token is at least
+            this is a sink; either alerts when it holds ...
+        attention_samples: ... on this many consecutive sampled steps.
+
     Entering and leaving an alert:
         release: hysteresis. A layer enters an alert at the threshold and leaves it only when
             its value is below ``release`` times the threshold ...
@@ -114,15 +121,21 @@ class Thresholds:
     grad_growth_factor: float = 100.0
     max_grad_norm: float = 1e3
     collapse_similarity: float = 0.9
+    attention_entropy: float = 0.02
+    attention_sink: float = 0.98
+    attention_samples: int = 3
     release: float = 0.8
     recovery_samples: int = 2
 
     def __post_init__(self) -> None:
-        for name in ("min_positions", "window", "baseline_samples", "recovery_samples", "vanishing_samples"):
+        for name in (
+            "min_positions", "window", "baseline_samples", "recovery_samples", "vanishing_samples", "attention_samples",
+        ):
             _positive_int(name, getattr(self, name))
         for name in (
             "dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release", "collapse_similarity",
             "gate_saturated_positions", "gate_saturated_fraction",
+            "attention_entropy", "attention_sink",
         ):
             _fraction(name, getattr(self, name))
         ok = isinstance(self.saturation_tolerance, (int, float)) and 0 <= self.saturation_tolerance < 0.5

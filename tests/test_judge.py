@@ -206,7 +206,7 @@ def test_every_builtin_detector_declares_its_interface():
     names = [d.name for d in builtin_detectors()]
     assert names == [
         "dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient", "collapse",
-        "gate_saturated", "hidden_saturated",
+        "attention_entropy", "attention_sink", "gate_saturated", "hidden_saturated",
     ]
     for d in builtin_detectors():
         assert d.causes and "try" in d.causes
