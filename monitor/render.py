@@ -1,5 +1,6 @@
 """The monitor's heatmaps: the "scan" (layers x units), per-layer timelines (units x time), the
-gradient flow (layers x time) and the probe heatmap (probe samples x units).
+gradient flow (layers x time), the probe heatmap (probe samples x units) and the attention
+heads (attention modules x heads).
 
 Every image is :data:`~monitor.picture.CARD_WIDTH` (350) pixels wide, the width of TensorBoard's
 image card, so the Images dashboard shows it pixel for pixel without "show actual image size"
@@ -344,3 +345,70 @@ def _groups(labels: Sequence[str] | None, rows: int) -> list[tuple[str, int, int
             out.append((labels[start], start, i))
             start = i
     return out
+
+
+def render_attention_heads(
+    modules: Sequence[str],
+    heads: Sequence[int],
+    entropy: np.ndarray,
+    sink: np.ndarray,
+    step: int,
+    width: int = CARD_WIDTH,
+) -> Picture:
+    """Attention modules (rows, forward order) x heads (columns) at one sampled step; colour: the
+    head's normalised attention entropy (0: every query looks at one key, dark; 1: spread evenly,
+    yellow). A dot marks a head with more than half of its attention on the first token (white on
+    dark cells, black on light ones). Cells of heads a module does not have are white; NaN/Inf red.
+
+    ``entropy`` and ``sink`` are ``[modules, max(heads)]`` (see :mod:`monitor.attention`).
+    """
+    ent = np.asarray(entropy, dtype=np.float64).reshape(len(modules), -1)
+    snk = np.asarray(sink, dtype=np.float64).reshape(ent.shape)
+    n, cols = ent.shape
+    short, prefix = shorten_names(modules, int(width * 0.42))
+    cell_h = int(np.clip(480 // max(n, 1), 3, 18))
+    label_every = max(1, -(-14 // cell_h))
+    names = [short[i] for i in range(0, n, label_every)]
+    left = max([text_width(s) for s in names] + [30]) + 10
+    avail = width - left - MARGIN
+    shown = min(cols, avail)  # more heads than pixels: adjacent heads averaged
+    if shown < cols:
+        ent, snk = bin_units(ent.T, shown).T, bin_units(snk.T, shown).T
+    cell_w = int(np.clip(avail // max(shown, 1), 1, 24))
+    title = [f"attention heads @ step {step}: modules x heads"]
+    title = _title(title + ([f"modules: {prefix}…"] if prefix else []), width)
+    top = 4 + len(title) * LINE + 4
+    footer = 18 + 10 + 3 * LINE + 4
+    pic = Picture(_fit_height(top + n * cell_h + footer), width)
+    gh = min(n * cell_h, pic.pixels.shape[0] - top - footer)
+    grid = color_index(np.where(np.isnan(ent), np.inf, np.clip(ent, 0.0, 1.0)))
+    have = np.arange(cols)[None, :] < np.asarray(heads)[:, None]
+    if shown < cols:
+        have = bin_units(have.T.astype(np.float64), shown).T > 0
+    grid[~have] = WHITE
+    block = np.repeat(np.repeat(grid, cell_h, axis=0), cell_w, axis=1)
+    if cell_h >= 5 and cell_w >= 5:  # grid lines between cells
+        block[cell_h - 1 :: cell_h, :] = WHITE
+        block[:, cell_w - 1 :: cell_w] = WHITE
+        dot = max(2, min(cell_h, cell_w) // 3)
+        for r, c in zip(*np.nonzero((snk > 0.5) & have)):
+            y0 = r * cell_h + (cell_h - 1 - dot) // 2
+            x0 = c * cell_w + (cell_w - 1 - dot) // 2
+            block[y0 : y0 + dot, x0 : x0 + dot] = WHITE if ent[r, c] < 0.5 else BLACK
+    pic.pixels[top : top + gh, left : left + shown * cell_w] = block[:gh]
+    items = text_block(title, MARGIN, 4)
+    for label, i in zip(names, range(0, n, label_every)):
+        if i * cell_h < gh:
+            items.append(((left - 5, top + i * cell_h + cell_h // 2 - 7), label, "right"))
+    room = text_width(str(max(cols - 1, 0))) + 6
+    every = next((s for s in (1, 2, 4, 8, 16, 32, 64) if s * cell_w >= room), max(cols, 1))
+    if shown == cols:
+        items += [((left + h * cell_w + cell_w // 2, top + gh + 2), str(h), "centre") for h in range(0, cols, every)]
+    else:
+        items.append(((left, top + gh + 2), f"{cols} heads in {shown} columns", "left"))
+    bar_y = top + gh + 20
+    items += colorbar(pic, MARGIN, bar_y, 120, [(0.0, "0"), (0.5, "0.5"), (1.0, "1")])
+    legend = ["normalised entropy (0: one key,", "1: uniform); dot: > half on the", "first token; red: NaN/Inf"]
+    items += text_block([x for line in legend for x in wrap(line, width - 130 - 2 * MARGIN)], MARGIN + 130, bar_y - 3)
+    pic.labels(items)
+    return pic

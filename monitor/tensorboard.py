@@ -15,6 +15,11 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_nonfinite/<layer>``          units that held NaN/Inf values on that sampled step
 ``activation_hist/<layer>``               histogram of the values
 ``activation_scan``                       image: layers x units
+``attention_entropy/<module>``            attention modules: mean over heads of the normalised entropy
+``attention_entropy_min/<module>``        ... its lowest head
+``attention_sink/<module>``               ... mean over heads of the attention mass on the first token
+``attention_sink_max/<module>``           ... its highest head
+``attention_heads``                       image: attention modules x heads, colour = normalised entropy
 ``activation_timeline/<layer>``           image: units x sampled steps
 ``activation_alerts``                     text: one line per alert (also the gradient alerts)
 ``activation_layers``                     text: ``layer | kind | units``, once per layer (again if it changes)
@@ -57,7 +62,7 @@ import numpy as np
 
 from monitor.eventfile import SUFFIX, EventFileWriter, encode_event, encode_value_histogram, encode_value_scalar
 from monitor.judge import gradient_reference
-from monitor.render import Picture, ScanRow, render_gradient_flow, render_scan, render_timeline
+from monitor.render import Picture, ScanRow, render_attention_heads, render_gradient_flow, render_scan, render_timeline
 from monitor.runconfig import RUN_CONFIG_TAG, config_json, normalize_config
 from monitor.sinks import SampleRecord, Sink, yield_gil
 
@@ -73,6 +78,7 @@ TIMELINE_TAG = "activation_timeline"
 ALERT_TAG = "activation_alerts"
 LAYERS_TAG = "activation_layers"
 FLOW_TAG = "gradient_flow"
+ATTENTION_TAG = "attention_heads"
 _GRAD = "grad_"  # LayerHealth numbers grad_<x> are written as gradient_<x>/<layer>
 
 
@@ -102,7 +108,22 @@ def scalar_values(record: SampleRecord) -> dict[str, float]:
             out[f"update_ratio/{p.name}"] = p.update_ratio
     if norms:
         out["gradient_norm/(total)"] = float(np.sqrt(np.square(np.asarray(norms, dtype=np.float64)).sum()))
+    for a in record.attention:
+        for metric, v in a.scalars().items():
+            out[f"attention_{metric}/{a.name}"] = v
     return out
+
+
+def attention_picture(record: SampleRecord) -> Picture:
+    """The ``attention_heads`` image of one record: its attention modules x heads."""
+    heads = [a.heads for a in record.attention]
+    cols = max(heads)
+    ent = np.full((len(heads), cols), np.nan)
+    sink = np.full((len(heads), cols), np.nan)
+    for i, a in enumerate(record.attention):
+        ent[i, : a.heads] = a.normalized_entropy
+        sink[i, : a.heads] = a.sink
+    return render_attention_heads([a.name for a in record.attention], heads, ent, sink, record.step)
 
 
 def gradient_ratios(record: SampleRecord) -> dict[str, float]:
@@ -402,6 +423,9 @@ class TensorBoardSink(Sink):
         if rows and scan:
             yield_gil()
             self._image(SCAN_TAG, render_scan(rows, record.step), record.step)
+        if record.attention and scan:  # on the scan's schedule
+            yield_gil()
+            self._image(ATTENTION_TAG, attention_picture(record), record.step)
         if not timelines:
             return
         self._timelines_rendered_at = self._samples
