@@ -28,7 +28,7 @@ from torch import nn
 
 from monitor.capture import Capture, first_tensor
 from monitor.probeinput import ProbeInput, probe_input  # noqa: F401 - probe_input: part of this module's API
-from monitor.probemath import drift, favourites, row_order, top_k
+from monitor.probemath import drift_on_device, favourites, row_order, top_k
 from monitor.selection import WatchPoint
 
 
@@ -85,8 +85,9 @@ class ProbeResult:
     since the previous run; ``favourite_changes[layer]``: per unit, how often that happened over
     the run so far. ``loss``: the loss on the probe (targets and a loss function given).
 
-    ``drift``, ``changed`` and ``favourite_changes`` are computed when first read (the writer
-    thread reads them for TensorBoard), not on the training thread.
+    ``drift`` is computed on the matrices' device with the run and comes in the same transfer;
+    ``changed`` and ``favourite_changes`` are computed when first read (the writer thread reads
+    them for TensorBoard).
     """
 
     def __init__(
@@ -103,19 +104,14 @@ class ProbeResult:
         self.ablation: Any = None  # monitor.ablation.AblationEffect for mon.probe(ablate=...)
         self._previous = previous
         self._lock = threading.Lock()
-        self._done = drift is not None  # given: an ablated run, compared with the unablated one
-        self._drift: dict[str, float] = dict(drift or {})
+        self._done = False
+        self.drift: dict[str, float] = dict(drift or {})
         self._changed: dict[str, np.ndarray] = {}
         self._counts: dict[str, np.ndarray] = {}
         self._favourites: dict[str, np.ndarray] = {}
 
     def __repr__(self) -> str:
         return f"ProbeResult(step={self.step}, layers={self.layers}, loss={self.loss})"
-
-    @property
-    def drift(self) -> dict[str, float]:
-        self.finish()
-        return self._drift
 
     @property
     def changed(self) -> dict[str, np.ndarray]:
@@ -128,7 +124,7 @@ class ProbeResult:
         return self._counts
 
     def finish(self) -> None:
-        """Compute drift and favourite changes against the previous run (once; then forget it)."""
+        """Compute the favourites and their changes since the previous run (once; then forget it)."""
         with self._lock:
             if self._done:
                 return
@@ -145,8 +141,6 @@ class ProbeResult:
                     counts[changed] += 1
                     self._changed[name] = changed
                 self._favourites[name], self._counts[name] = fav, counts
-                if prev is not None and name in prev.activations and prev.activations[name].shape[0] == m.shape[0]:
-                    self._drift[name] = drift(prev.activations[name], m)
             self._previous, self._done = None, True
 
     @property
@@ -210,18 +204,25 @@ class ProbeRunner:
         self._tapped: Capture | None = None
         self._collect = _Collect(warn_once)  # the tap (no reference back: no cycle through the monitor)
         self.last: ProbeResult | None = None
+        self._previous: dict[str, torch.Tensor] = {}  # the last run's matrices, on their device (drift)
         self.seconds = 0.0  # training-thread time spent in probe runs (benchmarks read it)
         self.runs = 0
 
     def set_probe(self, probe: ProbeInput) -> None:
         """A new probe: drift and favourites start over."""
-        self.probe, self.last = probe, None
+        self.probe, self.last, self._previous = probe, None, {}
 
     def forward(
         self, model: nn.Module, loss_fn: Callable[..., Any] | None = None
     ) -> tuple[dict[str, np.ndarray], Any, float | None]:
         """One invisible probe forward: (matrices on the host, the output on its device, the loss
         by ``loss_fn`` or the runner's own, when the probe has targets)."""
+        mats, out, loss = self._forward(model, loss_fn)
+        host, scalars = _to_host(mats, {} if loss is None else {"loss": loss})
+        return host, out, scalars.get("loss")
+
+    def _forward(self, model: nn.Module, loss_fn: Callable[..., Any] | None) -> tuple[dict[str, torch.Tensor], Any, Any]:
+        """The forward: matrices and the loss (a tensor) still on the device."""
         probe = self.probe
         if probe is None:
             raise RuntimeError("No probe: pass `probe=` to the Monitor (Lightning: probe='val' waits for a validation batch).")
@@ -240,15 +241,22 @@ class ProbeRunner:
             loss = None
             loss_fn = loss_fn if loss_fn is not None else self.loss_fn
             if loss_fn is not None and targets is not None:
-                loss = float(loss_fn(out, targets))
+                loss = torch.as_tensor(loss_fn(out, targets)).detach()
         sums, collect.sums = collect.sums, {}
-        return _to_host({name: s / c for name, (s, c) in sums.items()}), out, loss
+        return {name: s / c for name, (s, c) in sums.items()}, out, loss
 
     def run(self, model: nn.Module, step: int, loss_fn: Callable[..., Any] | None = None) -> ProbeResult:
         """A probe run at ``step``: matrices, drift and favourite changes against the previous run."""
         t0 = time.perf_counter()
-        mats, _, loss = self.forward(model, loss_fn)
-        result = self.result(step, mats, loss)
+        mats, _, loss = self._forward(model, loss_fn)
+        prev = self._previous
+        scalars = {f"drift/{n}": drift_on_device(prev[n], m) for n, m in mats.items() if n in prev and prev[n].shape[0] == m.shape[0]}
+        if loss is not None:
+            scalars["loss"] = loss
+        host, values = _to_host(mats, scalars)  # matrices, drifts and loss: one transfer
+        self._previous = mats
+        drifts = {k[len("drift/") :]: v for k, v in values.items() if k.startswith("drift/")}
+        result = self.result(step, host, values.get("loss"), drifts)
         self.last = result
         self.seconds += time.perf_counter() - t0
         self.runs += 1
@@ -259,13 +267,14 @@ class ProbeRunner:
         last = self.last
         return None if last is None or layer not in last.activations else last.activations[layer].mean(axis=0)
 
-    def result(self, step: int, mats: dict[str, np.ndarray], loss: float | None) -> ProbeResult:
-        """The result of a run; drift and favourites against the previous run are computed later
-        (the previous run's first, so at most two results are ever linked)."""
+    def result(self, step: int, mats: dict[str, np.ndarray], loss: float | None, drifts: dict[str, float]) -> ProbeResult:
+        """The result of a run; its favourites against the previous run are computed later (the
+        previous run's first, so at most two results are ever linked)."""
         prev = self.last
         if prev is not None:
             prev.finish()  # normally done already, by the writer thread
-        return ProbeResult(step, mats, self.probe.labels if self.probe is not None else None, loss, previous=prev)
+        labels = self.probe.labels if self.probe is not None else None
+        return ProbeResult(step, mats, labels, loss, previous=prev, drift=drifts)
 
 
 class _Collect:
@@ -300,16 +309,16 @@ class _Collect:
         return
 
 
-def _to_host(mats: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
-    """All matrices to the host in one transfer (per device)."""
-    out: dict[str, np.ndarray] = {}
+def _to_host(mats: dict[str, torch.Tensor], scalars: dict[str, torch.Tensor]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Matrices and scalars to the host (as float32) in one transfer per device."""
+    out: dict[str, Any] = {}
     by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for name, m in mats.items():
-        by_device.setdefault(m.device, []).append((name, m))
+    for name, t in [*mats.items(), *scalars.items()]:
+        by_device.setdefault(t.device, []).append((name, t))
     for items in by_device.values():
-        flat = torch.cat([m.reshape(-1) for _, m in items]).cpu().numpy()
+        flat = torch.cat([t.reshape(-1).float() for _, t in items]).cpu().numpy()
         offset = 0
-        for name, m in items:
-            out[name] = flat[offset : offset + m.numel()].reshape(m.shape)
-            offset += m.numel()
-    return {name: out[name] for name in mats}
+        for name, t in items:
+            out[name] = flat[offset : offset + t.numel()].reshape(t.shape)
+            offset += t.numel()
+    return {name: out[name] for name in mats}, {name: float(out[name].reshape(-1)[0]) for name in scalars}

@@ -1,8 +1,11 @@
-"""Pure numpy functions on probe matrices (``[samples, units]``, one row per probe sample).
+"""Pure functions on probe matrices (``[samples, units]``, one row per probe sample).
 
 - :func:`linear_cka` / :func:`drift`: how much a layer's representation of the same inputs moved
   between two probe runs (Kornblith et al. 2019, "Similarity of Neural Network Representations
-  Revisited": linear CKA; drift = 1 - CKA).
+  Revisited": linear CKA; drift = 1 - CKA). :func:`drift_on_device` is the same number computed
+  by torch where the matrices are (the probe's training-thread half, no host sync): BLAS on the
+  monitor's low-priority writer thread would run on OpenBLAS's own worker threads, at normal
+  priority, beside training.
 - :func:`top_k`: the probe samples that excite a unit most.
 - :func:`favourites`: each unit's most exciting sample (its "favourite input").
 - :func:`row_order`: the samples grouped by label, for the heatmap rows.
@@ -13,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 
 NO_FAVOURITE = -1  # a unit that is the same on every sample (a dead ReLU) has no favourite input
 
@@ -35,10 +39,11 @@ def linear_cka(x: np.ndarray, y: np.ndarray) -> float:
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
     if n <= min(p, q):  # the n x n Gram matrices are the smaller ones
         kx, ky = x @ x.T, y @ y.T
-        cross, nx, ny = float((kx * ky).sum()), float(np.linalg.norm(kx)), float(np.linalg.norm(ky))
+        cross = float((kx * ky).sum())
     else:
+        kx, ky = x.T @ x, y.T @ y
         cross = float(np.square(y.T @ x).sum())
-        nx, ny = float(np.linalg.norm(x.T @ x)), float(np.linalg.norm(y.T @ y))
+    nx, ny = float(np.sqrt((kx * kx).sum())), float(np.sqrt((ky * ky).sum()))
     if nx == 0.0 or ny == 0.0:
         return float("nan")
     return cross / (nx * ny)
@@ -60,6 +65,27 @@ def drift(previous: np.ndarray, current: np.ndarray) -> float:
     if flat_prev or flat_cur:
         return 0.0 if flat_prev and flat_cur else 1.0
     return float(min(max(1.0 - linear_cka(prev, cur), 0.0), 1.0))
+
+
+def drift_on_device(previous: torch.Tensor, current: torch.Tensor) -> torch.Tensor:
+    """:func:`drift` in torch, on the matrices' device, as a 0-d float64 tensor (nothing read back)."""
+    x, y = previous.double(), current.double()
+    finite = torch.isfinite(x).all() & torch.isfinite(y).all()
+    x, y = torch.nan_to_num(x, 0.0, 0.0, 0.0), torch.nan_to_num(y, 0.0, 0.0, 0.0)
+    flat_x = (x.amax(0) - x.amin(0)).amax() == 0 if x.numel() else torch.tensor(True, device=x.device)
+    flat_y = (y.amax(0) - y.amin(0)).amax() == 0 if y.numel() else torch.tensor(True, device=y.device)
+    x, y = x - x.mean(0), y - y.mean(0)
+    n, p, q = x.shape[0], x.shape[1], y.shape[1]
+    if n <= min(p, q):
+        kx, ky = x @ x.T, y @ y.T
+        cross = (kx * ky).sum()
+    else:
+        kx, ky = x.T @ x, y.T @ y
+        cross = (y.T @ x).square().sum()
+    cka = cross / (torch.linalg.vector_norm(kx) * torch.linalg.vector_norm(ky))
+    d = (1.0 - cka).clamp(0.0, 1.0)
+    d = torch.where(flat_x | flat_y, (~(flat_x & flat_y)).double(), d)
+    return torch.where(finite, d, torch.full_like(d, float("nan")))
 
 
 def top_k(matrix: np.ndarray, unit: int, k: int = 5) -> tuple[np.ndarray, np.ndarray]:

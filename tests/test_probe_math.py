@@ -2,8 +2,9 @@
 
 import numpy as np
 import pytest
+import torch
 
-from monitor.probemath import NO_FAVOURITE, drift, favourites, linear_cka, row_order, top_k
+from monitor.probemath import NO_FAVOURITE, drift, drift_on_device, favourites, linear_cka, row_order, top_k
 
 
 def hsic_cka(x, y):
@@ -83,3 +84,23 @@ def test_row_order_groups_labels_stably():
     assert order.tolist() == [1, 4, 0, 2, 5, 3]  # within a label, the probe's order
     assert row_order(None, 4).tolist() == [0, 1, 2, 3]
     assert [str(x) for x in np.array([2, "x", 1], dtype=object)[row_order([2, "x", 1], 3)]] == ["1", "2", "x"]
+
+
+def test_drift_on_the_device_is_the_numpy_drift():
+    rng = np.random.default_rng(4)
+    cases = []
+    for n, p, q in ((12, 40, 30), (50, 8, 5), (20, 20, 20)):
+        x = rng.normal(size=(n, p))
+        cases += [(x, x[:, :q] + 0.3 * rng.normal(size=(n, q))), (x, rng.normal(size=(n, q)))]
+    dead = np.zeros((10, 4))
+    live = rng.normal(size=(10, 4))
+    bad = live.copy()
+    bad[2, 1] = np.inf
+    cases += [(dead, dead), (live, dead), (dead, live), (live, bad), (live, 2 * live)]
+    for a, b in cases:
+        got = float(drift_on_device(torch.tensor(a, dtype=torch.float32), torch.tensor(b, dtype=torch.float32)))
+        expected = drift(a.astype(np.float32), b.astype(np.float32))
+        if np.isnan(expected):
+            assert np.isnan(got)
+        else:
+            assert got == pytest.approx(expected, abs=1e-9)
