@@ -103,4 +103,4 @@ def test_drift_on_the_device_is_the_numpy_drift():
         if np.isnan(expected):
             assert np.isnan(got)
         else:
-            assert got == pytest.approx(expected, abs=1e-9)
+            assert got == pytest.approx(expected, abs=1e-6)  # float32 products on a CPU
