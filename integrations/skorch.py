@@ -189,7 +189,7 @@ class ActivationMonitor(Callback):
         history_layers: bool = True,
         run_config: Mapping[str, Any] | None = None,
         probe: Any = None,
-        probe_every_n_samples: int = 10,
+        probe_every_n_samples: int = 20,
         probe_labels: Any = None,
         probe_loss_fn: Callable[[Any, Any], Any] | None = None,
     ) -> None:

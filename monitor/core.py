@@ -122,8 +122,8 @@ class Monitor:
             (``model(P)``), a dict of keyword inputs (``model(**P)``) or ``(inputs, targets)``.
             Gives per watched layer the samples x units matrix, each unit's most exciting samples
             and the drift since the previous probe run (see :mod:`monitor.probe`).
-        probe_every_n_samples: sampled steps between probe runs (default 10: with
-            ``every_n_steps=50``, one probe every 500 steps).
+        probe_every_n_samples: sampled steps between probe runs (default 20, the cadence of the
+            scan images: with ``every_n_steps=50``, one probe every 1000 steps).
         probe_labels: one label per probe sample (rows of the heatmap are grouped by them), or
             ``"targets"`` for the probe's targets.
         probe_loss_fn: ``loss_fn(output, targets)`` for the probe's loss (needs targets).
@@ -162,7 +162,7 @@ class Monitor:
         gradients: bool = True,
         run_config: Mapping[str, Any] | None = None,
         probe: Any = None,
-        probe_every_n_samples: int = 10,
+        probe_every_n_samples: int = 20,
         probe_labels: Any = None,
         probe_loss_fn: Callable[[Any, Any], Any] | None = None,
         attention: bool = True,

@@ -132,7 +132,7 @@ class Options:
     gradients: bool = True
     run_config: Any = None
     probe: Any = None
-    probe_every_n_samples: int = 10
+    probe_every_n_samples: int = 20
     probe_labels: Any = None
     probe_loss_fn: Any = None
     attention: bool = True

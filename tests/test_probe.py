@@ -370,8 +370,8 @@ def test_probe_options_are_validated_with_clear_errors(kwargs, error, match):
         Monitor(nn.Sequential(nn.Linear(2, 2), nn.ReLU()), **kwargs)
 
 
-def test_probe_every_n_samples_defaults_to_10_and_probe_needs_a_probe():
-    assert Options().probe_every_n_samples == 10
+def test_probe_every_n_samples_defaults_to_20_and_probe_needs_a_probe():
+    assert Options().probe_every_n_samples == 20
     mon = Monitor(nn.Sequential(nn.Linear(2, 2), nn.ReLU()))
     with pytest.raises(RuntimeError, match="No probe"):
         mon.probe()
