@@ -61,7 +61,8 @@ from torch.overrides import TorchFunctionMode
 SEQUENCES = 8  # sequences of a call whose attention is measured (the first ones)
 QUERIES = 256  # queries per sequence at most (evenly strided); every key is kept
 MASKED = -1e4  # an additive mask value at or below this hides its key (exp(-1e4) is 0 in float32)
-ROWS = 4  # per head: sum of entropy (nats), of normalised entropy, of first-token mass; queries counted
+ROWS = 5  # per head, sums over queries: entropy (nats), normalised entropy, first-token mass, one-hot queries; queries
+ONE_HOT = 1e-3  # a query whose normalised entropy is at most this looks at one key (Thresholds.attention_entropy)
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
 _SDPA = F.scaled_dot_product_attention
@@ -114,16 +115,19 @@ def hf_implementation(module: nn.Module) -> str | None:
 # -- the numbers, on the device ----------------------------------------------------------------------
 
 
-def head_rows(p: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
-    """``[ROWS, heads]`` sums over sequences and queries of one call.
+def head_rows(p: torch.Tensor, visible: torch.Tensor, one_hot: float = ONE_HOT) -> torch.Tensor:
+    """``[ROWS, heads]`` sums over sequences and queries of one call: entropy (nats), entropy /
+    log(visible keys), mass on the first visible key, queries whose normalised entropy is at most
+    ``one_hot``, and the queries counted.
 
     ``p``: ``[S, H, Q, K]`` float32 probabilities; ``visible``: boolean, broadcastable to ``p``
     (``[S or 1, H or 1, Q, K]``), the keys each query may see. Queries that see fewer than two keys
     are not counted.
 
-    >>> p = torch.tensor([[[[1.0, 0.0], [0.5, 0.5]]]])
-    >>> head_rows(p, torch.tensor([[[[True, False], [True, True]]]])).squeeze(1).tolist()  # 1st query: 1 key
-    [0.6931471824645996, 1.0, 0.5, 1.0]
+    >>> p = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]]])
+    >>> vis = torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]])
+    >>> [round(v, 4) for v in head_rows(p, vis).squeeze(1).tolist()]  # 1st query: one key, not counted
+    [0.6931, 1.0, 0.5, 1.0, 2.0]
     """
     n_vis = visible.sum(-1)
     counted = (n_vis >= 2).expand(p.shape[:-1])
@@ -133,7 +137,13 @@ def head_rows(p: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
     sink = p.gather(-1, first).squeeze(-1)
     zero = p.new_zeros(())
     rows = torch.stack(
-        [torch.where(counted, ent, zero), torch.where(counted, norm, zero), torch.where(counted, sink, zero), counted.to(p.dtype)]
+        [
+            torch.where(counted, ent, zero),
+            torch.where(counted, norm, zero),
+            torch.where(counted, sink, zero),
+            (counted & (norm <= one_hot)).to(p.dtype),
+            counted.to(p.dtype),
+        ]
     )
     return rows.sum((1, 3))
 
@@ -159,6 +169,7 @@ def mha_rows(
     is_causal: bool = False,
     sequences: int = SEQUENCES,
     queries: int = QUERIES,
+    one_hot: float = ONE_HOT,
 ) -> torch.Tensor | None:
     """``[ROWS, heads]`` of one ``nn.MultiheadAttention`` call, recomputed from its inputs and
     parameters as ``F.multi_head_attention_forward`` computes them (before dropout). None when the
@@ -224,7 +235,7 @@ def mha_rows(
         scores = scores + add
     else:
         vis = torch.ones((1, 1, 1, total), dtype=torch.bool, device=scores.device)
-    return head_rows(torch.softmax(scores, dim=-1), vis)
+    return head_rows(torch.softmax(scores, dim=-1), vis, one_hot)
 
 
 def _mask_visible(mask: Any, shape: torch.Size) -> torch.Tensor | None:
@@ -242,7 +253,7 @@ def _mask_visible(mask: Any, shape: torch.Size) -> torch.Tensor | None:
         return mask
     if not mask.is_floating_point():
         return mask != 0
-    return mask > torch.finfo(mask.dtype).min / 2
+    return mask > MASKED  # transformers' masks hold the dtype's minimum
 
 
 def sdpa_rows(
@@ -253,6 +264,7 @@ def sdpa_rows(
     scale: float | None = None,
     sequences: int = SEQUENCES,
     queries: int = QUERIES,
+    one_hot: float = ONE_HOT,
 ) -> torch.Tensor | None:
     """``[ROWS, heads]`` of one ``F.scaled_dot_product_attention(query, key, value, attn_mask,
     is_causal=..., scale=...)`` call with ``[B, H, L, E]`` inputs, its probabilities recomputed as
@@ -290,11 +302,16 @@ def sdpa_rows(
             add = m.float()
             vis = vis & (add > MASKED)
             scores = scores + add
-    return head_rows(torch.softmax(scores, dim=-1), vis)
+    return head_rows(torch.softmax(scores, dim=-1), vis, one_hot)
 
 
 def hf_rows(
-    scores: torch.Tensor, probs: torch.Tensor, mask: Any = None, sequences: int = SEQUENCES, queries: int = QUERIES
+    scores: torch.Tensor,
+    probs: torch.Tensor,
+    mask: Any = None,
+    sequences: int = SEQUENCES,
+    queries: int = QUERIES,
+    one_hot: float = ONE_HOT,
 ) -> torch.Tensor:
     """``[ROWS, heads]`` of one eager softmax of a Hugging Face attention module: ``scores`` its
     input, ``probs`` its output (``[B, H, Tq, Tk]``), ``mask`` the module's ``attention_mask``."""
@@ -307,7 +324,7 @@ def hf_rows(
         mv = _mask_visible(mask, p.shape)
         if mv is not None:
             vis = vis & mv
-    return head_rows(p, vis)
+    return head_rows(p, vis, one_hot)
 
 
 # -- one sampled step ------------------------------------------------------------------------------
@@ -332,13 +349,14 @@ class AttentionPartials:
 @dataclass
 class AttentionNumbers:
     """One attention module on one sampled step, on the host: per head the mean entropy (nats),
-    mean normalised entropy, mean first-token mass (NaN for a head with no counted query), and the
-    queries behind the means."""
+    mean normalised entropy, mean first-token mass, the share of one-hot queries (NaN for a head
+    with no counted query), and the queries behind the means."""
 
     name: str
     entropy: np.ndarray
     normalized: np.ndarray
     sink: np.ndarray
+    one_hot: np.ndarray
     queries: np.ndarray
 
     @property
@@ -355,10 +373,10 @@ def attention_numbers(partials: AttentionPartials | None, values: np.ndarray) ->
     for name, h in zip(partials.names, partials.heads):
         block = np.asarray(values[offset : offset + ROWS * h], dtype=np.float64).reshape(ROWS, h)
         offset += ROWS * h
-        count = block[3]
+        count = block[4]
         with np.errstate(all="ignore"):
-            means = np.where(count > 0, block[:3] / np.where(count > 0, count, 1.0), np.nan)
-        out.append(AttentionNumbers(name, means[0], means[1], means[2], count))
+            means = np.where(count > 0, block[:4] / np.where(count > 0, count, 1.0), np.nan)
+        out.append(AttentionNumbers(name, means[0], means[1], means[2], means[3], count))
     return out
 
 
@@ -421,8 +439,15 @@ class AttentionCapture:
     ``end()``/``detach()``, which remove them on every path; nothing here reads a value back to the host.
     """
 
-    def __init__(self, model: nn.Module, warn_once: Callable[[str, str], None], paused: Callable[[], bool] = lambda: False) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        warn_once: Callable[[str, str], None],
+        paused: Callable[[], bool] = lambda: False,
+        one_hot: float = ONE_HOT,
+    ) -> None:
         self.model = model
+        self.one_hot = one_hot  # a query at or below this normalised entropy is counted as one-hot
         self.points = find_attention(model)
         self._warn_once = warn_once
         self._paused = paused
@@ -535,6 +560,7 @@ class AttentionCapture:
                     a.get("key_padding_mask"),
                     a.get("attn_mask"),
                     bool(a.get("is_causal", False)),
+                    one_hot=self.one_hot,
                 ),
             )
 
@@ -585,7 +611,10 @@ class AttentionCapture:
             return
         mask = a.get("attn_mask")
         self._measure(
-            p, lambda: sdpa_rows(q.detach(), k.detach(), _detach(mask), bool(a.get("is_causal", False)), a.get("scale"))
+            p,
+            lambda: sdpa_rows(
+                q.detach(), k.detach(), _detach(mask), bool(a.get("is_causal", False)), a.get("scale"), one_hot=self.one_hot
+            ),
         )
 
     def _softmax(self, args: tuple, kwargs: dict, out: Any) -> None:
@@ -599,7 +628,7 @@ class AttentionCapture:
         self._hf_seen.add(p.name)
         if self._skip():
             return
-        self._measure(p, lambda: hf_rows(x.detach(), out.detach(), mask))
+        self._measure(p, lambda: hf_rows(x.detach(), out.detach(), mask, one_hot=self.one_hot))
 
 
 def _detach(x: Any) -> Any:

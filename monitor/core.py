@@ -202,7 +202,11 @@ class Monitor:
         )
         self._params = ParameterCapture(model, self._warn_once) if gradients else None
         capture = self._capture
-        self._attention = AttentionCapture(model, self._warn_once, lambda: capture.paused) if attention else None
+        self._attention = (
+            AttentionCapture(model, self._warn_once, lambda: capture.paused, self.thresholds.attention_entropy)
+            if attention
+            else None
+        )
         self.probe_every_n_samples = probe_every_n_samples
         self._probes = ProbeRunner(
             self._capture, None if probe is None else probe_input(probe, probe_labels), probe_loss_fn, self._warn_once

@@ -128,13 +128,15 @@ class AttentionHealth:
     ``entropy``: the mean entropy of a query's attention distribution, in nats;
     ``normalized_entropy``: the mean of entropy / log(keys the query may see): 0 when every query
     looks at one key, 1 when it spreads evenly over all it may see;
-    ``sink``: the mean attention mass on the first token (the first key a query may see).
+    ``sink``: the mean attention mass on the first token (the first key a query may see);
+    ``one_hot``: the share of queries that look at one key (normalised entropy at most
+    ``Thresholds.attention_entropy``).
     NaN for a head with no measured query. ``queries``: the queries behind each mean.
 
     Example:
-        >>> h = AttentionHealth("layers.0.self_attn", 10, 2, (2.1, 0.0), (0.9, 0.0), (0.1, 1.0), 512)
-        >>> h.collapsed(0.02), h.sinks(0.98)
-        ((1,), (1,))
+        >>> h = AttentionHealth("layers.0.self_attn", 10, 2, (2.1, 0.0), (0.9, 0.0), (0.1, 0.1), 512, (0.0, 1.0))
+        >>> h.collapsed(0.9), h.sinks(0.98)
+        ((1,), ())
     """
 
     name: str
@@ -144,21 +146,26 @@ class AttentionHealth:
     normalized_entropy: tuple[float, ...]
     sink: tuple[float, ...]
     queries: int
+    one_hot: tuple[float, ...] = ()
 
-    def collapsed(self, threshold: float) -> tuple[int, ...]:
-        """Heads whose normalised entropy is at most ``threshold`` on this step."""
-        return tuple(i for i, v in enumerate(self.normalized_entropy) if v <= threshold)
+    def collapsed(self, share: float) -> tuple[int, ...]:
+        """Heads at least ``share`` of whose queries look at one key on this step."""
+        return tuple(i for i, v in enumerate(self.one_hot) if v >= share)
 
     def sinks(self, threshold: float) -> tuple[int, ...]:
         """Heads whose first-token mass is at least ``threshold`` on this step."""
         return tuple(i for i, v in enumerate(self.sink) if v >= threshold)
 
     def scalars(self) -> dict[str, float]:
-        """``entropy`` (mean over heads of the normalised entropy), ``entropy_min``, ``sink`` (mean
-        first-token mass over heads), ``sink_max``: heads with a value only."""
+        """``entropy`` (mean over heads of the normalised entropy), ``entropy_min``, ``one_hot_max``
+        (the largest share of one-hot queries of a head), ``sink`` (mean first-token mass over heads),
+        ``sink_max``: heads with a value only."""
         ent = [v for v in self.normalized_entropy if v == v]
         sink = [v for v in self.sink if v == v]
+        one_hot = [v for v in self.one_hot if v == v]
         out: dict[str, float] = {}
+        if one_hot:
+            out["one_hot_max"] = max(one_hot)
         if ent:
             out["entropy"] = sum(ent) / len(ent)
             out["entropy_min"] = min(ent)

@@ -243,7 +243,7 @@ class Judge:
                 healths.append(
                     AttentionHealth(
                         m.name, step, m.heads, tuple(m.entropy.tolist()), tuple(m.normalized.tolist()),
-                        tuple(m.sink.tolist()), int(m.queries.max()) if m.queries.size else 0,
+                        tuple(m.sink.tolist()), int(m.queries.max()) if m.queries.size else 0, tuple(m.one_hot.tolist()),
                     )
                 )
                 mem = self.memory(m.name)

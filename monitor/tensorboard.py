@@ -17,6 +17,7 @@ Tags (``<layer>`` is the watched layer's qualified name, e.g. ``dense0.relu``, `
 ``activation_scan``                       image: layers x units
 ``attention_entropy/<module>``            attention modules: mean over heads of the normalised entropy
 ``attention_entropy_min/<module>``        ... its lowest head
+``attention_one_hot_max/<module>``        ... the largest share of a head's queries that look at one key
 ``attention_sink/<module>``               ... mean over heads of the attention mass on the first token
 ``attention_sink_max/<module>``           ... its highest head
 ``attention_heads``                       image: attention modules x heads, colour = normalised entropy

@@ -83,8 +83,10 @@ class Thresholds:
             cosine similarity (centred by the step's mean token; :mod:`monitor.tokens`).
 
     Attention heads (``nn.MultiheadAttention``, Hugging Face attention; :mod:`monitor.attention`):
-        attention_entropy: a head whose mean normalised entropy (entropy / log(visible keys): 0 when
-            every query looks at one key, 1 when it spreads evenly) is at most this has collapsed ...
+        attention_entropy: a query whose normalised entropy (entropy / log(visible keys): 0 when it
+            looks at one key, 1 when it spreads evenly) is at most this looks at one key (one-hot) ...
+        attention_collapsed: ... and a head at least this share of whose queries are one-hot has
+            collapsed ...
         attention_sink: ... and a head whose mean attention mass on the first token is at least
             this is a sink; either alerts when it holds ...
         attention_samples: ... on this many consecutive sampled steps.
@@ -122,6 +124,7 @@ class Thresholds:
     max_grad_norm: float = 1e3
     collapse_similarity: float = 0.9
     attention_entropy: float = 0.001
+    attention_collapsed: float = 0.9
     attention_sink: float = 0.98
     attention_samples: int = 3
     release: float = 0.8
@@ -135,7 +138,7 @@ class Thresholds:
         for name in (
             "dead_fraction", "saturated_positions", "saturated_fraction", "dormant_fraction", "release", "collapse_similarity",
             "gate_saturated_positions", "gate_saturated_fraction",
-            "attention_entropy", "attention_sink",
+            "attention_entropy", "attention_collapsed", "attention_sink",
         ):
             _fraction(name, getattr(self, name))
         ok = isinstance(self.saturation_tolerance, (int, float)) and 0 <= self.saturation_tolerance < 0.5

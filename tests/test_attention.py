@@ -20,14 +20,15 @@ from monitor.options import Options
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def truth(w: torch.Tensor, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def truth(w: torch.Tensor, visible: np.ndarray, one_hot: float = 1e-3):
     """Per head: mean entropy (nats), mean entropy / log(visible keys), mean probability on the first
-    visible key, and the queries counted (those that see at least two keys), over the first
-    SEQUENCES sequences. ``w``: ``[N, H, L, S]`` probabilities; ``visible``: broadcastable to it."""
+    visible key, the share of queries whose normalised entropy is at most ``one_hot``, and the
+    queries counted (those that see at least two keys), over the first SEQUENCES sequences.
+    ``w``: ``[N, H, L, S]`` probabilities; ``visible``: broadcastable to it."""
     p = w.double().numpy()[:SEQUENCES]
     vis = np.broadcast_to(visible, w.shape)[:SEQUENCES]
     n, h, length, _ = p.shape
-    ent, norm, sink, count = (np.zeros(h) for _ in range(4))
+    ent, norm, sink, hot, count = (np.zeros(h) for _ in range(5))
     for s in range(n):
         for head in range(h):
             for q in range(length):
@@ -39,15 +40,17 @@ def truth(w: torch.Tensor, visible: np.ndarray) -> tuple[np.ndarray, np.ndarray,
                 ent[head] += e
                 norm[head] += e / np.log(keys.size)
                 sink[head] += p[s, head, q, keys[0]]
+                hot[head] += e / np.log(keys.size) <= one_hot
                 count[head] += 1
-    return ent / count, norm / count, sink / count, count
+    return ent / count, norm / count, sink / count, hot / count, count
 
 
 def check(health: AttentionHealth, expected, tol: float = 2e-5) -> None:
-    ent, norm, sink, count = expected
+    ent, norm, sink, hot, count = expected
     np.testing.assert_allclose(health.entropy, ent, atol=tol)
     np.testing.assert_allclose(health.normalized_entropy, norm, atol=tol)
     np.testing.assert_allclose(health.sink, sink, atol=tol)
+    np.testing.assert_allclose(health.one_hot, hot, atol=1e-9)
     assert health.queries == int(count.max())
 
 
@@ -127,8 +130,9 @@ def test_separate_projections_bias_kv_zero_attention_and_unbatched_inputs():
         _, w = mha(x, k, v, key_padding_mask=kpm, need_weights=True, average_attn_weights=False)
         rows = mha_rows(mha, x, k, kpm)
     vis = np.concatenate([~kpm.numpy(), np.ones((3, 2), bool)], 1)[:, None, None, :]  # bias_k, zero key: visible
-    ent, norm, sink, count = truth(w, vis)
-    np.testing.assert_allclose(rows.numpy(), np.stack([ent * count, norm * count, sink * count, count]), rtol=1e-5)
+    ent, norm, sink, hot, count = truth(w, vis)
+    expect = np.stack([ent * count, norm * count, sink * count, hot * count, count])
+    np.testing.assert_allclose(rows.numpy(), expect, rtol=1e-5)
     x1 = torch.randn(6, E)  # unbatched
     model = Attend(nn.MultiheadAttention(E, H).eval())
     with torch.no_grad():
@@ -252,11 +256,12 @@ def test_a_one_hot_head_alerts_on_the_third_sampled_step_and_names_the_head():
     train(model, mon, 11, lambda s: x, regression)
     got = [a for a in mon.alerts if a.kind.startswith("attention")]
     assert [(a.step, a.layer, a.kind) for a in got] == [(10, "layers.1.self_attn", "attention_entropy")]
-    assert "head 2 of 4 collapsed" in got[0].message and "3 consecutive sampled steps" in got[0].message
-    assert "try" in got[0].message
+    assert "head 2 of 4 collapsed: 100% of its queries look at one key" in got[0].message
+    assert "3 consecutive sampled steps" in got[0].message and "try" in got[0].message
     h = mon.attention_health()["layers.1.self_attn"]
     assert h.normalized_entropy[2] < 1e-3 < 0.3 < min(h.normalized_entropy[i] for i in (0, 1, 3))
-    assert h.collapsed(Thresholds().attention_entropy) == (2,)
+    assert h.one_hot[2] == 1.0 and max(h.one_hot[i] for i in (0, 1, 3)) == 0.0
+    assert h.collapsed(Thresholds().attention_collapsed) == (2,)
     mon.close()
 
 
@@ -289,7 +294,7 @@ def test_a_head_biased_to_the_first_token_alerts_as_a_sink_and_recovers():
     got = [(a.step, a.layer, a.kind, a.recovered) for a in mon.alerts if a.kind.startswith("attention")]
     assert got == [(2, "attn", "attention_sink", False), (4, "attn", "attention_sink", True)]
     msg = next(a.message for a in mon.alerts if a.kind == "attention_sink")
-    assert "head 1 of 4 put 100.0% of their attention on the first token" in msg
+    assert "head 1 of 4 put 100.0% of its attention on the first token" in msg
     mon.close()
 
 
@@ -318,13 +323,14 @@ def test_healthy_training_is_silent_and_far_from_the_thresholds():
     th = Thresholds()
     model = small_encoder()
     x = torch.randn(16, 16, 32, generator=torch.Generator().manual_seed(0))
-    lowest, highest = [], []
+    lowest, highest, hot = [], [], []
 
     def record(mon, step):
         for h in mon.attention_health().values():
             if h.step == step:
                 lowest.append(min(h.normalized_entropy))
                 highest.append(max(h.sink))
+                hot.append(max(h.one_hot))
 
     mon = Monitor(model, every_n_steps=5, on_alert="ignore")
     opt = torch.optim.Adam(model.parameters(), 1e-3)
@@ -359,6 +365,7 @@ def test_healthy_training_is_silent_and_far_from_the_thresholds():
     mon.close()
     assert len(lowest) == 2 * 12 + 2 * 8
     assert min(lowest) > 10 * th.attention_entropy and max(highest) < th.release * th.attention_sink
+    assert max(hot) < 0.1 * th.attention_collapsed
 
 
 def _snapshot(model: nn.Module):
@@ -415,7 +422,7 @@ def test_tensorboard_scalars_and_the_heads_image(tmp_path):
     for name, h in health.items():
         ent = [v for v in h.normalized_entropy]
         expect = {
-            "attention_entropy": np.mean(ent), "attention_entropy_min": min(ent),
+            "attention_entropy": np.mean(ent), "attention_entropy_min": min(ent), "attention_one_hot_max": max(h.one_hot),
             "attention_sink": np.mean(h.sink), "attention_sink_max": max(h.sink),
         }
         for prefix, value in expect.items():
@@ -439,6 +446,7 @@ def test_attention_false_options_and_thresholds():
         Options(attention="yes")
     for kw, needle in [
         ({"attention_entropy": 0}, "attention_entropy"), ({"attention_sink": 1.5}, "attention_sink"),
+        ({"attention_collapsed": 0}, "attention_collapsed"),
         ({"attention_samples": 0}, "attention_samples"),
     ]:
         with pytest.raises(ValueError, match=needle):
@@ -521,3 +529,45 @@ def test_the_heads_image_fits_the_card_for_few_and_many_modules():
     grid_rows = [r for r in range(pic.pixels.shape[0]) if (pic.pixels[r] != WHITE).sum() > 100]
     last = pic.pixels[grid_rows[len(grid_rows) // 2 + 2]]
     assert (last[-80:] == WHITE).all()
+
+
+def test_lightning_and_trainer_callbacks_give_the_heads(tmp_path):
+    pytest.importorskip("lightning")
+    import lightning as L
+
+    from integrations.lightning import ActivationMonitor as LightningMonitor
+
+    class Module(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = small_encoder()
+
+        def training_step(self, batch, i):
+            return regression(self.net, batch[0])
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), 1e-3)
+
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(8, 6, 32)), batch_size=4)
+    for attention in (True, False):
+        cb = LightningMonitor(every_n_steps=1, on_alert="ignore", attention=attention)
+        trainer = L.Trainer(
+            max_steps=2, accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False, default_root_dir=str(tmp_path), callbacks=[cb],
+        )
+        trainer.fit(Module(), data)
+        assert list(cb.attention_health()) == (["net.layers.0.self_attn", "net.layers.1.self_attn"] if attention else [])
+    pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from integrations.transformers import ActivationMonitor as TrainerMonitor
+
+    ids = torch.randint(0, 50, (8, 12), generator=torch.Generator().manual_seed(0))
+    rows = [{"input_ids": r, "labels": r} for r in ids]
+    cb = TrainerMonitor(every_n_steps=1, on_alert="ignore", logdir=str(tmp_path / "hf"))
+    args = TrainingArguments(
+        str(tmp_path / "out"), use_cpu=True, report_to=[], per_device_train_batch_size=4, save_strategy="no",
+        max_steps=2, disable_tqdm=True, dataloader_num_workers=0,
+    )
+    Trainer(model=_hf("gpt2", "sdpa"), args=args, train_dataset=rows, callbacks=[cb]).train()
+    assert list(cb.attention_health()) == ["transformer.h.0.attn", "transformer.h.1.attn"]

@@ -3,9 +3,10 @@
 Both judge an attention module (not a watched layer) on every sampled step where its heads were
 measured (:mod:`monitor.attention`), per head, and alert for the module naming its heads:
 
-- ``attention_entropy``: a head whose mean normalised entropy (entropy / log(visible keys)) is at
-  most ``attention_entropy`` on ``attention_samples`` consecutive sampled steps (and that is not a
-  sink): its softmax has become (nearly) one-hot, the entropy collapse of Zhai et al. 2023 ("Stabilizing Transformer
+- ``attention_entropy``: a head at least ``attention_collapsed`` of whose queries are one-hot
+  (normalised entropy, entropy / log(visible keys), at most ``attention_entropy``) on
+  ``attention_samples`` consecutive sampled steps (and that is not a sink): its softmax has become
+  one-hot, the entropy collapse of Zhai et al. 2023 ("Stabilizing Transformer
   Training by Preventing Attention Entropy Collapse") that accompanies unstable training;
 - ``attention_sink``: a head whose mean attention mass on the first token is at least
   ``attention_sink`` on ``attention_samples`` consecutive sampled steps: it attends to nothing but
@@ -30,6 +31,10 @@ from monitor.thresholds import Thresholds
 def _heads(idx: list[int], of: int) -> str:
     shown = ", ".join(str(i) for i in idx[:8]) + (f" (+{len(idx) - 8})" if len(idx) > 8 else "")
     return f"{'head' if len(idx) == 1 else 'heads'} {shown} of {of}"
+
+
+def _its(idx: list[int]) -> str:
+    return "its" if len(idx) == 1 else "their"
 
 
 def _values(v: np.ndarray, idx: list[int], fmt: str) -> str:
@@ -59,10 +64,12 @@ class _AttentionDetector(Detector):
 
 
 class AttentionEntropy(_AttentionDetector):
-    """A head whose attention has collapsed onto one key per query: mean normalised entropy at most
-    ``attention_entropy`` on ``attention_samples`` consecutive sampled steps (a head whose one key is
-    the first token is reported by ``attention_sink`` instead). Clear again once every head is above
-    ``attention_entropy / release``."""
+    """A head whose attention has collapsed onto one key per query: at least ``attention_collapsed``
+    of its queries one-hot (normalised entropy at most ``attention_entropy``) on ``attention_samples``
+    consecutive sampled steps (a head whose one key is the first token is reported by
+    ``attention_sink`` instead). Judged on the share of one-hot queries rather than the mean
+    entropy: one query with two tied keys (entropy log 2) would lift the mean of a one-hot head.
+    Clear again once every head is below ``release * attention_collapsed``."""
 
     name = "attention_entropy"
     causes = (
@@ -72,36 +79,42 @@ class AttentionEntropy(_AttentionDetector):
     )
 
     def evaluate_attention(self, heads: Any, thresholds: Thresholds, memory: dict[str, Any]) -> Verdict:
-        th = thresholds.attention_entropy
-        v = np.asarray(heads.normalized, dtype=np.float64)
+        share = thresholds.attention_collapsed
+        v = np.asarray(heads.one_hot, dtype=np.float64)
+        ent = np.asarray(heads.normalized, dtype=np.float64)
         q = np.asarray(heads.queries)
         if not np.any(q > 0):
-            return Verdict(None, math.nan, th, "attention entropy: not measured")
-        if not np.all(np.isfinite(v[q > 0])):  # NaN/Inf scores: no verdict, and never healthy
+            return Verdict(None, math.nan, share, "attention entropy: not measured")
+        if not np.all(np.isfinite(ent[q > 0])):  # NaN/Inf scores: no verdict, and never healthy
             _streaks(memory, np.zeros(v.shape[0], dtype=bool))
-            return Verdict(None, math.nan, th, "attention entropy: NaN/Inf attention scores", band=True)
+            return Verdict(None, math.nan, share, "attention entropy: NaN/Inf attention scores", band=True)
         sinks = np.nan_to_num(np.asarray(heads.sink, dtype=np.float64)) >= thresholds.attention_sink
-        low = (np.where(np.isfinite(v), v, np.inf) <= th) & ~sinks  # one-hot on the first token: a sink
-        streak = _streaks(memory, low)
+        high = (np.nan_to_num(v) >= share) & ~sinks  # one-hot on the first token: a sink
+        streak = _streaks(memory, high)
         k = thresholds.attention_samples
         bad = [i for i, s in enumerate(streak) if s >= k]
-        lowest = float(np.nanmin(v))
+        top = float(np.nanmax(v))
         n = v.shape[0]
+        eps = thresholds.attention_entropy
         if bad:
             over = "the last sampled step" if k == 1 else f"{k} consecutive sampled steps"
 
             def what() -> str:
+                shares = ", ".join(f"{100 * float(v[i]):.0f}%" for i in bad[:8])
                 return (
-                    f"attention entropy: {_heads(bad, n)} collapsed to a normalised entropy of "
-                    f"{_values(v, bad, '.3g')} (entropy / log(visible keys); threshold {th:g}) on {over}, "
-                    f"{int(np.max(q))} queries"
+                    f"attention entropy: {_heads(bad, n)} collapsed: {shares} of {_its(bad)} queries look at one key "
+                    f"(normalised entropy <= {eps:g}; threshold {100 * share:g}% of {int(np.max(q))} queries; mean "
+                    f"normalised entropy {_values(ent, bad, '.2g')}) on {over}"
                 )
 
-            return Verdict(True, float(min(v[i] for i in bad)), th, what)
-        clear = lowest > th / thresholds.release
-        i = int(np.nanargmin(v))
-        what_now = f"attention entropy: lowest normalised entropy {lowest:.3g} (head {i} of {n}), threshold {th:g}"
-        return Verdict(False if clear else None, lowest, th, what_now, band=not clear)
+            return Verdict(True, float(max(v[i] for i in bad)), share, what)
+        clear = top < thresholds.release * share
+        i = int(np.nanargmax(v))
+        what_now = (
+            f"attention entropy: largest share of one-hot queries {100 * top:.0f}% (head {i} of {n}), "
+            f"threshold {100 * share:g}%"
+        )
+        return Verdict(False if clear else None, top, share, what_now, band=not clear)
 
 
 class AttentionSink(_AttentionDetector):
@@ -139,7 +152,7 @@ class AttentionSink(_AttentionDetector):
             def what() -> str:
                 shares = ", ".join(f"{100 * float(v[i]):.1f}%" for i in bad[:8])
                 return (
-                    f"attention sink: {_heads(bad, n)} put {shares} of their attention on the first token "
+                    f"attention sink: {_heads(bad, n)} put {shares} of {_its(bad)} attention on the first token "
                     f"(threshold {100 * th:g}%) on {over}, {int(np.max(q))} queries"
                 )
 
