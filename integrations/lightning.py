@@ -34,6 +34,7 @@ import torch
 from monitor import (
     ActivationAlertError,
     Alert,
+    AttentionHealth,
     LayerHealth,
     Monitor,
     MonitorWarning,
@@ -59,7 +60,7 @@ __all__ = ["ActivationAlertError", "ActivationMonitor"]
 LightningOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
-    "run_config", "probe", "probe_every_n_samples", "probe_labels", "probe_loss_fn",
+    "run_config", "probe", "probe_every_n_samples", "probe_labels", "probe_loss_fn", "attention",
 )
 VAL_PROBE = "val"
 SUBDIR = "activation_monitor"
@@ -166,6 +167,10 @@ class ActivationMonitor(Callback):
     def parameter_health(self) -> dict[str, ParameterHealth]:
         """Each parameter's gradient norm (before clipping) and update ratio at the latest sampled step."""
         return self.monitor.parameter_health() if self.monitor is not None else {}
+
+    def attention_health(self) -> dict[str, AttentionHealth]:
+        """Each attention module's heads (entropy, first-token mass) at the latest sampled step."""
+        return self.monitor.attention_health() if self.monitor is not None else {}
 
     # -- setup ------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:

@@ -60,6 +60,7 @@ from torch import nn
 from monitor import (
     ActivationAlertError,
     Alert,
+    AttentionHealth,
     LayerHealth,
     Monitor,
     MonitorWarning,
@@ -86,9 +87,11 @@ __all__ = ["ActivationAlertError", "ActivationMonitor"]
 TrainerOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
-    "run_config",
+    "run_config", "attention",
 )
-_JSON_KWARGS = ("histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients", "run_config")
+_JSON_KWARGS = (
+    "histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients", "run_config", "attention",
+)
 #: The TrainingArguments a run records as its ``run_config`` (with the model class, the world size
 #: and a hyperparameter search's trial parameters); ``run_config=`` goes on top.
 RUN_CONFIG_ARGS = (
@@ -139,7 +142,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     Takes the options of :class:`monitor.Monitor` (the same names as the Lightning callback):
     ``every_n_steps``, ``include``, ``exclude``, ``thresholds``, ``on_alert``, ``logdir`` and the
     keyword-only ``histograms``, ``images_every_n_samples``, ``timeline_length``, ``functional``,
-    ``sinks``, ``background``, ``detectors``, ``gradients``, ``run_config``; validated here, by the
+    ``sinks``, ``background``, ``detectors``, ``gradients``, ``run_config``, ``attention``; validated here, by the
     core's validator. The run's ``run_config`` (read by the run report) is the Trainer's main
     hyperparameters (:data:`RUN_CONFIG_ARGS`, the model class, the world size, a trial's
     parameters), updated with ``run_config=`` if given.
@@ -218,6 +221,10 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     def parameter_health(self) -> dict[str, ParameterHealth]:
         """Each parameter's gradient norm (after the Trainer's clipping) and update ratio at the latest sampled step."""
         return self.monitor.parameter_health() if self.monitor is not None else {}
+
+    def attention_health(self) -> dict[str, AttentionHealth]:
+        """Each attention module's heads (entropy, first-token mass) at the latest sampled step."""
+        return self.monitor.attention_health() if self.monitor is not None else {}
 
     def set_trainer(self, trainer: Any) -> ActivationMonitor:
         """Know the Trainer (as the Trainer's own ``JITCheckpointCallback.set_trainer`` does): the
