@@ -4,6 +4,8 @@ Workloads (CPU by default, ``--device cuda`` on a GPU):
   mlp          13 -> 256 -> 256 -> 3 MLP, batch 128
   cnn          small CNN on 3x32x32, batch 64
   transformer  4-layer encoder, d_model 128, 4 heads, ffn 512, seq 64, batch 32
+  lstm         2-layer nn.LSTM, 32 -> 128, seq 64, batch 32, a linear head on every step (the
+               monitor recomputes its gates and states on 8 of the 32 sequences: 12 virtual layers)
 
 For each workload, side by side in one process (each configuration's block, a multiple of its N
 steps, paired with a bare block of the same length run right before or after it; every block
@@ -44,6 +46,18 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+class SequenceRegressor(nn.Module):
+    """The ``lstm`` workload: a 2-layer LSTM and a linear read-out of every time step."""
+
+    def __init__(self, d_in: int = 32, hidden: int = 128, layers: int = 2) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(d_in, hidden, layers, batch_first=True)
+        self.head = nn.Linear(hidden, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.rnn(x)[0])
+
+
 @dataclass
 class Workload:
     name: str
@@ -72,6 +86,10 @@ def make_workload(name: str, device: str) -> Workload:
         )
         x, y = torch.randn(32, 64, 128), torch.randn(32, 64, 128)
         loss = F.mse_loss
+    elif name == "lstm":
+        model = SequenceRegressor()
+        x, y = torch.randn(32, 64, 32), torch.randn(32, 64, 1)
+        loss = F.mse_loss
     else:
         raise ValueError(f"unknown workload {name!r}")
     model.to(device)
@@ -96,7 +114,7 @@ class Naive:
         self.handles: list = []
         self.modules = [
             (name, m) for name, m in model.named_modules()
-            if name and (is_activation_module(m) or isinstance(m, nn.TransformerEncoderLayer))
+            if name and (is_activation_module(m) or isinstance(m, (nn.TransformerEncoderLayer, nn.LSTM, nn.GRU)))
         ]
 
     def attach(self) -> None:
@@ -348,7 +366,7 @@ def markdown(results: list[dict], intervals: list[int]) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "transformer"])
+    p.add_argument("--workloads", nargs="+", default=["mlp", "cnn", "transformer", "lstm"])
     p.add_argument("--intervals", nargs="+", type=int, default=[1, 10, 50, 200])
     p.add_argument("--rounds", type=int, default=15)
     p.add_argument("--block-seconds", type=float, default=0.5, help="target length of a timed block")
