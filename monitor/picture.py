@@ -142,7 +142,13 @@ def text_mask(text: str) -> np.ndarray:
     m = _TRAILING_NUMBER.match(text)
     if m is None or len(text) <= 6:  # short numbers (unit and step ticks) are cached as they are
         return _text_mask(text)
-    head, digits = m.groups()
+    return _composed_mask(*m.groups())
+
+
+@lru_cache(maxsize=2048)
+def _composed_mask(head: str, digits: str) -> np.ndarray:
+    """A text ending in a number from cached pieces (cached too: names like ``layers.12`` repeat
+    in every image, titles with a step do not; read-only, like every cached mask)."""
     parts = [_text_mask(d) for d in digits]
     if head.strip():
         head_mask = _text_mask(head.rstrip())
