@@ -22,9 +22,7 @@ The callback only translates Lightning events into core calls:
 
 from __future__ import annotations
 
-import collections
 import os
-import threading
 import warnings
 from collections.abc import Callable
 from typing import Any, Literal, Union
@@ -40,11 +38,10 @@ from monitor import (
     MonitorWarning,
     Options,
     ParameterHealth,
-    SampleRecord,
-    Sink,
     Thresholds,
 )
 from monitor.selection import Patterns
+from monitor.sinks import ScalarQueue
 
 try:
     import lightning.pytorch as pl
@@ -64,28 +61,6 @@ _KWARGS = (
 )
 VAL_PROBE = "val"
 SUBDIR = "activation_monitor"
-
-
-class _MetricsQueue(Sink):
-    """Keeps ``(step, {tag: value})`` per record; drained on the training thread into loggers."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
-        self._lock = threading.Lock()
-
-    def write(self, record: SampleRecord) -> None:
-        from monitor.tensorboard import scalar_values
-
-        values = scalar_values(record)
-        if values:
-            with self._lock:
-                self._items.append((record.step, values))
-
-    def drain(self) -> list[tuple[int, dict[str, float]]]:
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-        return items
 
 
 def _str_keys(config: dict[Any, Any]) -> dict[str, Any]:
@@ -143,7 +118,7 @@ class ActivationMonitor(Callback):
 
         self.monitor: Monitor | None = None  # the core monitor of the current/last fit
         self._pending_state: dict[str, Any] | None = None
-        self._queue: _MetricsQueue | None = None
+        self._queue: ScalarQueue | None = None
         self._metric_loggers: list[Any] = []
         self._rank_zero = True
         self._stepped = False  # the optimizer stepped inside the sampled step in progress
@@ -186,7 +161,7 @@ class ActivationMonitor(Callback):
         # A compiled module (torch.compile(module), which Lightning unwraps, or .compile()) is
         # watched like any other: the core runs its sampled steps eagerly (monitor/compiled.py).
         writer, logdir, self._metric_loggers = self._outputs(trainer)
-        self._queue = _MetricsQueue() if self._metric_loggers else None
+        self._queue = ScalarQueue() if self._metric_loggers else None
         sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
         if self._queue is not None:
             sinks.append(self._queue)

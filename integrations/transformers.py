@@ -38,7 +38,6 @@ exits. See the README, section "Hugging Face Trainer".
 from __future__ import annotations
 
 import base64
-import collections
 import copy
 import dataclasses
 import glob
@@ -66,11 +65,10 @@ from monitor import (
     MonitorWarning,
     Options,
     ParameterHealth,
-    SampleRecord,
-    Sink,
     Thresholds,
 )
 from monitor.selection import Patterns
+from monitor.sinks import ScalarQueue
 
 try:
     import transformers
@@ -112,28 +110,6 @@ _LOOP_FRAMES = frozenset({"training_step", "_run_epoch", "_inner_training_loop"}
 
 _LIVE: weakref.WeakSet[ActivationMonitor] = weakref.WeakSet()
 _SERIAL = itertools.count()
-
-
-class _MetricsQueue(Sink):
-    """Keeps ``(step, {tag: value})`` per record; drained on the training thread to the reporters."""
-
-    def __init__(self) -> None:
-        self._items: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
-        self._lock = threading.Lock()
-
-    def write(self, record: SampleRecord) -> None:
-        from monitor.tensorboard import scalar_values
-
-        values = scalar_values(record)
-        if values:
-            with self._lock:
-                self._items.append((record.step, values))
-
-    def drain(self) -> list[tuple[int, dict[str, float]]]:
-        with self._lock:
-            items = list(self._items)
-            self._items.clear()
-        return items
 
 
 class ActivationMonitor(TrainerCallback, ExportableState):
@@ -197,7 +173,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         self.monitor: Monitor | None = None  # the core monitor of the current/last train()
         self.log_dir: str | None = None  # where this rank's TensorBoard output goes (None: nowhere)
         self._trainer: weakref.ref | None = None
-        self._queue: _MetricsQueue | None = None
+        self._queue: ScalarQueue | None = None
         self._rank_zero = True
         self._global_step = 0
         self._guard: Any = None  # the forward pre-hook of the sampled step in progress
@@ -265,7 +241,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
             entries[type(self).__name__] = self.state()
         writer, logdir = self._outputs(args, state) if self._rank_zero else (None, None)
         reporters = self._rank_zero and self._trainer is not None
-        self._queue = _MetricsQueue() if reporters else None
+        self._queue = ScalarQueue() if reporters else None
         sinks = list(self.monitor_kwargs.get("sinks") or []) if self._rank_zero else []
         if self._queue is not None:
             sinks.append(self._queue)

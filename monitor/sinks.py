@@ -8,6 +8,7 @@ training never sees the exception.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import math
 import os
@@ -147,6 +148,30 @@ class Sink:
 
     def close(self) -> None:
         """Release resources; called once, after the last write."""
+
+
+class ScalarQueue(Sink):
+    """Keeps ``(step, {tag: value})`` per record (the TensorBoard scalar names); :meth:`drain`
+    hands them over on the training thread. The integrations feed their frameworks' loggers
+    (Lightning's ``log_metrics``, the Trainer's reporting callbacks) from it."""
+
+    def __init__(self) -> None:
+        self._items: collections.deque[tuple[int, dict[str, float]]] = collections.deque()
+        self._lock = threading.Lock()
+
+    def write(self, record: SampleRecord) -> None:
+        from monitor.tensorboard import scalar_values
+
+        values = scalar_values(record)
+        if values:
+            with self._lock:
+                self._items.append((record.step, values))
+
+    def drain(self) -> list[tuple[int, dict[str, float]]]:
+        with self._lock:
+            items = list(self._items)
+            self._items.clear()
+        return items
 
 
 _FLUSH, _CLOSE, _DRAIN = object(), object(), object()
