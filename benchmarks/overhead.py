@@ -11,7 +11,8 @@ For each workload, side by side in one process (each configuration's block, a mu
 steps, paired with a bare block of the same length run right before or after it; every block
 starts from the same weights; medians over rounds), the monitor twice: ``monitor`` wraps the
 forward only (activations), ``+grad`` wraps the whole step (forward, backward, optimizer step:
-activations, gradients, parameter norms and update ratios; ``--no-gradients`` skips it):
+activations, gradients, parameter norms and update ratios; ``--no-gradients`` skips it;
+``--no-attention`` builds the monitors with ``attention=False``, for the attention heads' share):
   bare step time; sampled-step time (every sampled step of the N >= 10 blocks);
   amortised overhead at N = every_n_steps for the monitor and for the naive approach
   (forward hooks that keep ``output.detach().cpu()`` on every step and call
@@ -194,13 +195,16 @@ def run_block(
     return elapsed
 
 
+MONITOR_OPTIONS: dict = {}  # extra Monitor options for every configuration (--no-attention)
+
+
 def make_state(w: Workload, mode: str, every: int, logdir: str) -> dict:
     from monitor import Monitor
 
     state: dict = {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}
     if mode in ("monitor", "grads"):
         state["mon"] = Monitor(
-            w.model, every_n_steps=every, logdir=os.path.join(logdir, f"{mode}{every}"), on_alert="ignore"
+            w.model, every_n_steps=every, logdir=os.path.join(logdir, f"{mode}{every}"), on_alert="ignore", **MONITOR_OPTIONS
         ).attach()
     elif mode == "naive":
         state["naive"] = Naive(w.model, every, os.path.join(logdir, f"naive{every}"))
@@ -375,10 +379,13 @@ def main() -> None:
     p.add_argument("--memory", action="store_true", help="also measure peak memory (subprocesses)")
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-gradients", action="store_true", help="skip the +grad configuration (whole step inside)")
+    p.add_argument("--no-attention", action="store_true", help="monitors without the attention heads (attention=False)")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
     rounds = 3 if a.quick else a.rounds
+    if a.no_attention:
+        MONITOR_OPTIONS["attention"] = False
     results = []
     for name in a.workloads:
         r = bench_workload(
@@ -392,6 +399,7 @@ def main() -> None:
             mon = memory_probe(name, "monitor", 50, steps, a.device)
             naive = memory_probe(name, "naive", 50, steps, a.device)
             r["memory"] = {"monitor_delta_mb": (mon - base) / 2**20, "naive_delta_mb": (naive - base) / 2**20}
+        r["attention"] = not a.no_attention
         results.append(r)
         print(json.dumps(r, indent=None), flush=True)
     table = markdown(results, a.intervals)
