@@ -62,7 +62,7 @@ SEQUENCES = 8  # sequences of a call whose attention is measured (the first ones
 QUERIES = 256  # queries per sequence at most (evenly strided); every key is kept
 MASKED = -1e4  # an additive mask value at or below this hides its key (exp(-1e4) is 0 in float32)
 ROWS = 5  # per head, sums over queries: entropy (nats), normalised entropy, first-token mass, one-hot queries; queries
-ONE_HOT = 1e-3  # a query whose normalised entropy is at most this looks at one key (Thresholds.attention_entropy)
+ONE_HOT = 1e-5  # a query whose normalised entropy is at most this looks at one key (Thresholds.attention_entropy)
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
 _SDPA = F.scaled_dot_product_attention

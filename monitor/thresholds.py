@@ -123,7 +123,7 @@ class Thresholds:
     grad_growth_factor: float = 100.0
     max_grad_norm: float = 1e3
     collapse_similarity: float = 0.9
-    attention_entropy: float = 0.001
+    attention_entropy: float = 1e-5
     attention_collapsed: float = 0.9
     attention_sink: float = 0.98
     attention_samples: int = 3

@@ -20,7 +20,7 @@ from monitor.options import Options
 logging.getLogger("transformers").setLevel(logging.ERROR)
 
 
-def truth(w: torch.Tensor, visible: np.ndarray, one_hot: float = 1e-3):
+def truth(w: torch.Tensor, visible: np.ndarray, one_hot: float = 1e-5):
     """Per head: mean entropy (nats), mean entropy / log(visible keys), mean probability on the first
     visible key, the share of queries whose normalised entropy is at most ``one_hot``, and the
     queries counted (those that see at least two keys), over the first SEQUENCES sequences.
@@ -256,11 +256,11 @@ def test_a_one_hot_head_alerts_on_the_third_sampled_step_and_names_the_head():
     train(model, mon, 11, lambda s: x, regression)
     got = [a for a in mon.alerts if a.kind.startswith("attention")]
     assert [(a.step, a.layer, a.kind) for a in got] == [(10, "layers.1.self_attn", "attention_entropy")]
-    assert "head 2 of 4 collapsed: 100% of its queries look at one key" in got[0].message
+    assert "head 2 of 4 collapsed: 99% of its queries look at one key" in got[0].message
     assert "3 consecutive sampled steps" in got[0].message and "try" in got[0].message
     h = mon.attention_health()["layers.1.self_attn"]
     assert h.normalized_entropy[2] < 1e-3 < 0.3 < min(h.normalized_entropy[i] for i in (0, 1, 3))
-    assert h.one_hot[2] == 1.0 and max(h.one_hot[i] for i in (0, 1, 3)) == 0.0
+    assert h.one_hot[2] > 0.95 and max(h.one_hot[i] for i in (0, 1, 3)) == 0.0
     assert h.collapsed(Thresholds().attention_collapsed) == (2,)
     mon.close()
 
