@@ -17,8 +17,12 @@ Constructed pathologies (``patho``): one head of the benchmark transformer's sec
 query and key projections scaled x3, x10, x100 (20 Adam steps); GPT-2 with one head scaled x100 and
 x1000; a head whose scores get +30 on the first key (a position bias gone wrong).
 
-Usage: python benchmarks/attention_defaults.py [bench] [gpt2] [gpt2long] [bert] [patho]
-(all but gpt2long by default; ~25 minutes on a 2-core CPU).
+Cost (``cost``): the benchmark transformer's forward, timed as a bare step, a sampled step of a
+monitor with ``attention=False`` and one with the attention heads, interleaved (one of each per
+round, in a rotating order) so that the machine's drift hits all three alike; medians over rounds.
+
+Usage: python benchmarks/attention_defaults.py [bench] [gpt2] [gpt2long] [bert] [patho] [cost]
+(all but gpt2long and cost by default; ~25 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -195,6 +199,48 @@ def pathologies() -> None:
         print(f"+30 on the first key, head 1: first-token mass per head {sink}; alerts: {attention_alerts(mon) or 'none'}")
 
 
+def cost(rounds: int = 40) -> None:
+    import contextlib
+    import statistics
+    import time
+
+    from overhead import make_workload
+
+    w = make_workload("transformer", "cpu")
+    model, (x, _) = w.model, w.batch
+    with_heads = Monitor(model, every_n_steps=1, on_alert="ignore", histograms=True)
+    without = Monitor(model, every_n_steps=1, on_alert="ignore", histograms=True, attention=False)
+    times: dict[str, list[float]] = {"bare": [], "monitor, attention=False": [], "monitor": []}
+    step = 0
+
+    def run(name: str) -> None:
+        nonlocal step
+        mon = {"monitor": with_heads, "monitor, attention=False": without}.get(name)
+        t = time.perf_counter()
+        with mon.step(step) if mon is not None else contextlib.nullcontext():
+            model(x)
+        times[name].append(time.perf_counter() - t)
+        step += 1
+
+    for name, measured in times.items():  # warm-up: the first sample discovers watch points
+        run(name)
+        measured.clear()
+    order = list(times)
+    for r in range(rounds):
+        for name in order[r % 3 :] + order[: r % 3]:
+            run(name)
+        with_heads.flush()
+        without.flush()
+    with_heads.close()
+    without.close()
+    med = {k: statistics.median(v) * 1e3 for k, v in times.items()}
+    print(
+        f"forward of the benchmark transformer, medians of {rounds} rounds: bare {med['bare']:.1f} ms, "
+        f"sampled without attention heads {med['monitor, attention=False']:.1f} ms, with {med['monitor']:.1f} ms: "
+        f"the heads add {med['monitor'] - med['monitor, attention=False']:.2f} ms per sampled step"
+    )
+
+
 def main() -> None:
     which = set(sys.argv[1:]) or {"bench", "gpt2", "bert", "patho"}
     torch.set_num_threads(2)
@@ -212,6 +258,8 @@ def main() -> None:
         report("BERT MLM AdamW 3e-3", hugging_face("bert", 3e-3))
     if "patho" in which:
         pathologies()
+    if "cost" in which:
+        cost()
 
 
 if __name__ == "__main__":

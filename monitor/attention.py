@@ -115,23 +115,25 @@ def hf_implementation(module: nn.Module) -> str | None:
 # -- the numbers, on the device ----------------------------------------------------------------------
 
 
-def head_rows(p: torch.Tensor, visible: torch.Tensor, one_hot: float = ONE_HOT) -> torch.Tensor:
+def head_rows(logp: torch.Tensor, visible: torch.Tensor, one_hot: float = ONE_HOT) -> torch.Tensor:
     """``[ROWS, heads]`` sums over sequences and queries of one call: entropy (nats), entropy /
     log(visible keys), mass on the first visible key, queries whose normalised entropy is at most
     ``one_hot``, and the queries counted.
 
-    ``p``: ``[S, H, Q, K]`` float32 probabilities; ``visible``: boolean, broadcastable to ``p``
+    ``logp``: ``[S, H, Q, K]`` float32 log-probabilities, finite (hidden keys very negative, not
+    ``-inf``: see :func:`log_probs`); ``visible``: boolean, broadcastable to ``logp``
     (``[S or 1, H or 1, Q, K]``), the keys each query may see. Queries that see fewer than two keys
     are not counted.
 
-    >>> p = torch.tensor([[[[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.0, 1.0, 0.0]]]])
+    >>> scores = torch.tensor([[[[0.0, 0.0, 0.0], [0.0, 0.0, -torch.inf], [-torch.inf, 50.0, 0.0]]]])
     >>> vis = torch.tensor([[[[True, False, False], [True, True, False], [True, True, True]]]])
-    >>> [round(v, 4) for v in head_rows(p, vis).squeeze(1).tolist()]  # 1st query: one key, not counted
+    >>> [round(v, 4) for v in head_rows(log_probs(scores), vis).squeeze(1).tolist()]  # 1st query: one key
     [0.6931, 1.0, 0.5, 1.0, 2.0]
     """
+    p = logp.exp()
     n_vis = visible.sum(-1)
     counted = (n_vis >= 2).expand(p.shape[:-1])
-    ent = torch.special.entr(p).sum(-1)
+    ent = -(p * logp).sum(-1)  # 0 * (very negative) = 0 for hidden keys; several times cheaper than entr
     norm = ent / n_vis.clamp_min(2).to(p.dtype).log()
     first = visible.to(torch.uint8).argmax(-1, keepdim=True).expand(*p.shape[:-1], 1)
     sink = p.gather(-1, first).squeeze(-1)
@@ -146,6 +148,12 @@ def head_rows(p: torch.Tensor, visible: torch.Tensor, one_hot: float = ONE_HOT) 
         ]
     )
     return rows.sum((1, 3))
+
+
+def log_probs(scores: torch.Tensor) -> torch.Tensor:
+    """``log_softmax`` over the last dimension, with ``-inf`` scores (hidden keys) first raised to
+    ``-1e30``: their probability is still 0, their log-probability finite (NaN stays NaN)."""
+    return torch.log_softmax(scores.clamp_min(-1e30), dim=-1)
 
 
 def _additive(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -235,7 +243,7 @@ def mha_rows(
         scores = scores + add
     else:
         vis = torch.ones((1, 1, 1, total), dtype=torch.bool, device=scores.device)
-    return head_rows(torch.softmax(scores, dim=-1), vis, one_hot)
+    return head_rows(log_probs(scores), vis, one_hot)
 
 
 def _mask_visible(mask: Any, shape: torch.Size) -> torch.Tensor | None:
@@ -302,29 +310,30 @@ def sdpa_rows(
             add = m.float()
             vis = vis & (add > MASKED)
             scores = scores + add
-    return head_rows(torch.softmax(scores, dim=-1), vis, one_hot)
+    return head_rows(log_probs(scores), vis, one_hot)
 
 
 def hf_rows(
     scores: torch.Tensor,
-    probs: torch.Tensor,
     mask: Any = None,
     sequences: int = SEQUENCES,
     queries: int = QUERIES,
     one_hot: float = ONE_HOT,
 ) -> torch.Tensor:
     """``[ROWS, heads]`` of one eager softmax of a Hugging Face attention module: ``scores`` its
-    input, ``probs`` its output (``[B, H, Tq, Tk]``), ``mask`` the module's ``attention_mask``."""
+    input (``[B, H, Tq, Tk]``), ``mask`` the module's ``attention_mask``. The probabilities are
+    that softmax's, recomputed in float32 for the measured queries (the module's own output may be
+    float16)."""
     stride = _strided(scores.shape[2], queries)
     x = scores[:sequences, :, ::stride]
-    p = probs[:sequences, :, ::stride].float()
+    logp = log_probs(x.float())
     vis = x > torch.finfo(x.dtype).min / 2 if x.is_floating_point() else torch.ones_like(x, dtype=torch.bool)
     if mask is not None:
         mask = mask[:, :, ::stride] if isinstance(mask, torch.Tensor) and mask.dim() == 4 and mask.shape[2] > 1 else mask
-        mv = _mask_visible(mask, p.shape)
+        mv = _mask_visible(mask, logp.shape)
         if mv is not None:
             vis = vis & mv
-    return head_rows(p, vis, one_hot)
+    return head_rows(logp, vis, one_hot)
 
 
 # -- one sampled step ------------------------------------------------------------------------------
@@ -628,7 +637,7 @@ class AttentionCapture:
         self._hf_seen.add(p.name)
         if self._skip():
             return
-        self._measure(p, lambda: hf_rows(x.detach(), out.detach(), mask, one_hot=self.one_hot))
+        self._measure(p, lambda: hf_rows(x.detach(), mask, one_hot=self.one_hot))
 
 
 def _detach(x: Any) -> Any:
