@@ -6,6 +6,7 @@ and healthy training, hooks, TensorBoard output and DDP sums."""
 from __future__ import annotations
 
 import logging
+import re
 import warnings
 
 import numpy as np
@@ -256,7 +257,8 @@ def test_a_one_hot_head_alerts_on_the_third_sampled_step_and_names_the_head():
     train(model, mon, 11, lambda s: x, regression)
     got = [a for a in mon.alerts if a.kind.startswith("attention")]
     assert [(a.step, a.layer, a.kind) for a in got] == [(10, "layers.1.self_attn", "attention_entropy")]
-    assert "head 2 of 4 collapsed: 99% of its queries look at one key" in got[0].message
+    # 99% here, 100% on another CPU: a query or two sit near the 1e-5 line
+    assert re.search(r"head 2 of 4 collapsed: (9[5-9]|100)% of its queries look at one key", got[0].message)
     assert "3 consecutive sampled steps" in got[0].message and "try" in got[0].message
     h = mon.attention_health()["layers.1.self_attn"]
     assert h.normalized_entropy[2] < 1e-3 < 0.3 < min(h.normalized_entropy[i] for i in (0, 1, 3))
