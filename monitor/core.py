@@ -1,13 +1,17 @@
-"""The :class:`Monitor`: a thin facade over capture, packing, judging and the sinks.
+"""The :class:`Monitor`: a thin facade over recording, packing, judging, the sinks and the probe.
 
-One sampled step, as data: ``Monitor.step`` -> :class:`~monitor.capture.Capture` registers hooks
-(and :class:`~monitor.params.ParameterCapture` its optimizer hooks) -> forward ->
-each hook appends per-unit rows on the device (and registers a tensor hook for the gradient) ->
-backward and the optimizer step, if inside the step -> the capture ends (hooks removed)
--> :func:`~monitor.pack.pack` concatenates them (one DDP collective) -> the writer thread
+One sampled step, as data: ``Monitor.step`` -> the :class:`~monitor.recording.StepRecorder`
+begins: :class:`~monitor.capture.Capture` registers hooks (and
+:class:`~monitor.params.ParameterCapture` its optimizer hooks,
+:class:`~monitor.attention.AttentionCapture` its attention hooks; a compiled model runs eagerly)
+-> forward -> each hook appends per-unit rows on the device (and registers a tensor hook for the
+gradient) -> backward and the optimizer step, if inside the step -> the recorder ends (hooks
+removed) -> :func:`~monitor.pack.pack` concatenates them (one DDP collective) -> the writer thread
 (:class:`~monitor.sinks.Dispatcher`) hands them to the :class:`~monitor.ledger.Ledger`, which copies
 them to the host once (:func:`~monitor.pack.unpack`), has the :class:`~monitor.judge.Judge` run
 each detector and keeps the results -> :func:`~monitor.alerts.deliver` acts -> sinks write.
+Probe runs and ablations (:mod:`monitor.probe`, :mod:`monitor.ablation`) go through
+:class:`~monitor.probing.Probing`.
 """
 
 from __future__ import annotations
@@ -16,7 +20,6 @@ import atexit
 import contextlib
 import functools
 import os
-import threading
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
@@ -24,19 +27,18 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from monitor.ablation import Ablation, AblationEffect, ablated_probe, importance_table, layer_importance
+from monitor.ablation import Ablation, AblationEffect, importance_table
 from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
-from monitor.attention import AttentionCapture
-from monitor.capture import Capture
-from monitor.compiled import EagerSteps, has_compiled_parts, root_compiled, unwrap
+from monitor.compiled import has_compiled_parts, unwrap
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
 from monitor.judge import Judge
 from monitor.ledger import Ledger
 from monitor.options import Options
 from monitor.pack import Job, pack
-from monitor.params import ParameterCapture
 from monitor.probe import ProbeRecord, ProbeResult, ProbeRunner, probe_input
+from monitor.probing import Probing
+from monitor.recording import StepRecorder
 from monitor.runconfig import normalize_config
 from monitor.selection import Patterns, Selector, WatchPoint
 from monitor.sinks import Dispatcher, SampleRecord, Sink
@@ -63,6 +65,27 @@ def _rows(custom: tuple[Detector, ...], wp: WatchPoint) -> tuple[str, ...]:
         r for d in custom if d.applies(wp.kind) for r in (*d.reads, *d.windowed) if r not in PRE_ROWS or wp.kind.can_die
     )
     return rows_for(wp.kind, extra)
+
+
+def _make_sinks(
+    sinks: Sequence[Sink] | None, logdir: Any, writer: Any, images_every_n_samples: int, timeline_length: int,
+    run_config: Mapping[str, Any],
+) -> list[Sink]:
+    """The monitor's sinks: those passed, then TensorBoard's when there is a ``logdir`` or a ``writer``."""
+    out: list[Sink] = list(sinks or [])
+    if logdir is not None or writer is not None:
+        from monitor.tensorboard import TensorBoardSink
+
+        out.append(
+            TensorBoardSink(
+                logdir=logdir,
+                writer=writer,
+                images_every_n_samples=images_every_n_samples,
+                timeline_length=timeline_length,
+                run_config=run_config,
+            )
+        )
+    return out
 
 
 class WarnOnce:
@@ -174,10 +197,9 @@ class Monitor:
             images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
             probe, probe_every_n_samples, probe_labels, probe_loss_fn, attention,
         )
-        self._compiled_parts = has_compiled_parts(model)
+        compiled_parts = has_compiled_parts(model)
         model = unwrap(model)  # torch.compile(model): watch the module it runs (see monitor/compiled.py)
         self.model = model
-        self._eager = EagerSteps()  # sampled steps of a compiled model run its eager code
         self.every_n_steps = every_n_steps
         self.thresholds = thresholds if thresholds is not None else Thresholds()
         self.on_alert: OnAlert = on_alert
@@ -190,45 +212,32 @@ class Monitor:
         # No reference back to the monitor from its parts: when the last reference to an unclosed
         # monitor goes, ``__del__`` runs (and judges and writes what is queued) before weak
         # references to it are cleared.
-        self._capture = Capture(
+        self._recorder = StepRecorder(
             model,
             Selector(model, include, exclude, functional),
+            compiled_parts=compiled_parts,
             functional=functional,
             histograms=histograms,
             gradients=gradients,
+            attention=attention,
             tolerance=self.thresholds.saturation_tolerance,
+            attention_entropy=self.thresholds.attention_entropy,
             rows=functools.partial(_rows, tuple(self._custom)),
             warn_once=self._warn_once,
         )
-        self._params = ParameterCapture(model, self._warn_once) if gradients else None
-        capture = self._capture
-        self._attention = (
-            AttentionCapture(model, self._warn_once, lambda: capture.paused, self.thresholds.attention_entropy)
-            if attention
-            else None
-        )
         self.probe_every_n_samples = probe_every_n_samples
-        self._probes = ProbeRunner(
-            self._capture, None if probe is None else probe_input(probe, probe_labels), probe_loss_fn, self._warn_once
+        self._probes = ProbeRunner(  # run by self._probing; has_probe and last_probe read it here
+            self._recorder.capture,
+            None if probe is None else probe_input(probe, probe_labels),
+            probe_loss_fn,
+            self._warn_once,
         )
-        self._probe_due: tuple[int, int] | None = None  # (step, thread) of a probe run asked for by a sampled step
         self._ledger = Ledger(Judge(self.thresholds, self.detectors))
         self._judge = self._ledger.judge
 
-        self._sinks: list[Sink] = list(opts.sinks or [])
-        if logdir is not None or writer is not None:
-            from monitor.tensorboard import TensorBoardSink
-
-            self._sinks.append(
-                TensorBoardSink(
-                    logdir=logdir,
-                    writer=writer,
-                    images_every_n_samples=images_every_n_samples,
-                    timeline_length=timeline_length,
-                    run_config=self.run_config,
-                )
-            )
+        self._sinks = _make_sinks(opts.sinks, logdir, writer, images_every_n_samples, timeline_length, self.run_config)
         self._dispatcher: Dispatcher | None = None
+        self._probing = Probing(self._recorder, self._probes, self._sinks, self._warn_once)
 
         self._samples = 0
         self._auto_step = 0
@@ -251,7 +260,7 @@ class Monitor:
             return self
         self._attached = True
         _OPEN.add(self)
-        if self._compiled_parts and not self._eager.available:
+        if self._recorder.compiled_parts and not self._recorder.eager.available:
             self._enabled = False
             self._warn_once(
                 "compile",
@@ -269,13 +278,9 @@ class Monitor:
 
         Idempotent. Also runs at interpreter exit for a monitor that was never closed.
         """
-        if self._probe_due is not None and self._probe_due[1] == threading.get_ident():
+        if self._probing.due_here():
             self.run_due_probe()  # the last sampled step's probe run (on the training thread only)
-        self._capture.detach()
-        if self._params is not None:
-            self._params.detach()
-        if self._attention is not None:
-            self._attention.detach()
+        self._recorder.detach()
         if self._dispatcher is not None:
             self._dispatcher.close()
             self._dispatcher = None
@@ -328,7 +333,7 @@ class Monitor:
         >>> mon.health()["1"].kind
         'tanh'
         """
-        if self._probe_due is not None:
+        if self._probing.due is not None:
             self.run_due_probe()  # asked for by the previous sampled step: run between two steps
         if step is None:
             step = self._auto_step
@@ -359,22 +364,19 @@ class Monitor:
 
         With ``failed=True`` (the forward raised) the hooks are removed and nothing is recorded.
         """
-        if self._capture.active:
+        if self._recorder.active:
             self._end(failed=failed)
 
     def end_forward(self) -> None:
         """In the sampled step in progress, stop watching forward passes; its gradients, parameter
         norms and optimizer step are still recorded until :meth:`end_step`. For integrations whose
         framework reports a finished forward but no exception (skorch)."""
-        if self._capture.active:
-            self._capture.end_forward()
-            if self._attention is not None:
-                self._attention.end_forward()
+        self._recorder.end_forward()
 
     @property
     def in_step(self) -> bool:
         """Whether a sampled step is being recorded right now."""
-        return self._capture.active
+        return self._recorder.active
 
     @property
     def should_stop(self) -> bool:
@@ -412,8 +414,7 @@ class Monitor:
         """For integrations: the framework reports where gradients are final, so sampled steps
         attach no parameter or optimizer hooks; call :meth:`record_gradients` there. Nothing
         process-wide is left behind if the framework's step raises without telling anyone."""
-        if self._params is not None:
-            self._params.use_hooks = False
+        self._recorder.gradients_from_callbacks()
 
     def record_gradients(self, optimizer: torch.optim.Optimizer | None = None) -> None:
         """Read the parameters' gradients now, in the sampled step in progress (a no-op outside one).
@@ -425,13 +426,12 @@ class Monitor:
         "after" ones when the step ends, so the update ratio spans the optimizer step. With
         ``optimizer``, only its parameters (several optimizers stepping one after the other).
         """
-        if self._capture.active and self._params is not None:
-            self._params.read_gradients(None if optimizer is None else self._params.params_of(optimizer))
+        self._recorder.read_gradients(optimizer)
 
     def pause(self, paused: bool = True) -> None:
         """Ignore (``True``) or record again (``False``) forward passes in the sampled step in
         progress: for a validation loop that runs in the middle of a training step."""
-        self._capture.paused = paused
+        self._recorder.paused = paused
 
     @property
     def layers(self) -> list[str]:
@@ -442,47 +442,16 @@ class Monitor:
 
     # -- one sampled step ----------------------------------------------------------------------
     def _begin(self, step: int) -> None:
-        if self._capture.active:
+        if self._recorder.active:
             raise RuntimeError("Monitor.step() contexts cannot be nested.")
         self._step = step
-        if self._compiled_parts or root_compiled(self.model):
-            self._eager.enter()  # compiled code runs its eager code (hooks included) until the step ends
-        try:
-            self._capture.begin()
-        except BaseException:
-            self._eager.exit()
-            raise
-        if self._params is not None:
-            try:
-                self._params.begin()
-            except BaseException:
-                self._capture.detach()
-                self._eager.exit()
-                raise
-        if self._attention is not None:
-            try:
-                self._attention.begin()
-            except BaseException:
-                self._end(failed=True)
-                raise
+        self._recorder.begin()
 
     def _end(self, failed: bool) -> None:
-        attention = self._attention.end(failed) if self._attention is not None else None
-        try:
-            current = self._capture.end()
-        finally:
-            self._eager.exit()
-            params = self._params.end(failed, host=self.gather is None) if self._params is not None else None
+        current, params, attention = self._recorder.end(failed, host=self.gather is None)
         if failed or self._closed:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
-        backward = any(p.grad is not None for p in current.values()) or (params is not None and params.backward)
-        if params is not None and backward and not params.stepped:
-            self._warn_once(
-                "no-optimizer-step",
-                f"a backward ran inside sampled step {self._step} but no optimizer step did, so the parameters' "
-                "gradient norms and update ratios are skipped: put `optimizer.step()` inside `with monitor.step(...)` "
-                "(a GradScaler that skips a step with inf gradients also gives this once)",
-            )
+        self._recorder.check_stepped(self._step, current, params)
         self._last_sampled = self._step
         if not current and attention is None:
             self._warn_once(
@@ -495,9 +464,8 @@ class Monitor:
             self._seq += 1
             job = pack(self._seq, self._step, current, self.gather, params, attention)
             self._samples += 1
-            if self._probes.probe is not None and (self._samples - 1) % self.probe_every_n_samples == 0:
-                self._probe_due = (self._step, threading.get_ident())
-            self._capture.discovered = True
+            self._probing.sampled(self._samples, self.probe_every_n_samples, self._step)
+            self._recorder.capture.discovered = True
             if self._background:
                 self._queued = True
                 self._dispatcher.submit(job)  # type: ignore[union-attr]
@@ -522,7 +490,7 @@ class Monitor:
     def _judge_in_background(self, job: Job) -> SampleRecord | None:
         """The writer thread's half: judge, then deliver the alerts ("warn" or a callable)."""
         if isinstance(job, ProbeRecord):
-            self._write_probe(job)
+            self._probing.write(job, self._dispatcher)
             return None
         judged = self._ledger.take(job)
         if judged is None:
@@ -547,16 +515,16 @@ class Monitor:
 
     def _compiled(self) -> bool:
         """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
-        return self._compiled_parts or root_compiled(self.model)
+        return self._recorder.compiled()
 
     def mark_compiled(self) -> None:
         """The model runs through a compiled wrapper the monitor was not given (the Hugging Face
         Trainer's ``torch_compile=True`` compiles its own wrapper of the model): run sampled steps
         and probes under the ``"force_eager"`` compiler stance, as for a compiled model
         (:mod:`monitor.compiled`). For integrations."""
-        self._compiled_parts = True
+        self._recorder.compiled_parts = True
 
-    # -- probe and ablation (monitor/probe.py, monitor/ablation.py) ------------------------------
+    # -- probe and ablation (monitor/probing.py: monitor/probe.py, monitor/ablation.py) ----------
     def probe(
         self, ablate: Mapping[str, Any] | None = None, *, value: float | str = 0.0, loss_fn: Callable[[Any, Any], Any] | None = None
     ) -> ProbeResult:
@@ -570,19 +538,13 @@ class Monitor:
         :class:`~monitor.ablation.AblationEffect` (output, prediction and, with targets and a
         ``loss_fn``, loss change). Ablated runs are not written and not compared with later runs.
         """
-        step = max(self._auto_step - 1, 0)
-        with self._eager.around(self._compiled()):  # a compiled model's probe runs its eager code
-            if ablate is not None:
-                return ablated_probe(self._probes, self.model, ablate, value, loss_fn, step, self._warn_once)
-            result = self._probes.run(self.model, step, loss_fn)
-        self._publish(ProbeRecord(result))
-        return result
+        return self._probing.probe(ablate, value, loss_fn, max(self._auto_step - 1, 0), self._publish)
 
     def ablate(self, layers: Mapping[str, Any], value: float | str = 0.0) -> Ablation:
         """``with mon.ablate({"dense0.relu": [3, 7], "layers.2": "all"}):`` replaces those units of
         watched layers by ``value`` (0, a number, or ``"mean"``: each unit's mean over the last probe
         run) in every forward inside the block; hooks and the functional mode leave with the block."""
-        return Ablation(self._capture, layers, value, means=self._probes.last_means, warn_once=self._warn_once)
+        return self._probing.ablate(layers, value)
 
     def layer_importance(
         self, value: float | str = 0.0, loss_fn: Callable[[Any, Any], Any] | None = None
@@ -590,15 +552,14 @@ class Monitor:
         """Each watched layer that the probe reaches ablated whole (every unit), one after the other,
         on the probe: ``{layer: AblationEffect}`` in forward order. Written to the sinks as the text
         table ``probe_importance`` (most important first)."""
-        with self._eager.around(self._compiled()):
-            effects = layer_importance(self._probes, self.model, value, loss_fn, self._warn_once)
+        effects = self._probing.layer_importance(value, loss_fn)
         self._publish(ProbeRecord(None, step=max(self._auto_step - 1, 0), importance=importance_table(effects)))
         return effects
 
     def set_probe(self, probe: Any, labels: Any = None) -> None:
         """Use another probe from now on (drift starts over). For integrations (Lightning's
         ``probe="val"``: the first validation batch)."""
-        self._probes.set_probe(probe_input(probe, labels))
+        self._probing.set_probe(probe, labels)
 
     @property
     def has_probe(self) -> bool:
@@ -614,36 +575,13 @@ class Monitor:
         """Run the probe if a sampled step asked for one (``probe_every_n_samples``). The core calls
         it at the next :meth:`step` and at :meth:`close`; integrations call it where their training
         step has ended. A failing run warns once and stops the periodic probe; training goes on."""
-        due, self._probe_due = self._probe_due, None
-        if due is None or self._probes.probe is None:
-            return None
-        try:
-            with self._eager.around(self._compiled()):  # a compiled model's probe runs its eager code
-                result = self._probes.run(self.model, due[0])
-        except Exception as e:  # never let monitoring break training
-            self._probes.probe = None
-            self._warn_once("probe", f"the probe run after step {due[0]} failed, periodic probes stop: {e!r}")
-            return None
-        self._publish(ProbeRecord(result))
-        return result
+        return self._probing.run_due(self._publish)
 
     def _publish(self, record: ProbeRecord) -> None:
         if not self._attached and not self._closed:
             self.attach()  # mon.probe() before any sampled step: its output still reaches the sinks
         if self._dispatcher is not None and not self._closed:
             self._dispatcher.submit(record)
-
-    def _write_probe(self, record: ProbeRecord) -> None:
-        """Writer thread: hand a probe record to every sink that takes them (``write_probe``)."""
-        if self._dispatcher is None or not self._dispatcher.on_writer_thread():
-            return  # judged on the training thread after an overflow: output is dropped
-        for sink in self._sinks:
-            write = getattr(sink, "write_probe", None)
-            if callable(write):
-                try:
-                    write(record)
-                except Exception as e:
-                    self._warn_once(f"probe-sink:{id(sink)}", f"{type(sink).__name__}.write_probe failed: {e!r}")
 
     # -- persistence ---------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
