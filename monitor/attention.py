@@ -7,10 +7,12 @@ For every attention module of the model, on sampled steps only, per head:
   same divided by ``log(visible keys)``: the **normalised entropy**, 0 when a query looks at one key
   only, 1 when it spreads evenly over every key it may see;
 - the **first-token mass** (an "attention sink"): the probability on the first key the query may see
-  (the first token of the sequence; the first non-padding one under left padding).
+  (the first token of the sequence; the first non-padding one under left padding);
+- whether the query is **one-hot**: its normalised entropy at most ``Thresholds.attention_entropy``
+  (1e-5), counted per head.
 
 Queries that may see only one key (the first query of a causal head, a row masked down to one key)
-are left out of all three: their entropy is 0 and their first-token mass 1 by construction. Queries
+are left out of every number: their entropy is 0 and their first-token mass 1 by construction. Queries
 that may see no key at all are left out too. Padding *keys* are excluded through the masks; padding
 *queries* count like any other (the model computes their distributions too).
 
@@ -28,18 +30,19 @@ Where the probabilities come from:
 - Hugging Face attention modules (``GPT2Attention``, ``BertSelfAttention``, ``LlamaAttention``, ...:
   the innermost module of ``transformers`` whose class name ends in ``Attention``): while such a
   module runs, a ``TorchFunctionMode`` (pushed by a forward pre-hook, popped by an ``always_call``
-  forward hook) sees its attention. With ``attn_implementation="eager"`` it takes the softmax's
-  output: the probabilities before attention dropout (the ``attn_weights`` that eager attention
-  returns are after dropout in training mode); keys the module's ``attention_mask`` hides (and
-  scores at the dtype's minimum or ``-inf``) are excluded. With ``"sdpa"`` (the default of
+  forward hook) sees its attention. With ``attn_implementation="eager"`` it reads the softmax's
+  input and recomputes the softmax in float32: the probabilities before attention dropout (the
+  ``attn_weights`` that eager attention returns are after dropout in training mode); keys the
+  module's ``attention_mask`` hides (and scores at the dtype's minimum or ``-inf``) are excluded. With ``"sdpa"`` (the default of
   ``transformers`` 5 on PyTorch 2.x) it reads the query, key, mask, ``is_causal`` and scale handed to
   ``F.scaled_dot_product_attention`` and recomputes the probabilities from them (GQA key heads
   repeated). Flash and flex attention are neither: those modules are skipped with one warning.
 
 Cost: only the first :data:`SEQUENCES` sequences of a call are used, and of longer sequences
 :data:`QUERIES` evenly strided queries (every key is kept), in float32, on the module's device,
-with no host sync. Each module's call adds a ``[4, heads]`` row block of sums (entropy, normalised
-entropy, first-token mass, queries) to the step's one flat tensor; calls and DDP ranks add up.
+with no host sync. Each module's call adds a ``[5, heads]`` row block of sums (entropy, normalised
+entropy, first-token mass, one-hot queries, queries) to the step's one flat tensor; calls and DDP
+ranks add up.
 """
 
 from __future__ import annotations
@@ -57,6 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
+
+from monitor.compiled import named_modules
 
 SEQUENCES = 8  # sequences of a call whose attention is measured (the first ones)
 QUERIES = 256  # queries per sequence at most (evenly strided); every key is kept
@@ -93,7 +98,7 @@ def find_attention(model: nn.Module) -> list[AttentionPoint]:
     """Every ``nn.MultiheadAttention`` and every innermost Hugging Face attention module, in
     registration order (their forward order is learnt on the first sampled step)."""
     points: list[AttentionPoint] = []
-    for name, m in model.named_modules():
+    for name, m in named_modules(model):
         if isinstance(m, nn.MultiheadAttention):
             p = AttentionPoint(name, m, "mha")
         elif is_hf_attention(m) and not any(

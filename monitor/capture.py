@@ -25,6 +25,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from monitor.activations import conv_like, functional_kind, is_activation_module
+from monitor.compiled import named_modules
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint, make_watch_point
 from monitor.stats import (
@@ -151,7 +152,7 @@ class Capture:
         self.functional_points: dict[tuple, WatchPoint] = {}
         self.functional_seen = False
         self.discovered = False  # a sampled step in this process looked for functional activations
-        self.names = {id(m): n for n, m in model.named_modules()}
+        self.names = {id(m): n for n, m in named_modules(model)}
         self.active = False
         self.paused = False  # forward passes ignored (a validation loop inside a training step)
         self.act_depth = 0
@@ -195,7 +196,7 @@ class Capture:
                     hook = functools.partial(self._record_recurrent, rw)
                     handles.append(rw.module.register_forward_hook(hook, with_kwargs=True))
             if self._tracking or not self.discovered:
-                for name, module in self.model.named_modules():
+                for name, module in named_modules(self.model):
                     if not name:
                         continue  # the root's output is never an input inside its own forward
                     if is_activation_module(module):

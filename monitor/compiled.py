@@ -55,10 +55,42 @@ def root_compiled(model: nn.Module) -> bool:
 
 
 def clean_name(name: str) -> str:
-    """A module name without the ``_orig_mod`` segments of compiled submodules (``block._orig_mod.0`` -> ``block.0``)."""
+    """A module or parameter name without the ``_orig_mod`` segments of compiled submodules
+    (``block._orig_mod.0`` -> ``block.0``)."""
     if "_orig_mod" not in name:
         return name
     return ".".join(p for p in name.split(".") if p != "_orig_mod")
+
+
+def _wrapper(m: nn.Module) -> bool:
+    return type(m).__name__ == "OptimizedModule" and isinstance(getattr(m, "_orig_mod", None), nn.Module)
+
+
+def named_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` under the names of the uncompiled model: a compiled submodule
+    (``model.block = torch.compile(block)``) is its wrapped module, named ``block`` (not
+    ``block._orig_mod``), and its children ``block.0``, ...; the wrapper itself is left out."""
+    return [(clean_name(n), m) for n, m in model.named_modules() if not _wrapper(m)]
+
+
+def parents(model: nn.Module) -> dict[int, nn.Module]:
+    """``{id(child): parent}`` with compiled wrappers looked through: the module a compiled
+    ``stack[2] = torch.compile(block)`` wraps has the stack as its parent."""
+    out: dict[int, nn.Module] = {}
+    for m in model.modules():
+        if _wrapper(m):
+            continue
+        for c in m.children():
+            out[id(c)] = m
+            while _wrapper(c):
+                c = c._orig_mod
+                out[id(c)] = m
+    return out
+
+
+def named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """``model.named_parameters()`` with the ``_orig_mod`` segments of compiled submodules removed."""
+    return [(clean_name(n), p) for n, p in model.named_parameters()]
 
 
 class EagerSteps:

@@ -31,6 +31,8 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
+from monitor.compiled import named_parameters
+
 SAMPLE = 4096  # elements per parameter tensor behind an update ratio
 
 
@@ -128,7 +130,7 @@ class ParameterCapture:
 
     def _index(self) -> None:
         """Names and model order of the parameters (walked again only when an unknown one shows up)."""
-        named = list(self.model.named_parameters())
+        named = named_parameters(self.model)
         self._names = {id(p): n for n, p in named}
         self._order = {n: i for i, (n, _) in enumerate(named)}
         self._views.clear()

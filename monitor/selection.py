@@ -42,6 +42,8 @@ from monitor.activations import (
     module_kind,
     saturation_thresholds,
 )
+from monitor.compiled import named_modules
+from monitor.compiled import parents as parent_map
 from monitor.recurrent import Slot, is_recurrent, layout
 from monitor.stats import reduce_dims, rows_for
 
@@ -258,11 +260,11 @@ class Selector:
         self.functional = functional
         self._include = _Matcher("include", self.include)
         self._exclude = _Matcher("exclude", self.exclude)
-        named = [(n, m) for n, m in model.named_modules() if n]
+        named = [(n, m) for n, m in named_modules(model) if n]
         names = [n for n, _ in named]
         types = sorted({type(m).__name__ for m in model.modules()})
         fn_names = sorted(FUNCTIONAL_NAMES)
-        virtual = [s.name for n, m in model.named_modules() if is_recurrent(m) for s in layout(n, m)]
+        virtual = [s.name for n, m in named if is_recurrent(m) for s in layout(n, m)]
         for arg, patterns in (("include", self.include), ("exclude", self.exclude)):
             for p in patterns:
                 if isinstance(p, str):
@@ -312,9 +314,9 @@ class Selector:
         )
 
     def module_watch_points(self, model: nn.Module, tolerance: float) -> list[WatchPoint]:
-        parents = {id(c): m for m in model.modules() for c in m.children()}
+        parents = parent_map(model)
         points: list[WatchPoint] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not name:
                 continue
             kind = module_kind(module)
@@ -342,7 +344,7 @@ class Selector:
         predicate called with its name and the module), and not when ``exclude`` matches either.
         """
         watches: list[RecurrentWatch] = []
-        for name, module in model.named_modules():
+        for name, module in named_modules(model):
             if not is_recurrent(module):
                 continue
             whole_in = not self._include or self._include.module(name, module)

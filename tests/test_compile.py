@@ -112,6 +112,59 @@ def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.act = nn.ReLU()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.act(self.fc(x))
+
+
+class Stack(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([Block() for _ in range(3)])
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def run_stack(model: nn.Module, **kwargs) -> Monitor:
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False, **kwargs)
+    with mon:
+        for step in range(2):
+            with mon.step(step):
+                model(torch.randn(8, 5, 16, generator=torch.Generator().manual_seed(step))).sum().backward()
+                opt.step()
+                opt.zero_grad()
+    return mon
+
+
+def test_a_compiled_submodule_keeps_the_names_and_kinds_of_the_uncompiled_model():
+    torch.manual_seed(0)
+    eager = Stack()
+    expected_params = [n for n, _ in eager.named_parameters()]  # before anything is compiled
+    torch._dynamo.reset()
+    counters.clear()
+    model = Stack()
+    model.blocks[1] = torch.compile(model.blocks[1], backend="eager")
+    mon_e, mon_c = run_stack(eager), run_stack(model)
+    names = list(mon_c.health())
+    assert names == list(mon_e.health()) and not any("_orig_mod" in n for n in names)
+    assert {"blocks.1", "blocks.1.act"} <= set(names)
+    assert mon_c.health()["blocks.1"].kind == mon_e.health()["blocks.1"].kind == "block"  # still a stack block
+    assert list(mon_c.parameter_health()) == expected_params  # "blocks.1.fc.weight", not "blocks.1._orig_mod.fc.weight"
+    # patterns are written against those names
+    only = run_stack(model, include="blocks.1.*")
+    assert list(only.health()) == ["blocks.1.fc", "blocks.1.act"]
+
+
 def test_without_set_stance_a_compiled_model_is_left_alone_with_one_warning(monkeypatch):
     from monitor.compiled import EagerSteps
 
