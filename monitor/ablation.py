@@ -14,6 +14,7 @@ raises. The unit axis is the monitor's (features last, channels of conv outputs)
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -71,6 +72,7 @@ class Ablation:
         value: float | str = 0.0,
         means: Callable[[str], np.ndarray | None] | None = None,
         warn_once: Callable[[str, str], None] | None = None,
+        eager: contextlib.AbstractContextManager[Any] | None = None,
     ) -> None:
         self.spec = check_spec(spec)
         check_value(value)
@@ -81,6 +83,7 @@ class Ablation:
         self._warn_once = warn_once
         self._replace = _Replace(self.spec, value, means, warn_once)  # the tap: refers to nothing that refers to it
         self._capture = capture.tapped(self._replace, first=True)
+        self._eager = eager  # a compiled model's forwards run their eager code in the block
 
     @property
     def seen(self) -> set[str]:
@@ -88,11 +91,22 @@ class Ablation:
         return self._replace.seen
 
     def __enter__(self) -> Ablation:
-        self._capture.begin()
+        if self._eager is not None:
+            self._eager.__enter__()
+        try:
+            self._capture.begin()
+        except BaseException:
+            if self._eager is not None:
+                self._eager.__exit__(None, None, None)
+            raise
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        self._capture.end()
+        try:
+            self._capture.end()
+        finally:
+            if self._eager is not None:
+                self._eager.__exit__(None, None, None)
         missing = [n for n in self.spec if n not in self.seen]
         if exc_type is None and missing and self._warn_once is not None:
             self._warn_once(

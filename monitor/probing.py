@@ -59,7 +59,15 @@ class Probing:
         return result
 
     def ablate(self, layers: Mapping[str, Any], value: float | str) -> Ablation:
-        return Ablation(self.recorder.capture, layers, value, means=self.runner.last_means, warn_once=self._warn_once)
+        rec = self.recorder
+        return Ablation(
+            rec.capture,
+            layers,
+            value,
+            means=self.runner.last_means,
+            warn_once=self._warn_once,
+            eager=rec.eager.around(rec.compiled()),  # a compiled model runs its eager code in the block
+        )
 
     def layer_importance(
         self, value: float | str, loss_fn: Callable[[Any, Any], Any] | None

@@ -112,6 +112,25 @@ def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
     assert counters["stats"]["unique_graphs"] == 1
 
 
+def test_an_ablation_block_on_a_compiled_model_runs_its_eager_code():
+    _, model = twin_models()
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(16, 13)
+    mon = Monitor(compiled, every_n_steps=1, on_alert="ignore", background=False)
+    with mon:
+        with mon.step(0):
+            compiled(x)
+        compiled(x)  # compiled once, outside any sampled step
+        with mon.ablate({"1": "all"}), torch.no_grad():
+            out = compiled(x)
+    with torch.no_grad():  # layer "1" (the first ReLU) zeroed by hand
+        truth = model[4](model[3](model[2](torch.zeros(16, 64))))
+    assert out == pytest.approx(truth, abs=1e-6)
+    assert counters["stats"]["unique_graphs"] == 1  # the block compiled nothing
+
+
 class Block(nn.Module):
     def __init__(self) -> None:
         super().__init__()
