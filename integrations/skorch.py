@@ -28,7 +28,17 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
-from monitor import ActivationAlertError, Alert, Detector, LayerHealth, Monitor, Options, ParameterHealth, Sink, Thresholds
+from monitor import (
+    ActivationAlertError,
+    Alert,
+    Detector,
+    LayerHealth,
+    Monitor,
+    Options,
+    ParameterHealth,
+    Sink,
+    Thresholds,
+)
 from monitor.alerts import warn
 from monitor.detectors import builtin_detectors
 from monitor.selection import Patterns

@@ -28,6 +28,7 @@ pytest.importorskip("lightning")
 pytest.importorskip("skorch")
 import lightning.pytorch as L
 from lightning.pytorch.loggers import TensorBoardLogger
+from models import WineClassifier  # the model of shared/seeds/004
 from sklearn.datasets import load_wine
 from sklearn.preprocessing import StandardScaler
 from skorch import NeuralNetClassifier
@@ -35,7 +36,6 @@ from skorch.callbacks import Callback
 from torch.utils.data import DataLoader, TensorDataset
 
 from integrations.lightning import ActivationMonitor as LightningMonitor
-from models import WineClassifier  # the model of shared/seeds/004
 from integrations.skorch import ActivationMonitor as SkorchMonitor
 from monitor import SampleRecord, Sink
 

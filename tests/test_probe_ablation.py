@@ -1,6 +1,5 @@
 """Ablation: exact outputs against forwards written out by hand, no leaks, effects and importance."""
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F

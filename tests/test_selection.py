@@ -237,7 +237,9 @@ def test_mixed_lists():
 
 
 def test_validate_patterns_normalises_without_a_model():
-    pred = lambda n, m: True
+    def pred(n, m):
+        return True
+
     assert validate_patterns("include", None) == ()
     assert validate_patterns("include", "a.*") == ("a.*",)
     assert validate_patterns("include", nn.Tanh) == (nn.Tanh,)

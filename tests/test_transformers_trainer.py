@@ -29,10 +29,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
-from transformers import Trainer, TrainerCallback, TrainingArguments
+from transformers import Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from integrations.transformers import STATE_KEY, ActivationAlertError, ActivationMonitor
-from monitor import MonitorWarning, SampleRecord, Sink, Thresholds
+from integrations.transformers import STATE_KEY, ActivationAlertError, ActivationMonitor  # noqa: E402
+from monitor import MonitorWarning, SampleRecord, Sink, Thresholds  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB, SEQ = 50, 16
