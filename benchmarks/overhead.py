@@ -12,7 +12,11 @@ steps, paired with a bare block of the same length run right before or after it;
 starts from the same weights; medians over rounds), the monitor twice: ``monitor`` wraps the
 forward only (activations), ``+grad`` wraps the whole step (forward, backward, optimizer step:
 activations, gradients, parameter norms and update ratios; ``--no-gradients`` skips it;
-``--no-attention`` builds the monitors with ``attention=False``, for the attention heads' share):
+``--no-attention`` builds the monitors with ``attention=False``, for the attention heads' share;
+``--compile`` trains ``torch.compile(model)`` in every configuration, bare included: sampled steps
+then run the model's eager code (the monitor's ``force_eager`` stance, see monitor/compiled.py), so
+their ratio is against the compiled unsampled step; the result also gives the compile time, the
+eager model's bare step and the compilations counted after warm-up, which must be none):
   bare step time; sampled-step time (every sampled step of the N >= 10 blocks);
   amortised overhead at N = every_n_steps for the monitor and for the naive approach
   (forward hooks that keep ``output.detach().cpu()`` on every step and call
@@ -23,6 +27,7 @@ Usage:
   python benchmarks/overhead.py                    # full table, N in 1 10 50 200
   python benchmarks/overhead.py --quick            # fewer rounds, for a smoke run
   python benchmarks/overhead.py --json out.json --markdown out.md
+  python benchmarks/overhead.py --compile --workloads mlp   # a torch.compile'd model (inductor)
 """
 
 from __future__ import annotations
@@ -218,14 +223,48 @@ def close_state(state: dict) -> None:
         state["naive"].close()
 
 
+def compilations() -> int:
+    """Frames dynamo has compiled (or recompiled) in this process so far."""
+    from torch._dynamo.utils import counters
+
+    return int(counters["stats"]["unique_graphs"])
+
+
+def compile_workload(w: Workload, device: str) -> dict:
+    """``torch.compile`` the workload's model in place; return the compile time (the first training
+    step, forward and backward, against an eager step) and the eager model's bare step."""
+    eager = w.model
+    opt = torch.optim.Adam(eager.parameters(), lr=1e-4)
+    run_block(w, 3, 0, "bare", 1, {"opt": opt}, device)
+    log: list = []
+    run_block(w, 20, 0, "bare", 1, {"opt": opt}, device, log)
+    eager_step = statistics.median(d for _, d in log)
+    w.model = torch.compile(eager)
+    t0 = time.perf_counter()
+    run_block(w, 1, 0, "bare", 1, {"opt": opt}, device)
+    first = time.perf_counter() - t0
+    run_block(w, 3, 0, "bare", 1, {"opt": opt}, device)  # a second graph for a changed step, if any
+    return {"compile_s": first - eager_step, "eager_bare_step_ms": eager_step * 1e3}
+
+
 def bench_workload(
-    name: str, intervals: list[int], rounds: int, device: str, naive: bool, target_s: float = 0.5, gradients: bool = True
+    name: str,
+    intervals: list[int],
+    rounds: int,
+    device: str,
+    naive: bool,
+    target_s: float = 0.5,
+    gradients: bool = True,
+    compile: bool = False,
 ) -> dict:
     w = make_workload(name, device)
+    compiled = compile_workload(w, device) if compile else None
     _ = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device)
     t_probe = run_block(w, 5, 0, "bare", 1, {"opt": torch.optim.Adam(w.model.parameters(), lr=1e-4)}, device) / 5
     n_ref = 50 if 50 in intervals else max(intervals)
     result: dict = {"workload": name, "device": device, "rounds": rounds, "intervals": {}}
+    if compiled is not None:
+        result["compiled"] = compiled
     configs = [("monitor", n) for n in intervals] + [("grads", n) for n in intervals if gradients]
     configs += [("naive", n_ref)] if naive else []
     # Each configuration's block is a multiple of its N (so it holds exactly k samples) lasting
@@ -238,6 +277,7 @@ def bench_workload(
         states = {c: make_state(w, c[0], c[1], logdir) for c in configs}
         for c, st in states.items():  # warm-up: the first sample discovers watch points
             run_block(w, 2, 0, c[0], c[1], st, device)
+        graphs = compilations()
         ratios: dict = {c: [] for c in configs}
         times: dict = {c: [] for c in configs}
         bare_times: list = []
@@ -273,6 +313,9 @@ def bench_workload(
                 writer_cpu[c] = d.busy_seconds / max(st["mon"]._samples, 1) if d is not None else 0.0
             close_state(st)
         close_state(bare_state)
+    if compiled is not None:
+        # the timed blocks, sampled steps included, must have run without compiling anything
+        compiled["compiled_graphs_during_blocks"] = compilations() - graphs
     bare = statistics.median(bare_times)
     result["bare_step_ms"] = bare * 1e3
     result["block_ms_per_step"] = {f"{c[0]}@{c[1]}": [round(t * 1e3, 4) for t in times[c]] for c in configs}
@@ -380,6 +423,7 @@ def main() -> None:
     p.add_argument("--no-naive", action="store_true")
     p.add_argument("--no-gradients", action="store_true", help="skip the +grad configuration (whole step inside)")
     p.add_argument("--no-attention", action="store_true", help="monitors without the attention heads (attention=False)")
+    p.add_argument("--compile", action="store_true", help="train torch.compile(model) in every configuration")
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
@@ -389,9 +433,16 @@ def main() -> None:
     results = []
     for name in a.workloads:
         r = bench_workload(
-            name, a.intervals, rounds, a.device, naive=not a.no_naive, target_s=a.block_seconds, gradients=not a.no_gradients
+            name,
+            a.intervals,
+            rounds,
+            a.device,
+            naive=not (a.no_naive or a.compile),  # the naive hooks would break the compiled graph
+            target_s=a.block_seconds,
+            gradients=not a.no_gradients,
+            compile=a.compile,
         )
-        if not a.no_naive:
+        if not (a.no_naive or a.compile):
             r["naive_sampled_step_ms"] = sampled_step_naive(name, a.device)
         if a.memory and not a.quick:
             steps = 200 if name == "mlp" else 60
