@@ -346,7 +346,12 @@ class PlainMLP(MLP):
         return F.mse_loss(self(x), y)
 
 
-@pytest.mark.parametrize("how", ["torch.compile", "module.compile"])
+class CompiledInConfigureModel(PlainMLP):
+    def configure_model(self):  # compiled by Lightning's hook, after the callback's monitor was built
+        self.compile(backend="eager")
+
+
+@pytest.mark.parametrize("how", ["torch.compile", "module.compile", "configure_model"])
 def test_a_compiled_module_is_monitored_without_recompiling(tmp_path, how):
     from torch._dynamo.utils import counters
 
@@ -356,8 +361,10 @@ def test_a_compiled_module_is_monitored_without_recompiling(tmp_path, how):
     model = PlainMLP()
     if how == "torch.compile":
         model = torch.compile(model, backend="eager")  # dynamo tracing, without inductor's build time
-    else:
+    elif how == "module.compile":
         model.compile(backend="eager")
+    else:
+        model = CompiledInConfigureModel()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
         t = trainer(tmp_path, logger=False, callbacks=[cb], limit_train_batches=6, limit_val_batches=0)
