@@ -93,11 +93,16 @@ def test_module_compile_after_the_monitor_was_built_is_seen_at_the_sampled_step(
     assert counters["stats"]["unique_graphs"] == 1  # compiled at step 1, reused at step 3
 
 
-def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
+def compiled_twin() -> tuple[nn.Module, nn.Module]:
+    """The killed-layer MLP and its dynamo-compiled wrapper (no inductor build), the counters reset."""
     _, model = twin_models()
     torch._dynamo.reset()
     counters.clear()
-    compiled = torch.compile(model, backend="eager")
+    return model, torch.compile(model, backend="eager")
+
+
+def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
+    model, compiled = compiled_twin()
     probe = torch.randn(12, 13)
     mon = Monitor(compiled, every_n_steps=2, on_alert="ignore", background=False, probe=probe)
     with mon:
@@ -113,10 +118,7 @@ def test_a_probe_of_a_compiled_model_runs_eagerly_without_recompiling():
 
 
 def test_an_ablation_block_on_a_compiled_model_runs_its_eager_code():
-    _, model = twin_models()
-    torch._dynamo.reset()
-    counters.clear()
-    compiled = torch.compile(model, backend="eager")
+    model, compiled = compiled_twin()
     x = torch.randn(16, 13)
     mon = Monitor(compiled, every_n_steps=1, on_alert="ignore", background=False)
     with mon:
