@@ -315,7 +315,9 @@ def test_render_shapes_and_labels():
     pic = render_scan(rows, step=7)
     rgb = pic.rgb()
     assert rgb.shape[1] == CARD_WIDTH and rgb.dtype == np.uint8
-    assert Image.open(io.BytesIO(pic.png())).size == (rgb.shape[1], rgb.shape[0])
+    decoded = Image.open(io.BytesIO(pic.png()))  # our own PNG writer, read by Pillow's decoder
+    assert decoded.size == (rgb.shape[1], rgb.shape[0]) and decoded.mode == "P"
+    assert (np.asarray(decoded) == pic.pixels).all() and (np.asarray(decoded.convert("RGB")) == rgb).all()
     tl = render_timeline("a", "firing rate", np.random.rand(300, 20), list(range(0, 1000, 50)))
     assert tl.pixels.shape[0] >= 256  # 300 units binned into at most 256 rows, >= 1 px each
 
