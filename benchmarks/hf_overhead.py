@@ -139,7 +139,13 @@ def main(argv: list[str] | None = None) -> dict:
         "sampled_step_ms": 1e3 * statistics.median(sampled_med),
         "sampled_vs_bare": sampled_x,
         "derived_amortised_overhead_pct": 100 * (sampled_x - 1) / n,
-        "budget_ok": {"amortised<=2%": 100 * amortised <= 2.0, "sampled<=1.5x": sampled_x <= 1.5},
+        # the measured amortised figure compares two separate runs and moves by several percent
+        # between rounds on a shared machine; the implied one is built from the stable sampled step
+        "budget_ok": {
+            "amortised<=2% (measured)": 100 * amortised <= 2.0,
+            "amortised<=2% (implied)": 100 * (sampled_x - 1) / n <= 2.0,
+            "sampled<=1.5x": sampled_x <= 1.5,
+        },
     }
     print(json.dumps(result, indent=2))
     if args.json:
