@@ -51,6 +51,17 @@ def _streaks(memory: dict[str, Any], flags: np.ndarray) -> list[int]:
     return streak
 
 
+def _unjudged(what: str, values: np.ndarray, queries: np.ndarray, threshold: float, memory: dict[str, Any]) -> Verdict | None:
+    """No verdict when no query was measured, or when a measured head's ``values`` are NaN/Inf
+    (which also resets the streaks: never healthy, never counted towards an alert)."""
+    if not np.any(queries > 0):
+        return Verdict(None, math.nan, threshold, f"{what}: not measured")
+    if not np.all(np.isfinite(values[queries > 0])):
+        _streaks(memory, np.zeros(values.shape[0], dtype=bool))
+        return Verdict(None, math.nan, threshold, f"{what}: NaN/Inf attention scores", band=True)
+    return None
+
+
 class _AttentionDetector(Detector):
     def applies(self, kind: Kind) -> bool:
         return False  # attention modules are judged through evaluate_attention, never as a watched layer
@@ -83,11 +94,9 @@ class AttentionEntropy(_AttentionDetector):
         v = np.asarray(heads.one_hot, dtype=np.float64)
         ent = np.asarray(heads.normalized, dtype=np.float64)
         q = np.asarray(heads.queries)
-        if not np.any(q > 0):
-            return Verdict(None, math.nan, share, "attention entropy: not measured")
-        if not np.all(np.isfinite(ent[q > 0])):  # NaN/Inf scores: no verdict, and never healthy
-            _streaks(memory, np.zeros(v.shape[0], dtype=bool))
-            return Verdict(None, math.nan, share, "attention entropy: NaN/Inf attention scores", band=True)
+        unjudged = _unjudged("attention entropy", ent, q, share, memory)
+        if unjudged is not None:
+            return unjudged
         sinks = np.nan_to_num(np.asarray(heads.sink, dtype=np.float64)) >= thresholds.attention_sink
         high = (np.nan_to_num(v) >= share) & ~sinks  # one-hot on the first token: a sink
         streak = _streaks(memory, high)
@@ -135,11 +144,9 @@ class AttentionSink(_AttentionDetector):
         th = thresholds.attention_sink
         v = np.asarray(heads.sink, dtype=np.float64)
         q = np.asarray(heads.queries)
-        if not np.any(q > 0):
-            return Verdict(None, math.nan, th, "attention sink: not measured")
-        if not np.all(np.isfinite(v[q > 0])):
-            _streaks(memory, np.zeros(v.shape[0], dtype=bool))
-            return Verdict(None, math.nan, th, "attention sink: NaN/Inf attention scores", band=True)
+        unjudged = _unjudged("attention sink", v, q, th, memory)
+        if unjudged is not None:
+            return unjudged
         high = np.where(np.isfinite(v), v, -np.inf) >= th
         streak = _streaks(memory, high)
         k = thresholds.attention_samples
