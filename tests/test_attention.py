@@ -249,6 +249,24 @@ def regression(model, x):
     return (model(x) - x.flip(1)).pow(2).mean()
 
 
+def test_nan_attention_gives_no_verdict_and_restarts_the_streak():
+    model = small_encoder()
+    sharpen(model.layers[1].self_attn, head=2)
+    clean = torch.randn(16, 16, 32, generator=torch.Generator().manual_seed(0))
+    poisoned = clean.clone()
+    poisoned[0, 3] = float("nan")  # a measured sequence: every head's scores are NaN there
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore")
+    with mon, torch.no_grad():
+        for step in range(6):
+            with mon.step(step):
+                model(poisoned if step == 2 else clean)
+            if step == 2:
+                assert np.isnan(mon.attention_health()["layers.1.self_attn"].normalized_entropy[2])
+    got = [(a.step, a.kind) for a in mon.alerts if a.kind.startswith("attention")]
+    # collapsed on steps 0, 1, (NaN: no verdict, the streak starts over), 3, 4, 5: the alert comes at step 5
+    assert got == [(5, "attention_entropy")]
+
+
 def test_a_one_hot_head_alerts_on_the_third_sampled_step_and_names_the_head():
     model = small_encoder()
     sharpen(model.layers[1].self_attn, head=2)
