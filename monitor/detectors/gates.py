@@ -17,6 +17,7 @@ import numpy as np
 
 from monitor.activations import Kind
 from monitor.detectors.base import Detector, LayerView, Verdict, level, pct
+from monitor.detectors.saturated import units_at_bound
 from monitor.stats import AT_BOUND, AT_HIGH
 
 #: Gate kind -> (the gate in words, what it does stuck at 1, what it does stuck at 0).
@@ -120,11 +121,10 @@ class HiddenSaturated(Detector):
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         th, units = layer.thresholds, layer.units
-        ev = layer.evidence(AT_BOUND)
-        if ev is None or not ev.values:
+        found = units_at_bound(layer)
+        if found is None:
             return Verdict(None)
-        sat = np.flatnonzero(ev.sums >= th.saturated_positions * ev.values)
-        fraction = sat.size / units
+        ev, sat, fraction = found
         values, steps = ev.values, ev.steps
         lim = 1 - 2 * th.saturation_tolerance
 

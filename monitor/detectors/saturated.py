@@ -11,6 +11,16 @@ from monitor.detectors.base import Detector, LayerView, Verdict, level, pct
 from monitor.stats import AT_BOUND
 
 
+def units_at_bound(layer: LayerView) -> tuple[Any, np.ndarray, float] | None:
+    """(evidence, units at a bound on at least ``saturated_positions`` of their values, their
+    fraction) over the layer's ``at_bound`` evidence; None while there is none."""
+    ev = layer.evidence(AT_BOUND)
+    if ev is None or not ev.values:
+        return None
+    sat = np.flatnonzero(ev.sums >= layer.thresholds.saturated_positions * ev.values)
+    return ev, sat, sat.size / layer.units
+
+
 class Saturated(Detector):
     """A unit is saturated when it sits within ``saturation_tolerance`` of the output range of a
     bound on at least ``saturated_positions`` of its values over the evidence; the layer alerts
@@ -31,11 +41,10 @@ class Saturated(Detector):
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         th, units = layer.thresholds, layer.units
-        ev = layer.evidence(AT_BOUND)
-        if ev is None or not ev.values:
+        found = units_at_bound(layer)
+        if found is None:
             return Verdict(None)
-        sat = np.flatnonzero(ev.sums >= th.saturated_positions * ev.values)
-        fraction = sat.size / units
+        ev, sat, fraction = found
         steps = ev.steps
         what = lambda: (  # noqa: E731 - built only when an alert needs it
             f"saturated: {sat.size}/{units} units ({pct(fraction)}) sit at a bound of {layer.kind.name} on >= "
