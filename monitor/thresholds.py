@@ -124,7 +124,7 @@ class Thresholds:
     max_grad_norm: float = 1e3
     collapse_similarity: float = 0.9
     attention_entropy: float = 1e-5
-    attention_collapsed: float = 0.9
+    attention_collapsed: float = 0.95
     attention_sink: float = 0.98
     attention_samples: int = 3
     release: float = 0.8
