@@ -9,7 +9,7 @@ alerts:
             fixed random target), 300 steps: Adam 1e-3, Adam 1e-4, SGD 1e-2 (momentum 0.9)
   gpt2      GPT-2 (4 layers, 4 heads, d64, sdpa) on sequences of a first token (0) and random tokens
             whose second half repeats the first (a copy task: an induction head pays), 300 steps of
-            AdamW 1e-3 and 3e-3; ``gpt2long``: 1000 steps at 3e-3
+            AdamW 1e-3 and 3e-3; ``gpt2long``: 1000 steps at 3e-3; ``gpt2longer``: 2000 steps
   bert      BERT (4 layers, 4 heads, d64) masked-LM on the same sequences with a quarter padded,
             300 steps of AdamW 1e-3 and 3e-3
 
@@ -21,8 +21,8 @@ Cost (``cost``): the benchmark transformer's forward, timed as a bare step, a sa
 monitor with ``attention=False`` and one with the attention heads, interleaved (one of each per
 round, in a rotating order) so that the machine's drift hits all three alike; medians over rounds.
 
-Usage: python benchmarks/attention_defaults.py [bench] [gpt2] [gpt2long] [bert] [patho] [cost]
-(all but gpt2long and cost by default; ~25 minutes on a 2-core CPU).
+Usage: python benchmarks/attention_defaults.py [bench] [gpt2] [gpt2long] [gpt2longer] [bert] [patho] [cost]
+(all but gpt2long, gpt2longer and cost by default; ~25 minutes on a 2-core CPU).
 """
 
 from __future__ import annotations
@@ -253,6 +253,8 @@ def main() -> None:
         report("GPT-2 copy AdamW 3e-3", hugging_face("gpt2", 3e-3))
     if "gpt2long" in which:
         report("GPT-2 copy AdamW 3e-3, 1000 steps", hugging_face("gpt2", 3e-3, steps=1000, every=25))
+    if "gpt2longer" in which:
+        report("GPT-2 copy AdamW 3e-3, 2000 steps", hugging_face("gpt2", 3e-3, steps=2000, every=50))
     if "bert" in which:
         report("BERT MLM AdamW 1e-3", hugging_face("bert", 1e-3))
         report("BERT MLM AdamW 3e-3", hugging_face("bert", 3e-3))
