@@ -17,7 +17,7 @@ import sys
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -30,6 +30,7 @@ from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint, make_watch_point
 from monitor.stats import (
     GRAD_ROWS,
+    HOST_ROWS,
     PRE_MAX,
     block_token_rows,
     combine_rows,
@@ -43,6 +44,8 @@ from monitor.tokens import TOKEN_SIM
 
 _SKIP_DIRS = (os.path.dirname(torch.__file__), os.path.dirname(os.path.abspath(__file__)))
 _SERIAL_BELOW = 1 << 18  # elements
+# CPU outputs up to this size are copied in the hook and reduced on the host (Capture.host_rows).
+HOST_BELOW = 1 << 16  # elements
 
 
 def _token_dim(wp: WatchPoint) -> int:
@@ -90,6 +93,24 @@ class Pending:
     grad: list[torch.Tensor] | None = None  # GRAD_ROWS of the gradient w.r.t. this output, once backward reached it
     grad_positions: int = 0
     sequences: int = 0  # stack blocks: sequences behind the token rows (monitor.tokens)
+    # Small CPU outputs (Capture.host_rows): float32 copies, reduced on the host instead of ``stats``
+    # (empty then): per call (output, ReLU input or None, reduced dims), where a ReLU input copied
+    # together with its output is ``"stacked"`` (the copy holds [input, output]); per gradient (gradient, dims).
+    host: list[tuple[torch.Tensor, torch.Tensor | str | None, tuple[int, ...]]] = field(default_factory=list)
+    host_grads: list[tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=list)
+
+    @property
+    def on_host(self) -> bool:
+        return bool(self.host)
+
+    @property
+    def backward(self) -> bool:
+        """Backward reached this output during the step."""
+        return self.grad is not None or bool(self.host_grads)
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.on_host or self.stats[0].is_cpu
 
 
 class _FunctionalMode(TorchFunctionMode):
@@ -168,6 +189,10 @@ class Capture:
         self._hooks = {id(wp): self._make_hooks(wp) for wp in self.module_points}
         self.tap: Callable[[WatchPoint, Any, Any], Any] | None = None  # set on tapped captures only
         self.tap_first = False
+        # Small CPU outputs and their gradients are copied (one kernel) and reduced off the training
+        # thread (monitor.pack.unpack) instead of by a hook's ~9 kernels. Off under DDP: the ranks'
+        # partials are combined on their devices.
+        self.host_rows = False
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -397,22 +422,40 @@ class Capture:
                 producer = self._producer(inp)
                 wp.unit_dim = 1 if producer is not None and conv_like(producer[1]) else -1
 
-    def pre_rows(self, wp: WatchPoint, z: torch.Tensor) -> list[torch.Tensor] | None:
-        """PRE_MAX/PRE_MIN rows of a ReLU's input (read before the activation runs)."""
+    def pre_rows(self, wp: WatchPoint, z: torch.Tensor) -> list[torch.Tensor] | torch.Tensor | None:
+        """PRE_MAX/PRE_MIN rows of a ReLU's input (read before the activation runs), or, where the
+        output will be reduced on the host, a float32 copy of the input."""
         try:
             if not isinstance(z, torch.Tensor) or not z.is_floating_point() or z.ndim == 0 or z.numel() == 0:
                 return None
             self._resolve_unit_dim(wp, z, z)  # before detach: the producer is known by identity
+            if self._on_host(wp, z):
+                return z.detach().to(torch.float32, copy=True)
             return pre_stat_rows(z.detach(), wp.dims(z.ndim))
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
             return None
 
+    def _on_host(self, wp: WatchPoint, x: torch.Tensor) -> bool:
+        """Whether this output of ``wp`` is copied for the host (the step's first call decides)."""
+        prev = self._current.get(wp)
+        if prev is not None:
+            return prev.on_host
+        return (
+            self.host_rows and x.device.type == "cpu" and x.numel() <= HOST_BELOW and HOST_ROWS.issuperset(wp.rows)
+        )
+
     def record(
-        self, wp: WatchPoint, output: Any, inp: Any, pre: list[torch.Tensor] | None = None, pre_input: Any = None
+        self,
+        wp: WatchPoint,
+        output: Any,
+        inp: Any,
+        pre: list[torch.Tensor] | torch.Tensor | None = None,
+        pre_input: Any = None,
     ) -> None:
         """Reduce one output of ``wp`` to its rows. ReLU family: ``pre`` holds the rows of its input
-        read earlier (in-place ReLUs), or ``pre_input`` is that input, still intact."""
+        read earlier (in-place ReLUs; a copy of that input where the output is reduced on the host),
+        or ``pre_input`` is that input, still intact."""
         try:
             if self.paused or torch._C._current_graph_task_id() != -1:
                 return  # paused, or a forward re-run inside backward (activation checkpointing): seen already
@@ -427,9 +470,23 @@ class Capture:
             # Small CPU tensors: a parallel region costs more than the reduction it splits, so
             # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
             threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
+            if self._on_host(wp, x):
+                if x.device.type != "cpu":
+                    self._warn_once(f"device:{wp.name}", f"{wp.name}: device changed within a step; extra call ignored")
+                    return
+                if threads > 1:
+                    torch.set_num_threads(1)
+                try:
+                    self._record_host(wp, raw, x, dims, pre, pre_input)
+                finally:
+                    if threads > 1:
+                        torch.set_num_threads(threads)
+                return
             if threads > 1:
                 torch.set_num_threads(1)
             try:
+                if isinstance(pre, torch.Tensor):  # a host copy, taken before the mode was known
+                    pre = pre_stat_rows(pre, dims)
                 stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
                 if PRE_MAX in wp.rows:
                     if pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
@@ -455,7 +512,7 @@ class Capture:
                 self._current[wp] = Pending(
                     stats, units, [] if hist is None else [hist], numel // units, numel, sampled, sequences=sequences
                 )
-            elif prev.units == units:
+            elif prev.units == units and not prev.on_host:
                 prev.stats = combine_rows(prev.stats, stats, wp.rows)
                 if hist is not None:
                     prev.hist_samples.append(hist)
@@ -472,25 +529,77 @@ class Capture:
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
 
+    def _record_host(
+        self,
+        wp: WatchPoint,
+        raw: torch.Tensor,
+        x: torch.Tensor,
+        dims: tuple[int, ...],
+        pre: list[torch.Tensor] | torch.Tensor | None,
+        pre_input: Any,
+    ) -> None:
+        """One float32 copy of a small CPU output (stacked with a ReLU's intact input): the rows are
+        computed from it on the host (:func:`monitor.stats.host_stat_rows`)."""
+        numel = x.numel()
+        units = x.shape[wp.unit_dim]  # type: ignore[index]
+        z: torch.Tensor | str | None = None
+        if PRE_MAX in wp.rows:
+            if isinstance(pre, torch.Tensor) and pre.shape == x.shape:
+                z = pre  # copied before an in-place ReLU overwrote it
+            elif pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
+                x = torch.stack([pre_input.detach(), x])  # one kernel copies both
+                z = "stacked"
+                if x.dtype != torch.float32:
+                    x = x.float()
+        if z != "stacked":
+            x = x.to(torch.float32, copy=True)
+        prev = self._current.get(wp)
+        sampled = len(range(0, numel, sample_stride(numel, units))) if self.histograms else 0
+        if prev is None:
+            self._current[wp] = Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)])
+        elif prev.units == units:
+            prev.host.append((x, z, dims))
+            prev.positions += numel // units
+            prev.hist_numel += numel
+            prev.hist_sampled += sampled
+        else:
+            self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
+            return
+        if self.gradients and raw.requires_grad:
+            self._grad_handles.append(raw.register_hook(functools.partial(self._record_grad, wp, dims)))
+
     def _record_grad(self, wp: WatchPoint, dims: tuple[int, ...], g: torch.Tensor | None) -> None:
-        """Tensor hook: reduce the gradient with respect to one watched output to its GRAD_ROWS."""
+        """Tensor hook: reduce the gradient with respect to one watched output to its GRAD_ROWS
+        (or, for an output reduced on the host, copy it)."""
         try:
             if g is None or not g.is_floating_point() or not self.active:
                 return
             numel = g.numel()
             threads = torch.get_num_threads() if g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
+            p = self._current.get(wp)
+            host = p is not None and p.on_host and g.device.type == "cpu"
             if threads > 1:
                 torch.set_num_threads(1)
             try:
-                rows = grad_stat_rows(g.detach(), dims)
+                if host:
+                    copy = g.detach().to(torch.float32, copy=True)
+                else:
+                    rows = grad_stat_rows(g.detach(), dims)
             finally:
                 if threads > 1:
                     torch.set_num_threads(threads)
             with self._grad_lock:
                 p = self._current.get(wp)
-                if p is None or rows[0].shape[0] != p.units:
+                if p is None:
                     return
-                p.grad = rows if p.grad is None else combine_rows(p.grad, rows, GRAD_ROWS)
+                if host:
+                    if g.shape[wp.unit_dim] != p.units:  # type: ignore[index]
+                        return
+                    p.host_grads.append((copy, dims))
+                else:
+                    if p.on_host or rows[0].shape[0] != p.units:
+                        return
+                    p.grad = rows if p.grad is None else combine_rows(p.grad, rows, GRAD_ROWS)
                 p.grad_positions += numel // p.units
         except Exception as e:
             self._warn_once(f"grad:{wp.name}", f"could not record the gradient of {wp.name}: {e!r}")

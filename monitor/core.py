@@ -445,7 +445,7 @@ class Monitor:
         if self._recorder.active:
             raise RuntimeError("Monitor.step() contexts cannot be nested.")
         self._step = step
-        self._recorder.begin()
+        self._recorder.begin(host=self.gather is None)
 
     def _end(self, failed: bool) -> None:
         current, params, attention = self._recorder.end(failed, host=self.gather is None)

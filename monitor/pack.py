@@ -28,10 +28,15 @@ from monitor.selection import WatchPoint
 from monitor.stats import (
     GRAD_ROWS,
     UnitSummary,
+    combine_host,
     histogram_counts_batched,
     histogram_counts_host,
     histogram_edges,
+    host_grad_rows,
+    host_histogram_sample,
+    host_stat_rows,
     reduce_rows_host,
+    sample_stride,
     summarize,
     summarize_grad,
 )
@@ -80,13 +85,19 @@ def pack(
     params = params if params is not None else ParameterPartials()
     points = list(current)
     pieces: list[torch.Tensor] = []
-    device = current[points[0]].stats[0].device if points else attention.rows[0].device  # type: ignore[union-attr]
+    on_device = [current[wp] for wp in points if not current[wp].on_host]
+    if on_device:
+        device = on_device[0].stats[0].device
+    elif points or attention is None:
+        device = torch.device("cpu")  # every output reduced on the host (Capture.host_rows)
+    else:
+        device = attention.rows[0].device
     hist_samples: list[torch.Tensor] = []
     hist_groups: list[int] = []
     # CPU tensors: the host is their device, so the sampled values are binned later on the same
     # device, off the training thread. Accelerators, and DDP (counts are summed across ranks):
     # binned here, on the device, without a sync.
-    bin_on_host = gather is None and all(current[wp].stats[0].is_cpu for wp in points)
+    bin_on_host = gather is None and all(current[wp].is_cpu for wp in points)
     for wp in points:
         p = current[wp]
         pieces += p.stats
@@ -115,7 +126,7 @@ def pack(
     ]
     if gather is not None:
         pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
-    flat: torch.Tensor | np.ndarray = torch.cat(pieces)
+    flat: torch.Tensor | np.ndarray = torch.cat(pieces) if pieces else torch.zeros(0)
     ready = None
     pending = [current[wp] for wp in points]
     if gather is not None:
@@ -151,6 +162,7 @@ def unpack(
         host_flat = job.flat
     counts = job.counts
     offset = 0
+    device_binned = not job.bin_on_host
     param_at = sum((len(p.stats) + (len(GRAD_ROWS) if p.grad is not None else 0)) * p.units for p in job.pending)
     params = _params(job.params, np.asarray(host_flat[param_at : param_at + len(job.params)], dtype=np.float64))
     attention_at = param_at + len(job.params)
@@ -159,28 +171,44 @@ def unpack(
     hist_offset = attention_at + n_attention
     buckets = len(histogram_edges()) + 1
     host_counts = None
-    if job.bin_on_host:  # CPU: the sampled values themselves, binned here with numpy, all layers at once
-        lengths = [int(counts[COUNTS * i + 1]) for i, p in enumerate(job.pending) if p.hist_samples]
-        if lengths:
-            host_counts = iter(histogram_counts_host(host_flat[hist_offset : hist_offset + sum(lengths)], lengths))
+    # CPU: the sampled values themselves (in the flat vector, or sampled here from the host copies),
+    # binned here with numpy, all layers at once.
+    values: list[np.ndarray] = []
+    at = hist_offset
+    for i, p in enumerate(job.pending):
+        if p.on_host and p.hist_sampled:
+            values.append(_host_samples(p))
+        elif p.hist_samples and job.bin_on_host:
+            n = int(counts[COUNTS * i + 1])
+            values.append(host_flat[at : at + n])
+            at += n
+    if values:
+        host_counts = iter(histogram_counts_host(np.concatenate(values), [v.size for v in values]))
     layers = []
     for i, (wp, p) in enumerate(zip(job.points, job.pending)):
         r, c = len(p.stats), p.units
-        block = host_flat[offset : offset + r * c].reshape(r, c)
-        offset += r * c
         positions, sampled, numel, grad_positions, sequences = (counts[COUNTS * i + k] for k in range(COUNTS))
+        if p.on_host:
+            blocks = [host_stat_rows(*_host_arrays(x, z), d, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr) for x, z, d in p.host]
+            block = combine_host(blocks, wp.rows)
+        else:
+            block = host_flat[offset : offset + r * c].reshape(r, c)
+            offset += r * c
         summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
         summary.sequences = int(sequences)
-        if p.grad is not None:
+        if p.host_grads:
+            grad = combine_host([host_grad_rows(g.numpy(), dims) for g, dims in p.host_grads], GRAD_ROWS)
+            summary.grad = summarize_grad(grad, int(grad_positions))
+        elif p.grad is not None:
             g = len(GRAD_ROWS) * c
             summary.grad = summarize_grad(host_flat[offset : offset + g].reshape(len(GRAD_ROWS), c), int(grad_positions))
             offset += g
         hist = None
         scale = 1.0
-        if p.hist_samples:
+        if p.hist_samples or (p.on_host and sampled):
             scale = numel / sampled if sampled else 1.0
-            if host_counts is not None:
-                hist = next(host_counts)
+            if p.on_host or not device_binned:
+                hist = next(host_counts)  # type: ignore[arg-type]
             else:
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
@@ -188,9 +216,29 @@ def unpack(
     return layers, params, attention
 
 
+def _host_arrays(x: torch.Tensor, z: torch.Tensor | str | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """(output, ReLU input or None) of one host copy, as numpy views (see ``Pending.host``)."""
+    if isinstance(z, str):  # "stacked": [input, output]
+        both = x.numpy()
+        return both[1], both[0]
+    return x.numpy(), None if z is None else z.numpy()
+
+
+def _host_samples(p: Pending) -> np.ndarray:
+    """The histogram samples of an output reduced on the host, as the hook would have taken them."""
+    outputs = [_host_arrays(x, z)[0] for x, z, _ in p.host]
+    parts = [host_histogram_sample(x, sample_stride(x.size, p.units)) for x in outputs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:
-    n, r = len(pp.norm_names), len(pp.ratio_names)
-    norms = dict(zip(pp.norm_names, values[:n].tolist()))
+    r = len(pp.ratio_names)
+    if pp.host_norms:  # CPU: 0-d tensors, read as numpy views (no kernel)
+        n = 0
+        norms = {name: float(t.numpy()) for name, t in zip(pp.norm_names, pp.host_norms)}
+    else:
+        n = len(pp.norm_names)
+        norms = dict(zip(pp.norm_names, values[:n].tolist()))
     rest = values[n:]
     if pp.on_host:  # the samples themselves: before, then after
         total = sum(pp.lengths)

@@ -91,6 +91,7 @@ class ParameterPartials:
 
     norm_names: list[str] = field(default_factory=list)
     norms: torch.Tensor | None = None  # [len(norm_names)] gradient L2 norms
+    host_norms: list[torch.Tensor] = field(default_factory=list)  # CPU (``on_host``): the 0-d norms themselves
     ratio_names: list[str] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)  # samples per ratio name
     update_sq: torch.Tensor | None = None
@@ -107,7 +108,8 @@ class ParameterPartials:
         return out + ([self.update_sq] if self.update_sq is not None else [])
 
     def __len__(self) -> int:
-        return len(self.norm_names) + 2 * (sum(self.lengths) if self.on_host else len(self.ratio_names))
+        norms = 0 if self.host_norms else len(self.norm_names)
+        return norms + 2 * (sum(self.lengths) if self.on_host else len(self.ratio_names))
 
 
 class ParameterCapture:
@@ -165,7 +167,11 @@ class ParameterCapture:
         try:
             if self._norms:
                 out.norm_names = sorted(self._norms, key=self._order.__getitem__)
-                out.norms = _stack([self._norms[n] for n in out.norm_names])
+                norms = [self._norms[n] for n in out.norm_names]
+                if host and all(t.is_cpu for t in norms):
+                    out.host_norms = norms  # read on the host as they are: no kernel to stack them
+                else:
+                    out.norms = _stack(norms)
             groups = [g for g in self._groups if g.stepped]
             if groups:
                 for g in groups:
@@ -219,7 +225,7 @@ class ParameterCapture:
         try:
             if dense:
                 norms = torch._foreach_norm([g.detach() for _, g in dense])
-                self._norms.update({n: v.float() for (n, _), v in zip(dense, norms)})
+                self._norms.update({n: v if v.dtype == torch.float32 else v.float() for (n, _), v in zip(dense, norms)})
             for n, g in grads:
                 if g.is_sparse:
                     self._norms[n] = _norm(g)

@@ -62,6 +62,8 @@ class StepRecorder:
         self.attention = (
             AttentionCapture(model, warn_once, lambda: capture.paused, attention_entropy) if attention else None
         )
+        if self.attention is not None and not self.attention.points:
+            self.attention = None  # no attention module: nothing to attach on sampled steps
 
     @property
     def active(self) -> bool:
@@ -81,8 +83,11 @@ class StepRecorder:
         """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
         return self.compiled_parts or root_compiled(self.model)
 
-    def begin(self) -> None:
-        """Attach every part, or none: a part that fails to begin takes the others (and the stance) down."""
+    def begin(self, host: bool = False) -> None:
+        """Attach every part, or none: a part that fails to begin takes the others (and the stance) down.
+
+        ``host``: small CPU outputs may be reduced on the host (no collective combines the partials)."""
+        self.capture.host_rows = host
         if self.compiled_parts or root_compiled(self.model):
             self.eager.enter()  # compiled code runs its eager code (hooks included) until the step ends
         try:
@@ -119,7 +124,7 @@ class StepRecorder:
 
     def check_stepped(self, step: int, current: dict[WatchPoint, Pending], params: ParameterPartials | None) -> None:
         """After a sampled step: warn (once) if a backward ran inside it but no optimizer step did."""
-        backward = any(p.grad is not None for p in current.values()) or (params is not None and params.backward)
+        backward = any(p.backward for p in current.values()) or (params is not None and params.backward)
         if params is not None and backward and not params.stepped:
             self._warn_once(
                 "no-optimizer-step",

@@ -219,12 +219,15 @@ def test_no_host_sync_inside_hooks_and_one_transfer_per_sampled_step(monkeypatch
     assert [e for e in events if e.startswith("forward:")] == []
     if background:
         # Nothing touches the host on the training thread; the writer thread reads the CPU
-        # partials as numpy views (no copy, no kernel).
+        # partials (and the copies of small outputs, reduced there) as numpy views: no kernel.
         assert [e for e in events if e.startswith("exit:")] == []
-        assert [e for e in events if e.startswith("writer:")] == ["writer:numpy"] * 2  # one view each
+        writer = [e for e in events if e.startswith("writer:")]
+        assert len(writer) >= 2 and set(writer) == {"writer:numpy"}
     else:
-        # CPU tensors: the one "transfer" is a numpy view of the concatenated partials
-        assert [e for e in events if e.startswith("exit:")] == ["exit:numpy"] * 2
+        # CPU tensors: the one "transfer" is a numpy view of the concatenated partials (and views
+        # of the copies of small outputs)
+        exits = [e for e in events if e.startswith("exit:")]
+        assert len(exits) >= 2 and set(exits) == {"exit:numpy"}
     assert not any(e.split(":")[1] in ("item", "tolist", "__bool__") for e in events)
     mon.close()
 

@@ -1,0 +1,137 @@
+"""Small CPU outputs are copied in the hook and reduced on the host (``Capture.host_rows``).
+
+The numbers must be those of the device reductions (which larger outputs and accelerators keep
+using), and those of an independent computation from the activations themselves.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import monitor.capture as capture_mod
+from monitor import Monitor
+
+
+class Mixed(nn.Module):
+    """Every kind of row on the host: ReLU (out of place and in place), a module called twice,
+    bounded activations, a signed one, and a block-free wide layer."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc0, self.fc1, self.fc2, self.fc3 = nn.Linear(13, 48), nn.Linear(48, 48), nn.Linear(48, 48), nn.Linear(48, 300)
+        self.relu, self.relu_ip = nn.ReLU(), nn.ReLU(inplace=True)
+        self.tanh, self.sig, self.gelu, self.leaky = nn.Tanh(), nn.Sigmoid(), nn.GELU(), nn.LeakyReLU(0.1)
+        self.head = nn.Linear(300, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.relu(self.fc0(x))
+        h = self.relu(self.fc1(h)) + self.relu_ip(self.fc2(h))  # relu called twice in one step
+        h = self.tanh(h) * self.sig(h) + self.gelu(h)
+        return self.head(self.leaky(self.fc3(h)))
+
+
+def run(monkeypatch: pytest.MonkeyPatch, host_below: int, nan_at: int | None = None, steps: int = 3) -> tuple[dict, dict]:
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", host_below)
+    torch.manual_seed(0)
+    model = Mixed()
+    if nan_at is not None:
+        with torch.no_grad():
+            model.fc3.weight[nan_at, 0] = float("nan")
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = torch.randn(24, 13), torch.randint(0, 3, (24,))
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    for step in range(steps):
+        with mon.step(step):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+    health, params = mon.health(), mon.parameter_health()
+    mon.close()
+    return health, params
+
+
+NUMBERS = ("rms", "max_abs", "nonfinite", "firing_rate", "evidence_values", "grad_rms", "grad_max_abs", "grad_nonfinite")
+
+
+def same(a: object, b: object) -> bool:
+    if a is None or b is None:
+        return a is b
+    if isinstance(a, float) and isinstance(b, float):
+        return bool(np.isclose(a, b, rtol=1e-5, atol=0, equal_nan=True))
+    return a == b
+
+
+@pytest.mark.parametrize("host_below", [1 << 16, 2000])  # all small layers on the host; a mix of both paths
+def test_host_reductions_give_the_device_numbers(monkeypatch, host_below):
+    device, _ = run(monkeypatch, 0)
+    host, _ = run(monkeypatch, host_below)
+    assert list(host) == list(device) and len(host) == 6
+    for name in device:
+        d, h = device[name], host[name]
+        for field in NUMBERS:
+            assert same(getattr(h, field), getattr(d, field)), (name, field, getattr(h, field), getattr(d, field))
+        for key, value in d.metrics.items():
+            other = h.metrics[key]
+            if isinstance(value, float):
+                assert same(other, value), (name, key, other, value)
+            else:
+                assert other == value, (name, key, other, value)
+
+
+def test_non_finite_units_are_counted_on_the_host_as_on_the_device(monkeypatch):
+    device, _ = run(monkeypatch, 0, nan_at=7, steps=1)
+    host, _ = run(monkeypatch, 1 << 16, nan_at=7, steps=1)
+    assert device["leaky"].nonfinite == host["leaky"].nonfinite == 1  # unit 7 of fc3 is NaN
+    assert device["leaky"].rms == pytest.approx(host["leaky"].rms, rel=1e-5)  # over the finite units
+    # the loss is NaN, so is every gradient
+    assert host["leaky"].grad_nonfinite == device["leaky"].grad_nonfinite == 300
+
+
+def test_host_numbers_match_the_activations_themselves(monkeypatch):
+    """Ground truth from the tensors of an independent forward/backward with retain_grad()."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 40), nn.Tanh(), nn.Linear(40, 3))
+    x, y = torch.randn(32, 13), torch.randint(0, 3, (32,))
+    out = model[1](model[0](x))
+    out.retain_grad()
+    F.cross_entropy(model[2](out), y).backward()
+    model.zero_grad()
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    with mon.step(0):
+        F.cross_entropy(model(x), y).backward()
+    h = mon.health()["1"]
+    mon.close()
+    a, g = out.detach().double(), out.grad.double()
+    assert h.rms == pytest.approx(float(a.pow(2).mean().sqrt()), rel=1e-6)
+    assert h.max_abs == pytest.approx(float(a.abs().max()), rel=1e-6)
+    assert h.grad_rms == pytest.approx(float(g.pow(2).mean().sqrt()), rel=1e-5)
+    assert h.grad_max_abs == pytest.approx(float(g.abs().max()), rel=1e-6)
+
+
+def test_a_large_output_is_reduced_in_its_hook_and_a_small_one_is_copied(monkeypatch):
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1000)
+    model = nn.Sequential(nn.Linear(13, 8), nn.ReLU(), nn.Linear(8, 100), nn.Tanh())
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    capture = mon._recorder.capture
+    seen = {}
+    real_end = capture.end
+
+    def end():
+        current = real_end()
+        seen.update({wp.name: p for wp, p in current.items()})
+        return current
+
+    monkeypatch.setattr(capture, "end", end)
+    with mon.step(0):
+        model(torch.randn(16, 13)).sum().backward()  # 16 x 8 = 128 values; 16 x 100 = 1600
+    mon.close()
+    small, large = seen["1"], seen["3"]
+    assert small.on_host and small.stats == [] and small.host_grads  # one copy each, no kernels
+    assert not large.on_host and large.stats and large.grad is not None
