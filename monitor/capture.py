@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.activations import conv_like, functional_kind, is_activation_module
 from monitor.compiled import named_modules
+from monitor.copies import CopyPool
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint, make_watch_point
 from monitor.stats import (
@@ -98,10 +99,24 @@ class Pending:
     # together with its output is ``"stacked"`` (the copy holds [input, output]); per gradient (gradient, dims).
     host: list[tuple[torch.Tensor, torch.Tensor | str | None, tuple[int, ...]]] = field(default_factory=list)
     host_grads: list[tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=list)
+    pool: CopyPool | None = None  # where the copies came from
+
+    def release(self) -> None:
+        """The host copies have been read: hand their buffers back to the pool."""
+        pool, host, grads = self.pool, self.host, self.host_grads
+        self.host, self.host_grads = [], []  # nothing may read them now: the buffers get reused
+        if pool is None:
+            return
+        for x, z, _ in host:
+            pool.give(x)
+            if isinstance(z, torch.Tensor):
+                pool.give(z)
+        for g, _ in grads:
+            pool.give(g)
 
     @property
     def on_host(self) -> bool:
-        return bool(self.host)
+        return not self.stats  # reduced on the host: no rows from the hooks
 
     @property
     def backward(self) -> bool:
@@ -193,6 +208,7 @@ class Capture:
         # thread (monitor.pack.unpack) instead of by a hook's ~9 kernels. Off under DDP: the ranks'
         # partials are combined on their devices.
         self.host_rows = False
+        self.pool = CopyPool()  # their buffers, reused from one sampled step to the next
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -430,7 +446,7 @@ class Capture:
                 return None
             self._resolve_unit_dim(wp, z, z)  # before detach: the producer is known by identity
             if self._on_host(wp, z):
-                return z.detach().to(torch.float32, copy=True)
+                return self.pool.copy(z.detach())
             return pre_stat_rows(z.detach(), wp.dims(z.ndim))
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
@@ -547,16 +563,14 @@ class Capture:
             if isinstance(pre, torch.Tensor) and pre.shape == x.shape:
                 z = pre  # copied before an in-place ReLU overwrote it
             elif pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
-                x = torch.stack([pre_input.detach(), x])  # one kernel copies both
+                x = self.pool.stack2(pre_input.detach(), x)  # one kernel copies both
                 z = "stacked"
-                if x.dtype != torch.float32:
-                    x = x.float()
         if z != "stacked":
-            x = x.to(torch.float32, copy=True)
+            x = self.pool.copy(x)
         prev = self._current.get(wp)
         sampled = len(range(0, numel, sample_stride(numel, units))) if self.histograms else 0
         if prev is None:
-            self._current[wp] = Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)])
+            self._current[wp] = Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=self.pool)
         elif prev.units == units:
             prev.host.append((x, z, dims))
             prev.positions += numel // units
@@ -582,7 +596,7 @@ class Capture:
                 torch.set_num_threads(1)
             try:
                 if host:
-                    copy = g.detach().to(torch.float32, copy=True)
+                    copy = self.pool.copy(g.detach())
                 else:
                     rows = grad_stat_rows(g.detach(), dims)
             finally:

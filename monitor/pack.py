@@ -213,6 +213,7 @@ def unpack(
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
         layers.append((wp, summary, hist, scale))
+        p.release()  # its host copies are read: their buffers go back to the pool
     return layers, params, attention
 
 

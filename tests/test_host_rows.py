@@ -125,13 +125,63 @@ def test_a_large_output_is_reduced_in_its_hook_and_a_small_one_is_copied(monkeyp
 
     def end():
         current = real_end()
-        seen.update({wp.name: p for wp, p in current.items()})
+        # what the hooks left, before the writer reads (and releases) the host copies
+        seen.update({wp.name: (p.on_host, len(p.stats), len(p.host), len(p.host_grads), p.grad is not None) for wp, p in current.items()})
         return current
 
     monkeypatch.setattr(capture, "end", end)
     with mon.step(0):
         model(torch.randn(16, 13)).sum().backward()  # 16 x 8 = 128 values; 16 x 100 = 1600
     mon.close()
-    small, large = seen["1"], seen["3"]
-    assert small.on_host and small.stats == [] and small.host_grads  # one copy each, no kernels
-    assert not large.on_host and large.stats and large.grad is not None
+    assert seen["1"] == (True, 0, 1, 1, False)  # one copy of the output, one of its gradient; no rows
+    assert seen["3"] == (False, 5, 0, 0, True)  # reduced in its hooks: 5 rows, the gradient's rows
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(monkeypatch, background):
+    """Fresh copies every sampled step, freed seconds later on the writer thread, fragmented the
+    heap (~1 MB per sampled step) and cost page faults: the buffers come back to a pool."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background).attach()
+    capture = mon._recorder.capture
+    buffers: list[set[int]] = []
+    real_end = capture.end
+
+    def end():
+        current = real_end()
+        ptrs = {x.data_ptr() for p in current.values() for x, _, _ in p.host}
+        ptrs |= {g.data_ptr() for p in current.values() for g, _ in p.host_grads}
+        buffers.append(ptrs)
+        return current
+
+    monkeypatch.setattr(capture, "end", end)
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+    for step in range(6):
+        with mon.step(step):
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+        mon.flush()  # the writer has read this step's copies
+    mon.close()
+    assert len(buffers[0]) == 4  # two outputs (one stacked with the ReLU's input), two gradients
+    assert all(b == buffers[0] for b in buffers[1:])
+
+
+def test_the_writer_thread_runs_at_a_priority_that_keeps_up():
+    """nice 19 starved the writer behind PyTorch's busy threads (the backlog grew without bound)."""
+    import os
+    import sys
+
+    from monitor import sinks
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("per-thread nice values are a Linux feature")
+    mon = Monitor(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), logdir=tempfile.mkdtemp()).attach()
+    with mon.step(0):
+        mon.model(torch.randn(2, 4))
+    mon.flush()
+    thread = mon._dispatcher._thread
+    assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == sinks.NICE == 10
+    mon.close()
