@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,6 @@ from monitor.stats import (
     histogram_counts_host,
     histogram_edges,
     host_grad_rows,
-    host_histogram_sample,
     host_stat_rows,
     reduce_rows_host,
     sample_stride,
@@ -183,7 +183,11 @@ def unpack(
             values.append(host_flat[at : at + n])
             at += n
     if values:
-        host_counts = iter(histogram_counts_host(np.concatenate(values), [v.size for v in values]))
+        flat = np.concatenate(values)  # a copy: the host copies' buffers are reused later
+        nan = np.isnan(flat)
+        if nan.any():  # NaN -> 0, as histogram_sample does on the device (NaN is counted apart)
+            flat[nan] = 0
+        host_counts = iter(histogram_counts_host(flat, [v.size for v in values]))
     layers = []
     for i, (wp, p) in enumerate(zip(job.points, job.pending)):
         r, c = len(p.stats), p.units
@@ -226,10 +230,16 @@ def _host_arrays(x: torch.Tensor, z: torch.Tensor | str | None) -> tuple[np.ndar
 
 
 def _host_samples(p: Pending) -> np.ndarray:
-    """The histogram samples of an output reduced on the host, as the hook would have taken them."""
+    """The histogram samples of an output reduced on the host, as the hook would have taken them
+    (:func:`~monitor.stats.histogram_sample`, NaN still in: the caller zeroes them), as views."""
     outputs = [_host_arrays(x, z)[0] for x, z, _ in p.host]
-    parts = [host_histogram_sample(x, sample_stride(x.size, p.units)) for x in outputs]
+    parts = [x.reshape(-1)[:: sample_stride(x.size, p.units)] for x in outputs]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+@lru_cache(maxsize=64)
+def _starts(lengths: tuple[int, ...]) -> np.ndarray:
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
 
 
 def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:
@@ -244,7 +254,7 @@ def _params(pp: ParameterPartials, values: np.ndarray) -> ParameterNumbers:
     if pp.on_host:  # the samples themselves: before, then after
         total = sum(pp.lengths)
         before, after = rest[:total], rest[total : 2 * total]
-        starts = np.concatenate([[0], np.cumsum(pp.lengths)[:-1]]).astype(np.int64)
+        starts = _starts(tuple(pp.lengths))
         deltas = np.add.reduceat(np.square(after - before), starts) if r else np.zeros(0)
         weights = np.add.reduceat(np.square(before), starts) if r else np.zeros(0)
     else:  # per parameter on the device: sum (after - before)^2, sum before^2

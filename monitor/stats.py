@@ -362,24 +362,24 @@ def host_stat_rows(
             elif row == PRE_MIN:
                 v = (x if pre is None else pre).min(axis=dims)
             elif row == FIRED:
-                v = np.count_nonzero(x > 0, axis=dims)  # NaN > 0 is False, like torch.sign(NaN) == 0
+                v = (x > 0).sum(axis=dims, dtype=np.int32)  # NaN > 0 is False, like torch.sign(NaN) == 0
             elif row == MAX:
                 v = x.max(axis=dims)
             elif row == NEGMIN:
                 v = -x.min(axis=dims)
             elif row == SUMSQ:
-                v = np.square(x).sum(axis=dims)
+                v = _sumsq(x, dims)
             elif row == NONFINITE:
-                v = np.count_nonzero(~np.isfinite(x), axis=dims)
+                v = (~np.isfinite(x)).sum(axis=dims, dtype=np.int32)
             elif row == AT_BOUND or row == AT_HIGH:
                 lo = lo_thr if row == AT_BOUND else None
                 if lo is not None and hi_thr is not None:
                     mid, half = (hi_thr + lo) / 2, (hi_thr - lo) / 2
-                    v = np.count_nonzero(np.abs(x - np.float32(mid)) > half, axis=dims)
+                    v = (np.abs(x - np.float32(mid)) > half).sum(axis=dims, dtype=np.int32)
                 elif hi_thr is not None:
-                    v = np.count_nonzero(x > hi_thr, axis=dims)
+                    v = (x > hi_thr).sum(axis=dims, dtype=np.int32)
                 else:
-                    v = np.count_nonzero(x < lo, axis=dims)
+                    v = (x < lo).sum(axis=dims, dtype=np.int32)
             elif row == SUMABS:
                 v = (x if kind.nonnegative else np.abs(x)).sum(axis=dims)
             else:
@@ -395,7 +395,14 @@ def host_grad_rows(g: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
     [[25.0, nan], [4.0, nan]]
     """
     with np.errstate(all="ignore"):
-        return np.asarray([np.square(g).sum(axis=dims), np.abs(g).max(axis=dims)], dtype=np.float64)
+        return np.asarray([_sumsq(g, dims), np.abs(g).max(axis=dims)], dtype=np.float64)
+
+
+def _sumsq(x: np.ndarray, dims: tuple[int, ...]) -> np.ndarray:
+    """Per-unit sums of float32 squares (inf where a square overflows, as on the device)."""
+    if x.ndim == 2 and dims == (0,):
+        return np.einsum("ij,ij->j", x, x)  # one pass, no temporary
+    return np.square(x).sum(axis=dims)
 
 
 def combine_host(blocks: list[np.ndarray], rows: Sequence[str]) -> np.ndarray:
@@ -410,12 +417,6 @@ def combine_host(blocks: list[np.ndarray], rows: Sequence[str]) -> np.ndarray:
         elif row in MIN_ROWS:
             out[i] = parts[:, i].min(axis=0)
     return out
-
-
-def host_histogram_sample(x: np.ndarray, stride: int) -> np.ndarray:
-    """The numpy twin of :func:`histogram_sample`."""
-    flat = x.reshape(-1)[::stride]
-    return np.nan_to_num(flat, nan=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

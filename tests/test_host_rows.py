@@ -16,6 +16,7 @@ from torch import nn
 
 import monitor.capture as capture_mod
 from monitor import Monitor
+from monitor.sinks import Sink
 
 
 class Mixed(nn.Module):
@@ -36,7 +37,21 @@ class Mixed(nn.Module):
         return self.head(self.leaky(self.fc3(h)))
 
 
-def run(monkeypatch: pytest.MonkeyPatch, host_below: int, nan_at: int | None = None, steps: int = 3) -> tuple[dict, dict]:
+class Histograms(Sink):
+    """Keeps each layer's histogram bucket counts, per step."""
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[int, str], np.ndarray] = {}
+
+    def write(self, record) -> None:  # type: ignore[no-untyped-def]
+        for layer in record.layers:
+            if layer.hist_counts is not None:
+                self.counts[(record.step, layer.name)] = layer.hist_counts * layer.hist_scale
+
+
+def run(
+    monkeypatch: pytest.MonkeyPatch, host_below: int, nan_at: int | None = None, steps: int = 3, sink: Sink | None = None
+) -> tuple[dict, dict]:
     monkeypatch.setattr(capture_mod, "HOST_BELOW", host_below)
     torch.manual_seed(0)
     model = Mixed()
@@ -45,7 +60,8 @@ def run(monkeypatch: pytest.MonkeyPatch, host_below: int, nan_at: int | None = N
             model.fc3.weight[nan_at, 0] = float("nan")
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     x, y = torch.randn(24, 13), torch.randint(0, 3, (24,))
-    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    sinks = [sink] if sink is not None else []
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", sinks=sinks).attach()
     for step in range(steps):
         with mon.step(step):
             F.cross_entropy(model(x), y).backward()
@@ -69,8 +85,13 @@ def same(a: object, b: object) -> bool:
 
 @pytest.mark.parametrize("host_below", [1 << 16, 2000])  # all small layers on the host; a mix of both paths
 def test_host_reductions_give_the_device_numbers(monkeypatch, host_below):
-    device, _ = run(monkeypatch, 0)
-    host, _ = run(monkeypatch, host_below)
+    device_hist, host_hist = Histograms(), Histograms()
+    device, _ = run(monkeypatch, 0, sink=device_hist)
+    host, _ = run(monkeypatch, host_below, sink=host_hist)
+    # the same values sampled and binned: identical histograms (every layer, every step)
+    assert device_hist.counts.keys() == host_hist.counts.keys() and len(device_hist.counts) == 18
+    for key, counts in device_hist.counts.items():
+        assert np.array_equal(host_hist.counts[key], counts), key
     assert list(host) == list(device) and len(host) == 6
     for name in device:
         d, h = device[name], host[name]
@@ -85,8 +106,10 @@ def test_host_reductions_give_the_device_numbers(monkeypatch, host_below):
 
 
 def test_non_finite_units_are_counted_on_the_host_as_on_the_device(monkeypatch):
-    device, _ = run(monkeypatch, 0, nan_at=7, steps=1)
-    host, _ = run(monkeypatch, 1 << 16, nan_at=7, steps=1)
+    device_hist, host_hist = Histograms(), Histograms()
+    device, _ = run(monkeypatch, 0, nan_at=7, steps=1, sink=device_hist)
+    host, _ = run(monkeypatch, 1 << 16, nan_at=7, steps=1, sink=host_hist)
+    assert np.array_equal(host_hist.counts[(0, "leaky")], device_hist.counts[(0, "leaky")])  # NaN binned as 0 by both
     assert device["leaky"].nonfinite == host["leaky"].nonfinite == 1  # unit 7 of fc3 is NaN
     assert device["leaky"].rms == pytest.approx(host["leaky"].rms, rel=1e-5)  # over the finite units
     # the loss is NaN, so is every gradient
