@@ -220,7 +220,7 @@ class Dispatcher:
         self,
         sinks: Sequence[Sink],
         warn_once: Callable[[str, str], None],
-        maxsize: int = 256,
+        maxsize: int = 32,
         max_delay: float = 2.0,
         max_batch: int = 64,
         judge: Callable[[object], SampleRecord] | None = None,
@@ -228,6 +228,10 @@ class Dispatcher:
         self._sinks = list(sinks)
         self._warn_once = warn_once
         self._judge = judge
+        # At most `maxsize` batches (each <= max_batch samples, ~max_delay seconds of them) wait:
+        # a writer that falls further behind hands judging back to the training thread, which
+        # bounds the alerts' delay and the memory held by waiting samples (copies of small CPU
+        # outputs: up to ~1 MB per sample for a small MLP).
         self._queue: queue.Queue = queue.Queue(maxsize=maxsize)
         self._batch: list[object] = []  # records, or steps still to be judged
         self._batch_started = 0.0
