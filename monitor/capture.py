@@ -486,56 +486,33 @@ class Capture:
             # Small CPU tensors: a parallel region costs more than the reduction it splits, so
             # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
             threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
-            if self._on_host(wp, x):
-                if x.device.type != "cpu":
-                    self._warn_once(f"device:{wp.name}", f"{wp.name}: device changed within a step; extra call ignored")
-                    return
-                if threads > 1:
-                    torch.set_num_threads(1)
-                try:
-                    self._record_host(wp, raw, x, dims, pre, pre_input)
-                finally:
-                    if threads > 1:
-                        torch.set_num_threads(threads)
+            on_host = self._on_host(wp, x)
+            if on_host and x.device.type != "cpu":
+                self._warn_once(f"device:{wp.name}", f"{wp.name}: device changed within a step; extra call ignored")
                 return
             if threads > 1:
                 torch.set_num_threads(1)
             try:
-                if isinstance(pre, torch.Tensor):  # a host copy, taken before the mode was known
-                    pre = pre_stat_rows(pre, dims)
-                stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
-                if PRE_MAX in wp.rows:
-                    if pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
-                        pre = pre_stat_rows(pre_input.detach(), dims)
-                    if pre is None or pre[0].shape != stats[0].shape:
-                        pre = pre_stat_rows(x, dims)  # no usable input: the output stands in (no margin)
-                    stats = pre + stats
-                units = stats[0].shape[0]
-                sequences = 0
-                if TOKEN_SIM in wp.rows:  # a stack block: how alike its tokens are, how much it changed them
-                    rows, sequences = block_token_rows(x, inp, _token_dim(wp), units)
-                    stats += rows
-                hist = None
-                sampled = 0
-                if self.histograms:
-                    hist = histogram_sample(x, sample_stride(numel, units))
-                    sampled = hist.numel()
+                if on_host:
+                    part = self._host_part(wp, x, dims, pre, pre_input)
+                else:
+                    part = self._device_part(wp, x, inp, dims, pre, pre_input)
             finally:
                 if threads > 1:
                     torch.set_num_threads(threads)
             prev = self._current.get(wp)
             if prev is None:
-                self._current[wp] = Pending(
-                    stats, units, [] if hist is None else [hist], numel // units, numel, sampled, sequences=sequences
-                )
-            elif prev.units == units and not prev.on_host:
-                prev.stats = combine_rows(prev.stats, stats, wp.rows)
-                if hist is not None:
-                    prev.hist_samples.append(hist)
-                prev.positions += numel // units
-                prev.hist_numel += numel
-                prev.hist_sampled += sampled
-                prev.sequences += sequences
+                self._current[wp] = part
+            elif prev.units == part.units and prev.on_host == part.on_host:
+                if part.on_host:
+                    prev.host += part.host
+                else:
+                    prev.stats = combine_rows(prev.stats, part.stats, wp.rows)
+                prev.hist_samples += part.hist_samples
+                prev.positions += part.positions
+                prev.hist_numel += part.hist_numel
+                prev.hist_sampled += part.hist_sampled
+                prev.sequences += part.sequences
             else:
                 self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
                 return
@@ -545,15 +522,39 @@ class Capture:
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
 
-    def _record_host(
+    def _device_part(
         self,
         wp: WatchPoint,
-        raw: torch.Tensor,
         x: torch.Tensor,
+        inp: Any,
         dims: tuple[int, ...],
         pre: list[torch.Tensor] | torch.Tensor | None,
         pre_input: Any,
-    ) -> None:
+    ) -> Pending:
+        """One call's rows, reduced on ``x``'s device (no host sync), and its histogram sample."""
+        if isinstance(pre, torch.Tensor):  # a host copy, taken before the mode was known
+            pre = pre_stat_rows(pre, dims)
+        stats = unit_stat_rows(x, dims, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr)
+        if PRE_MAX in wp.rows:
+            if pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
+                pre = pre_stat_rows(pre_input.detach(), dims)
+            if pre is None or pre[0].shape != stats[0].shape:
+                pre = pre_stat_rows(x, dims)  # no usable input: the output stands in (no margin)
+            stats = pre + stats
+        numel = x.numel()
+        units = stats[0].shape[0]
+        sequences = 0
+        if TOKEN_SIM in wp.rows:  # a stack block: how alike its tokens are, how much it changed them
+            rows, sequences = block_token_rows(x, inp, _token_dim(wp), units)
+            stats += rows
+        hist = histogram_sample(x, sample_stride(numel, units)) if self.histograms else None
+        return Pending(
+            stats, units, [] if hist is None else [hist], numel // units, numel, 0 if hist is None else hist.numel(), sequences=sequences
+        )
+
+    def _host_part(
+        self, wp: WatchPoint, x: torch.Tensor, dims: tuple[int, ...], pre: list[torch.Tensor] | torch.Tensor | None, pre_input: Any
+    ) -> Pending:
         """One float32 copy of a small CPU output (stacked with a ReLU's intact input): the rows are
         computed from it on the host (:func:`monitor.stats.host_stat_rows`)."""
         numel = x.numel()
@@ -567,20 +568,8 @@ class Capture:
                 z = "stacked"
         if z != "stacked":
             x = self.pool.copy(x)
-        prev = self._current.get(wp)
         sampled = len(range(0, numel, sample_stride(numel, units))) if self.histograms else 0
-        if prev is None:
-            self._current[wp] = Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=self.pool)
-        elif prev.units == units:
-            prev.host.append((x, z, dims))
-            prev.positions += numel // units
-            prev.hist_numel += numel
-            prev.hist_sampled += sampled
-        else:
-            self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
-            return
-        if self.gradients and raw.requires_grad:
-            self._grad_handles.append(raw.register_hook(functools.partial(self._record_grad, wp, dims)))
+        return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=self.pool)
 
     def _record_grad(self, wp: WatchPoint, dims: tuple[int, ...], g: torch.Tensor | None) -> None:
         """Tensor hook: reduce the gradient with respect to one watched output to its GRAD_ROWS
