@@ -162,7 +162,6 @@ def unpack(
         host_flat = job.flat
     counts = job.counts
     offset = 0
-    device_binned = not job.bin_on_host
     param_at = sum((len(p.stats) + (len(GRAD_ROWS) if p.grad is not None else 0)) * p.units for p in job.pending)
     params = _params(job.params, np.asarray(host_flat[param_at : param_at + len(job.params)], dtype=np.float64))
     attention_at = param_at + len(job.params)
@@ -211,7 +210,7 @@ def unpack(
         scale = 1.0
         if p.hist_samples or (p.on_host and sampled):
             scale = numel / sampled if sampled else 1.0
-            if p.on_host or not device_binned:
+            if p.on_host or job.bin_on_host:
                 hist = next(host_counts)  # type: ignore[arg-type]
             else:
                 hist = host_flat[hist_offset : hist_offset + buckets]

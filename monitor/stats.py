@@ -409,14 +409,8 @@ def combine_host(blocks: list[np.ndarray], rows: Sequence[str]) -> np.ndarray:
     """Merge the host rows of several calls of one watch point (see :func:`combine_rows`)."""
     if len(blocks) == 1:
         return blocks[0]
-    parts = np.stack(blocks)
-    out = parts.sum(axis=0)
-    for i, row in enumerate(rows):
-        if row in MAX_ROWS:
-            out[i] = parts[:, i].max(axis=0)
-        elif row in MIN_ROWS:
-            out[i] = parts[:, i].min(axis=0)
-    return out
+    shape = blocks[0].shape
+    return reduce_rows_host(np.stack([b.reshape(-1) for b in blocks]), [rows], [shape[1]]).reshape(shape)
 
 
 # ---------------------------------------------------------------------------------------------
