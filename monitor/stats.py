@@ -293,8 +293,16 @@ def histogram_counts_host(values: np.ndarray, lengths: Sequence[int] | None = No
     idx = np.searchsorted(edges, values, side="left")
     if lengths is None:
         return np.bincount(idx, minlength=buckets).astype(np.float64)
-    idx += np.repeat(np.arange(len(lengths)) * buckets, lengths)
+    idx += _histogram_offsets(tuple(lengths), buckets)
     return np.bincount(idx, minlength=len(lengths) * buckets).astype(np.float64).reshape(len(lengths), buckets)
+
+
+@lru_cache(maxsize=64)
+def _histogram_offsets(lengths: tuple[int, ...], buckets: int) -> np.ndarray:
+    """Each sampled value's histogram offset (``i * buckets`` for the values of histogram ``i``)."""
+    out = np.repeat(np.arange(len(lengths)) * buckets, lengths)
+    out.flags.writeable = False
+    return out
 
 
 @lru_cache(maxsize=1)
@@ -482,6 +490,10 @@ class GradSummary:
         """(RMS, largest magnitude, units whose gradient held NaN/Inf), the first two over the other
         units; the RMS is +inf when a float32 sum of finite squares overflowed."""
         with np.errstate(all="ignore"):
+            top = float(np.maximum.reduce(self.max)) if self.max.size else math.nan
+            if math.isfinite(top):  # every unit finite (amax propagates NaN/Inf): no masks needed
+                n = self.positions * self.max.size
+                return (math.sqrt(float(np.add.reduce(self.sumsq)) / n) if n else math.nan), top, 0
             finite = np.isfinite(self.max)
             nonfinite = int((~finite).sum())
             rms = safe_rms(np.where(finite, self.sumsq, np.nan), self.positions)
@@ -510,12 +522,18 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         mx = np.maximum(pre_max, 0.0)
         if upper is not None:
             mx = np.minimum(mx, upper)
-    mn = -r[NEGMIN] if NEGMIN in r else np.zeros_like(mx)  # ReLU family: min is 0
+    mn = -r[NEGMIN] if NEGMIN in r else None  # ReLU family: min is 0
     nonfinite = r.get(NONFINITE)  # a value count, when a detector asked for the row
     if nonfinite is None:  # a unit held NaN/Inf iff an extremum is NaN/Inf (the reductions propagate them)
-        nonfinite = (~(np.isfinite(mx) & np.isfinite(mn))).astype(np.float64)
+        # a finite sum of the (float32-range) extrema: all finite, without a mask per row
+        if math.isfinite(np.add.reduce(mx)) and (mn is None or math.isfinite(np.add.reduce(mn))):
+            nonfinite = np.zeros(mx.shape)
+        else:
+            nonfinite = (~(np.isfinite(mx) & (True if mn is None else np.isfinite(mn)))).astype(np.float64)
+    if mn is None:
+        mn = np.zeros(mx.shape)
     fired = r.get(FIRED)
-    if fired is not None and nonfinite.any():
+    if fired is not None and np.maximum.reduce(nonfinite, initial=0.0) > 0:
         # torch.sign(NaN) is 0: a unit that saw NaN/Inf did not "not fire"; its count is unknown.
         fired = np.where(nonfinite > 0, np.nan, fired)
     return UnitSummary(

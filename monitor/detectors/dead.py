@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -43,12 +44,12 @@ class Dead(Detector):
         if ev is None:
             return Verdict(None)
         silent = ev.sums <= 0.5
-        certain = np.zeros(units, dtype=bool)
+        certain = None
         margin = None
+        pre_max, pre_min = s.pre_max, s.pre_min
         # Only a unit whose largest pre-activation is below zero can be dead for certain.
-        if s.pre_max is not None and s.pre_min is not None and not s.pre_max.min() >= 0:
-            spread = s.pre_max - s.pre_min
-            spread = spread[np.isfinite(spread)]
+        if pre_max is not None and pre_min is not None and not np.minimum.reduce(pre_max) >= 0:
+            spread = _finite(pre_max - pre_min)
             now = median(spread) if spread.size else 0.0
             # Two values can sit close together by chance (near-duplicate inputs): the spread is
             # the larger of this step's and the layer's recent median, never one lucky batch.
@@ -58,17 +59,18 @@ class Dead(Detector):
                 recent.append(now)
                 del recent[:-_SPREADS]
             if scale > 0:
-                margin = s.pre_max / scale
+                margin = pre_max / scale
                 certain = margin <= -th.dead_margin  # NaN: not certain
-        dead = silent | certain
-        n_dead, n_certain = int(dead.sum()), int(certain.sum())
-        confirmed = dead if ev.complete else certain
-        confirmed_fraction = float(confirmed.sum()) / units
+        # (numpy calls kept few: this runs per layer per sampled step on the writer thread)
+        dead = silent if certain is None else silent | certain
+        n_dead = int(np.count_nonzero(dead))
+        n_certain = 0 if certain is None else int(np.count_nonzero(certain))
+        confirmed_fraction = (n_dead if ev.complete else n_certain) / units
         fraction = n_dead / units
         dead_margin = None
-        if margin is not None and n_dead:
-            m = -margin[dead]
-            m = m[np.isfinite(m)]
+        dead_units = np.flatnonzero(dead) if n_dead else None
+        if margin is not None and dead_units is not None:
+            m = _finite(-margin[dead_units])
             dead_margin = median(m) if m.size else None
         band = False
         if confirmed_fraction >= th.dead_fraction:
@@ -90,6 +92,11 @@ class Dead(Detector):
         metrics = {
             "dead_fraction": fraction,
             "dead_margin": dead_margin,
-            "dead_units": tuple(np.flatnonzero(dead).tolist()),
+            "dead_units": tuple(dead_units.tolist()) if dead_units is not None else (),
         }
         return Verdict(bad, confirmed_fraction, th.dead_fraction, what, metrics, band)
+
+
+def _finite(a: np.ndarray) -> np.ndarray:
+    """The finite entries of ``a`` (``a`` itself when its sum is finite: then all are)."""
+    return a if math.isfinite(np.add.reduce(a)) else a[np.isfinite(a)]

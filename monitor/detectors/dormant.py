@@ -40,7 +40,7 @@ class Dormant(Detector):
         if ev is None or not ev.values:
             return Verdict(None)
         mean_abs = ev.sums / ev.values
-        layer_mean = float(mean_abs.mean())
+        layer_mean = float(np.add.reduce(mean_abs)) / units  # = mean_abs.mean(), without its wrapper
         if not np.isfinite(layer_mean):  # units that saw NaN/Inf: the mean of the others
             finite = mean_abs[np.isfinite(mean_abs)]
             layer_mean = float(finite.mean()) if finite.size else float("nan")
