@@ -174,25 +174,26 @@ def unpack(
     # binned here with numpy, all layers at once.
     values: list[np.ndarray] = []
     at = hist_offset
+    # the host copies as numpy views, per layer: [(output, ReLU input or None, reduced dims)]
+    arrays = [[(*_host_arrays(x, z), d) for x, z, d in p.host] if p.on_host else [] for p in job.pending]
     for i, p in enumerate(job.pending):
         if p.on_host and p.hist_sampled:
-            values.append(_host_samples(p))
+            values.append(_host_samples(arrays[i], p.units))
         elif p.hist_samples and job.bin_on_host:
             n = int(counts[COUNTS * i + 1])
             values.append(host_flat[at : at + n])
             at += n
     if values:
         flat = np.concatenate(values)  # a copy: the host copies' buffers are reused later
-        nan = np.isnan(flat)
-        if nan.any():  # NaN -> 0, as histogram_sample does on the device (NaN is counted apart)
-            flat[nan] = 0
+        if not math.isfinite(np.add.reduce(flat)):  # a finite sum: no NaN (one reduction, no mask)
+            flat[np.isnan(flat)] = 0  # NaN -> 0, as histogram_sample does on the device (NaN is counted apart)
         host_counts = iter(histogram_counts_host(flat, [v.size for v in values]))
     layers = []
     for i, (wp, p) in enumerate(zip(job.points, job.pending)):
         r, c = len(p.stats), p.units
         positions, sampled, numel, grad_positions, sequences = (counts[COUNTS * i + k] for k in range(COUNTS))
         if p.on_host:
-            blocks = [host_stat_rows(*_host_arrays(x, z), d, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr) for x, z, d in p.host]
+            blocks = [host_stat_rows(x, z, d, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr) for x, z, d in arrays[i]]
             block = combine_host(blocks, wp.rows)
         else:
             block = host_flat[offset : offset + r * c].reshape(r, c)
@@ -228,11 +229,11 @@ def _host_arrays(x: torch.Tensor, z: torch.Tensor | str | None) -> tuple[np.ndar
     return x.numpy(), None if z is None else z.numpy()
 
 
-def _host_samples(p: Pending) -> np.ndarray:
-    """The histogram samples of an output reduced on the host, as the hook would have taken them
-    (:func:`~monitor.stats.histogram_sample`, NaN still in: the caller zeroes them), as views."""
-    outputs = [_host_arrays(x, z)[0] for x, z, _ in p.host]
-    parts = [x.reshape(-1)[:: sample_stride(x.size, p.units)] for x in outputs]
+def _host_samples(arrays: list[tuple[np.ndarray, np.ndarray | None, tuple[int, ...]]], units: int) -> np.ndarray:
+    """The histogram samples of an output reduced on the host (its calls' ``(output, input, dims)``
+    arrays), as the hook would have taken them (:func:`~monitor.stats.histogram_sample`, NaN still
+    in: the caller zeroes them), as views."""
+    parts = [x.reshape(-1)[:: sample_stride(x.size, units)] for x, _, _ in arrays]
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
