@@ -116,6 +116,21 @@ def test_a_unit_far_below_zero_is_dead_at_once_even_on_two_values():
     assert alerts == [] and h.dead_fraction == 0.75 and h.dead_margin == pytest.approx(0.3)
 
 
+def test_the_dead_margin_spread_is_the_median_of_the_finite_spreads_only():
+    """Units whose pre-activation spread is Inf/NaN (an exploding layer) do not set the scale: the
+    median over the other units does. Counted in, the (lower) median here would be Inf, and no unit
+    would be dead for certain."""
+    j = J(min_positions=100, dead_margin=4.0)
+    pre_max = [-100.0] * 3 + [math.inf] * 4 + [math.nan]
+    pre_min = [-101.0] * 3 + [0.0] * 4 + [math.nan]
+    s = summary(units=8, positions=2, fired=[0] * 3 + [2] * 5, pre_max=pre_max, pre_min=pre_min)
+    h, _ = j.judge("l", RELU, 0, s)
+    finite = [a - b for a, b in zip(pre_max, pre_min) if math.isfinite(a - b)]
+    assert finite == [1.0] * 3
+    assert h.dead_fraction == 3 / 8 and h.dead_margin == pytest.approx(100.0 / sorted(finite)[1])
+    assert h.metrics["dead_units"] == (0, 1, 2)
+
+
 def test_a_large_batch_alerts_at_the_first_sampled_step_of_death():
     alive = summary(fired=[50] * 8, positions=128)
     dead = summary(fired=[0] * 8, positions=128)
