@@ -169,6 +169,7 @@ class Judge:
         self.layers: dict[str, LayerMemory] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # restored state of layers not seen yet
         self._applicable: dict[tuple[str, Kind], tuple[list[Detector], tuple[str, ...]]] = {}
+        self._parameter_detectors = [d for d in self.detectors if hasattr(d, "evaluate_parameters")]
 
     def _for(self, name: str, kind: Kind) -> tuple[list[Detector], tuple[str, ...]]:
         hit = self._applicable.get((name, kind))
@@ -221,12 +222,13 @@ class Judge:
             return self._judge(name, kind, step, s, g, None, None)
 
     def _judge_parameters(self, step: int, grad_norms: dict[str, float]) -> list[Alert]:
-        values = np.asarray(list(grad_norms.values()), dtype=np.float64)
-        bad_norms = int((~np.isfinite(values)).sum())
-        total = float(np.sqrt(np.square(values[np.isfinite(values)]).sum()))
+        # A handful to a few thousand floats: plain Python beats numpy's per-call cost here.
+        finite = [v for v in grad_norms.values() if math.isfinite(v)]
+        bad_norms = len(grad_norms) - len(finite)
+        total = math.sqrt(math.fsum(v * v for v in finite))
         mem = self.memory(PARAMETERS)
         alerts: list[Alert] = []
-        for det in self.detectors:
+        for det in self._parameter_detectors:
             judge = getattr(det, "evaluate_parameters", None)
             if judge is not None:
                 v = judge(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)

@@ -54,6 +54,7 @@ one run, and the writer itself is never written to, flushed, closed or changed.
 
 from __future__ import annotations
 
+import math
 import os
 from collections import deque
 from collections.abc import Mapping
@@ -108,7 +109,7 @@ def scalar_values(record: SampleRecord) -> dict[str, float]:
         if p.update_ratio is not None:
             out[f"update_ratio/{p.name}"] = p.update_ratio
     if norms:
-        out["gradient_norm/(total)"] = float(np.sqrt(np.square(np.asarray(norms, dtype=np.float64)).sum()))
+        out["gradient_norm/(total)"] = math.sqrt(math.fsum(v * v for v in norms))  # NaN/Inf propagate
     for a in record.attention:
         for metric, v in a.scalars().items():
             out[f"attention_{metric}/{a.name}"] = v

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from monitor.detectors.base import Detector, LayerView, Verdict, baseline
@@ -28,6 +29,7 @@ class Exploding(Detector):
             return Verdict(None, rms, th.max_rms, f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}")
         bad: bool | None
         band = False
+        what: str | Callable[[], str]
         if rms > th.max_rms:
             bad, value, limit, what = True, rms, th.max_rms, f"exploding: RMS {rms:.3g} > {th.max_rms:.3g}"
         elif max_abs > th.max_abs:
@@ -43,7 +45,7 @@ class Exploding(Detector):
                 clear = clear and rms < r * th.growth_factor * base
             bad, value, limit = (False if clear else None), rms, th.max_rms
             band = not clear
-            what = f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}"
+            what = lambda: f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}"  # noqa: E731 - built only when needed
             if len(history) < th.baseline_samples:
                 history.append(rms)
         return Verdict(bad, value, limit, what, band=band)

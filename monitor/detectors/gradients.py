@@ -98,7 +98,7 @@ class ExplodingGradient(Detector):
             clear = clear and rms < r * th.grad_growth_factor * base
         if clear and len(history) < th.baseline_samples and rms > 0:
             history.append(rms)
-        return Verdict(False if clear else None, rms, th.grad_growth_factor, f"gradient RMS {rms:.3g}", band=not clear)
+        return Verdict(False if clear else None, rms, th.grad_growth_factor, lambda: f"gradient RMS {rms:.3g}", band=not clear)
 
     def evaluate_parameters(self, total_norm: float, nonfinite: int, threshold: float, release: float) -> Verdict:
         """The model-wide gradient norm (the L2 norm over every parameter's gradient, before clipping)."""
