@@ -240,6 +240,8 @@ class Judge:
         with the detectors that have ``evaluate_attention``; the module's name is the alert's subject."""
         healths: list[AttentionHealth] = []
         alerts: list[Alert] = []
+        if not modules:
+            return healths, alerts
         with np.errstate(all="ignore"):
             for m in modules:
                 healths.append(
