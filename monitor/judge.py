@@ -229,10 +229,8 @@ class Judge:
         mem = self.memory(PARAMETERS)
         alerts: list[Alert] = []
         for det in self._parameter_detectors:
-            judge = getattr(det, "evaluate_parameters", None)
-            if judge is not None:
-                v = judge(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)
-                self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
+            v = det.evaluate_parameters(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)  # type: ignore[attr-defined]
+            self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
         return alerts
 
     def judge_attention(self, step: int, modules: Sequence[Any]) -> tuple[list[AttentionHealth], list[Alert]]:

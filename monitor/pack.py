@@ -29,6 +29,7 @@ from monitor.selection import WatchPoint
 from monitor.stats import (
     GRAD_ROWS,
     UnitSummary,
+    all_finite,
     combine_host,
     histogram_counts_batched,
     histogram_counts_host,
@@ -185,7 +186,7 @@ def unpack(
             at += n
     if values:
         flat = np.concatenate(values)  # a copy: the host copies' buffers are reused later
-        if not math.isfinite(np.add.reduce(flat)):  # a finite sum: no NaN (one reduction, no mask)
+        if not all_finite(flat):  # NaN only where not all are finite
             flat[np.isnan(flat)] = 0  # NaN -> 0, as histogram_sample does on the device (NaN is counted apart)
         host_counts = iter(histogram_counts_host(flat, [v.size for v in values]))
     layers = []

@@ -525,8 +525,7 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
     mn = -r[NEGMIN] if NEGMIN in r else None  # ReLU family: min is 0
     nonfinite = r.get(NONFINITE)  # a value count, when a detector asked for the row
     if nonfinite is None:  # a unit held NaN/Inf iff an extremum is NaN/Inf (the reductions propagate them)
-        # a finite sum of the (float32-range) extrema: all finite, without a mask per row
-        if math.isfinite(np.add.reduce(mx)) and (mn is None or math.isfinite(np.add.reduce(mn))):
+        if all_finite(mx) and (mn is None or all_finite(mn)):
             nonfinite = np.zeros(mx.shape)
         else:
             nonfinite = (~(np.isfinite(mx) & (True if mn is None else np.isfinite(mn)))).astype(np.float64)
@@ -552,6 +551,16 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         update_sq=r.get(UPDATE_SQ),
         input_sq=r.get(INPUT_SQ),
     )
+
+
+def all_finite(a: np.ndarray) -> bool:
+    """Whether every entry of ``a`` is finite, told by one sum (no mask): a finite sum means all are.
+    A sum that overflows from finite entries says ``False``; callers then take their exact path.
+
+    >>> all_finite(np.array([1.0, 2.0])), all_finite(np.array([1.0, np.nan]))
+    (True, False)
+    """
+    return math.isfinite(np.add.reduce(a, axis=None))
 
 
 def safe_rms(sumsq: np.ndarray, count: float) -> float:

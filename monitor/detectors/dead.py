@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
 
 from monitor.activations import Kind
 from monitor.detectors.base import Detector, LayerView, Verdict, median, over, pct
-from monitor.stats import FIRED, PRE_MAX, PRE_MIN
+from monitor.stats import FIRED, PRE_MAX, PRE_MIN, all_finite
 
 _SPREADS = 8  # recent sampled steps whose spread the margin also trusts
 
@@ -98,5 +97,5 @@ class Dead(Detector):
 
 
 def _finite(a: np.ndarray) -> np.ndarray:
-    """The finite entries of ``a`` (``a`` itself when its sum is finite: then all are)."""
-    return a if math.isfinite(np.add.reduce(a)) else a[np.isfinite(a)]
+    """The finite entries of ``a`` (``a`` itself when all are)."""
+    return a if all_finite(a) else a[np.isfinite(a)]
