@@ -29,7 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from monitor.alerts import Alert
 from monitor.health import LayerHealth, ParameterHealth
-from monitor.sinks import LayerSample, SampleRecord
+from monitor.records import LayerSample, SampleRecord
 from monitor.stats import GradSummary, UnitSummary, histogram_edges
 from monitor.tensorboard import TensorBoardSink
 

@@ -20,8 +20,9 @@ if TYPE_CHECKING:  # the names below are imported on first use (PEP 562): `pytho
     from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
     from monitor.options import Options
     from monitor.probe import ProbeResult
+    from monitor.records import LayerSample, SampleRecord
     from monitor.selection import Patterns
-    from monitor.sinks import LayerSample, SampleRecord, Sink
+    from monitor.sinks import Sink
     from monitor.thresholds import Thresholds
 
 _WHERE = {
@@ -41,8 +42,8 @@ _WHERE = {
     "Options": "monitor.options",
     "ProbeResult": "monitor.probe",
     "Patterns": "monitor.selection",
-    "LayerSample": "monitor.sinks",
-    "SampleRecord": "monitor.sinks",
+    "LayerSample": "monitor.records",
+    "SampleRecord": "monitor.records",
     "Sink": "monitor.sinks",
     "Thresholds": "monitor.thresholds",
 }

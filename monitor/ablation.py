@@ -76,7 +76,7 @@ class Ablation:
     ) -> None:
         self.spec = check_spec(spec)
         check_value(value)
-        known = {wp.name for wp in capture.module_points} | {wp.name for wp in capture.functional_points.values() if wp.rows}
+        known = {wp.name for wp in capture.module_points} | {wp.name for wp in capture.calls.points.values() if wp.rows}
         unknown = [n for n in self.spec if n not in known]
         if unknown and (capture.discovered or not capture.functional):
             raise ValueError(f"Cannot ablate {unknown}: not a watched layer. Watched layers: {sorted(known)}.")

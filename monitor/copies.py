@@ -5,7 +5,7 @@ A copy taken in a hook lives until the writer thread has reduced it, up to a cou
 on another thread seconds later, fragment glibc's heap: on a 2-core VM the process grew by about
 1 MB per sampled step, and every sampled step paid ~70 page faults for memory it touched for the
 first time. Copies taken from a pool reuse the same pages: the writer gives each buffer back once
-it has read it (:meth:`Pending.release <monitor.capture.Pending.release>`).
+it has read it (:meth:`Pending.release <monitor.partials.Pending.release>`).
 """
 
 from __future__ import annotations

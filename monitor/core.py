@@ -39,9 +39,10 @@ from monitor.pack import Job, pack
 from monitor.probe import ProbeRecord, ProbeResult, ProbeRunner, probe_input
 from monitor.probing import Probing
 from monitor.recording import StepRecorder
+from monitor.records import SampleRecord
 from monitor.runconfig import normalize_config
 from monitor.selection import Patterns, Selector, WatchPoint
-from monitor.sinks import Dispatcher, SampleRecord, Sink
+from monitor.sinks import Dispatcher, Sink
 from monitor.stats import PRE_ROWS, rows_for
 from monitor.thresholds import Thresholds
 

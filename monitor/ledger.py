@@ -15,7 +15,7 @@ from monitor.alerts import Alert
 from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
 from monitor.judge import Judge
 from monitor.pack import Job, unpack
-from monitor.sinks import LayerSample, SampleRecord
+from monitor.records import LayerSample, SampleRecord
 
 MAX_ALERTS = 10_000
 

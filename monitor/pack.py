@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from monitor.attention import AttentionNumbers, AttentionPartials, attention_numbers
-from monitor.capture import Pending
 from monitor.params import ParameterPartials
+from monitor.partials import Pending
 from monitor.selection import WatchPoint
 from monitor.stats import (
     GRAD_ROWS,

@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from monitor.attention import AttentionCapture, AttentionPartials
-from monitor.capture import Capture, Pending
+from monitor.capture import Capture
 from monitor.compiled import EagerSteps, root_compiled
 from monitor.params import ParameterCapture, ParameterPartials
+from monitor.partials import Pending
 from monitor.selection import Selector, WatchPoint
 
 

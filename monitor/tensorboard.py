@@ -54,7 +54,6 @@ one run, and the writer itself is never written to, flushed, closed or changed.
 
 from __future__ import annotations
 
-import math
 import os
 from collections import deque
 from collections.abc import Mapping
@@ -64,16 +63,17 @@ import numpy as np
 
 from monitor.eventfile import SUFFIX, EventFileWriter, encode_event, encode_value_histogram, encode_value_scalar
 from monitor.judge import gradient_reference
+from monitor.records import SampleRecord
 from monitor.render import Picture, ScanRow, render_attention_heads, render_gradient_flow, render_scan, render_timeline
 from monitor.runconfig import RUN_CONFIG_TAG, config_json, normalize_config
-from monitor.sinks import SampleRecord, Sink, yield_gil
+from monitor.scalars import scalar_values
+from monitor.sinks import Sink, yield_gil
 
 if TYPE_CHECKING:
     from monitor.probe import ProbeRecord
 
 EXTRA_HINT = "pip install 'activation-monitor[tensorboard]'"
 
-TAG_PREFIX = "activation_"  # every number of LayerHealth.scalars() is activation_<name>/<layer>
 HIST_TAG = "activation_hist"
 SCAN_TAG = "activation_scan"
 TIMELINE_TAG = "activation_timeline"
@@ -81,7 +81,6 @@ ALERT_TAG = "activation_alerts"
 LAYERS_TAG = "activation_layers"
 FLOW_TAG = "gradient_flow"
 ATTENTION_TAG = "attention_heads"
-_GRAD = "grad_"  # LayerHealth numbers grad_<x> are written as gradient_<x>/<layer>
 
 
 def require_tensorboard() -> None:
@@ -90,30 +89,6 @@ def require_tensorboard() -> None:
         from PIL import Image  # noqa: F401
     except ImportError as e:
         raise ImportError(f"Writing TensorBoard output needs the `tensorboard` extra: {EXTRA_HINT}") from e
-
-
-def scalar_values(record: SampleRecord) -> dict[str, float]:
-    """``{tag: value}`` for one record (the same names every logger receives)."""
-    out: dict[str, float] = {}
-    for layer in record.layers:
-        for metric, v in layer.health.scalars().items():
-            if metric.startswith(_GRAD):
-                out[f"gradient_{metric[len(_GRAD):]}/{layer.name}"] = v
-            else:
-                out[f"{TAG_PREFIX}{metric}/{layer.name}"] = v
-    norms = []
-    for p in record.parameters:
-        if p.grad_norm is not None:
-            out[f"gradient_norm/{p.name}"] = p.grad_norm
-            norms.append(p.grad_norm)
-        if p.update_ratio is not None:
-            out[f"update_ratio/{p.name}"] = p.update_ratio
-    if norms:
-        out["gradient_norm/(total)"] = math.sqrt(math.fsum(v * v for v in norms))  # NaN/Inf propagate
-    for a in record.attention:
-        for metric, v in a.scalars().items():
-            out[f"attention_{metric}/{a.name}"] = v
-    return out
 
 
 def attention_picture(record: SampleRecord) -> Picture:
