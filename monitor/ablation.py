@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monitor.capture import Capture, first_tensor
+from monitor.capture import Capture
+from monitor.functional import first_tensor
 from monitor.probe import ProbeResult, ProbeRunner
 from monitor.probemath import drift
 from monitor.selection import WatchPoint

@@ -27,8 +27,6 @@ from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
 from monitor.stats import GRAD_ROWS, HOST_ROWS, PRE_MAX, combine_rows, grad_stat_rows, pre_stat_rows
 
-__all__ = ["Capture", "Pending", "first_tensor"]
-
 _SERIAL_BELOW = 1 << 18  # elements
 # CPU outputs up to this size are copied in the hook and reduced on the host (Capture.host_rows).
 HOST_BELOW = 1 << 16  # elements

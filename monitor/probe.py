@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from monitor.capture import Capture, first_tensor
+from monitor.capture import Capture
+from monitor.functional import first_tensor
 from monitor.probeinput import ProbeInput, probe_input  # noqa: F401 - probe_input: part of this module's API
 from monitor.probemath import drift_on_device, favourites, row_order, top_k
 from monitor.selection import WatchPoint

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.capture import first_tensor
+from monitor.functional import first_tensor
 
 LABELS_FROM_TARGETS = "targets"
 
