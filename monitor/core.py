@@ -153,7 +153,7 @@ class Monitor:
         probe_loss_fn: ``loss_fn(output, targets)`` for the probe's loss (needs targets).
         attention: on sampled steps, also measure every attention head (``nn.MultiheadAttention``,
             Hugging Face attention run with ``attn_implementation="eager"`` or ``"sdpa"``): the
-            entropy of its attention and its mass on the first token (see :mod:`monitor.attention`).
+            entropy of its attention and its mass on the first token (see :mod:`monitor.headstats`).
 
     Example:
         >>> model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 1))

@@ -121,7 +121,7 @@ class ParameterHealth:
 
 @dataclass(frozen=True)
 class AttentionHealth:
-    """One attention module's heads at its latest sampled step (see :mod:`monitor.attention`).
+    """One attention module's heads at its latest sampled step (see :mod:`monitor.headstats`).
 
     Per head (tuples of length ``heads``), over the measured queries of the step (the first
     sequences of each call; queries that may see a single key left out):

@@ -234,7 +234,7 @@ class Judge:
         return alerts
 
     def judge_attention(self, step: int, modules: Sequence[Any]) -> tuple[list[AttentionHealth], list[Alert]]:
-        """Judge each attention module measured on ``step`` (its :class:`~monitor.attention.AttentionNumbers`)
+        """Judge each attention module measured on ``step`` (its :class:`~monitor.headstats.AttentionNumbers`)
         with the detectors that have ``evaluate_attention``; the module's name is the alert's subject."""
         healths: list[AttentionHealth] = []
         alerts: list[Alert] = []

@@ -7,7 +7,7 @@ models, a :class:`~monitor.stats.UnitSummary` per layer and the parameters' numb
 
 Layout of the flat vector: per watch point its activation rows, then its gradient rows (if
 backward reached it); the parameters' gradient norms, update norms and weight norms; the
-attention heads' sums (:mod:`monitor.attention`); the histogram samples or counts; under DDP, the
+attention heads' sums (:mod:`monitor.headstats`); the histogram samples or counts; under DDP, the
 counts.
 """
 
@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from monitor.attention import AttentionNumbers, AttentionPartials, attention_numbers
+from monitor.headstats import AttentionNumbers, AttentionPartials, attention_numbers
 from monitor.params import ParameterPartials
 from monitor.partials import Pending
 from monitor.selection import WatchPoint

@@ -18,9 +18,10 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from monitor.attention import AttentionCapture, AttentionPartials
+from monitor.attention import AttentionCapture
 from monitor.capture import Capture
 from monitor.compiled import EagerSteps, root_compiled
+from monitor.headstats import AttentionPartials
 from monitor.params import ParameterCapture, ParameterPartials
 from monitor.partials import Pending
 from monitor.selection import Selector, WatchPoint

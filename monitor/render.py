@@ -360,7 +360,7 @@ def render_attention_heads(
     yellow). A dot marks a head with more than half of its attention on the first token (white on
     dark cells, black on light ones). Cells of heads a module does not have are white; NaN/Inf red.
 
-    ``entropy`` and ``sink`` are ``[modules, max(heads)]`` (see :mod:`monitor.attention`).
+    ``entropy`` and ``sink`` are ``[modules, max(heads)]`` (see :mod:`monitor.headstats`).
     """
     ent = np.asarray(entropy, dtype=np.float64).reshape(len(modules), -1)
     snk = np.asarray(sink, dtype=np.float64).reshape(ent.shape)

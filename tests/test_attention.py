@@ -15,7 +15,8 @@ import torch
 from torch import nn
 
 from monitor import AttentionHealth, Monitor, Thresholds
-from monitor.attention import SEQUENCES, AttentionCapture, find_attention, mha_rows
+from monitor.attention import AttentionCapture, find_attention
+from monitor.headstats import SEQUENCES, mha_rows
 from monitor.options import Options
 
 logging.getLogger("transformers").setLevel(logging.ERROR)

@@ -70,7 +70,7 @@ class _AttentionDetector(Detector):
         return Verdict(None)
 
     def evaluate_attention(self, heads: Any, thresholds: Thresholds, memory: dict[str, Any]) -> Verdict:
-        """``heads``: a module's :class:`~monitor.attention.AttentionNumbers` on one sampled step."""
+        """``heads``: a module's :class:`~monitor.headstats.AttentionNumbers` on one sampled step."""
         raise NotImplementedError
 
 
