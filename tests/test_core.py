@@ -408,10 +408,9 @@ def test_functional_calls_outside_the_model_are_not_watched():
     model = WineClassifier()
     with Monitor(model, every_n_steps=1, on_alert="ignore") as mon, mon.step(0):
         out = model(torch.randn(16, 13))
-        hinge = F.relu(1 - out).mean()  # an activation in the loss, not in the model
+        F.relu(1 - out).mean()  # an activation in the loss, not in the model
         torch.tanh(out)
     assert mon.layers == ["dense0.relu", "dense1.relu"]
-    assert hinge.ndim == 0
 
 
 def test_activations_in_a_training_step_method_are_not_the_model():

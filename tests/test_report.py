@@ -59,11 +59,14 @@ class Truth:
 
     def __init__(self, model: nn.Module) -> None:
         self.out: dict[str, torch.Tensor] = {}
+        self.grad: dict[str, torch.Tensor] = {}
         self.handles = [getattr(model, n).register_forward_hook(self._hook(n)) for n in ("act0", "act1", "act2")]
 
     def _hook(self, name):
         def hook(module, args, output):
             self.out[name] = output.detach().clone()
+            if output.requires_grad:  # the gradient with respect to this output, when backward reaches it
+                output.register_hook(lambda g: self.grad.__setitem__(name, g.detach().clone()))
 
         return hook
 
@@ -75,6 +78,9 @@ class Truth:
 
     def rms(self, name: str) -> float:
         return float(self.out[name].pow(2).mean().sqrt())
+
+    def grad_rms(self, name: str) -> float:
+        return float(self.grad[name].pow(2).mean().sqrt())
 
 
 def train_plain(logdir, revive_at: int | None = None, writer=None, steps: int = STEPS):
@@ -166,7 +172,7 @@ def test_json_matches_ground_truth(plain, capsys):
     for name in ("act0", "act1", "act2"):
         assert layers[name]["rms"]["last"] == pytest.approx(truth.rms(name), rel=1e-4)
         assert len(layers[name]["rms"]["trend"]) == 6
-        assert layers[name]["grad_rms"]["last"] >= 0  # the backward ran inside the sampled steps
+        assert layers[name]["grad_rms"]["last"] == pytest.approx(truth.grad_rms(name), rel=1e-4)  # backward inside the step
     # kinds and units as the monitor recorded them (the `activation_layers` text): the model's widths
     assert [(lay["kind"], lay["units"]) for lay in run["layers"]] == [("relu", 32), ("tanh", 32), ("relu", 16)]
     # the alerts: exactly those the monitor held in memory, in order
