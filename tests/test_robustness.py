@@ -335,7 +335,6 @@ def test_a_user_detector_goes_through_detection_health_tensorboard_and_checkpoin
             h = mon.health()["1"]
             assert h.peak == pytest.approx(truth[step], rel=1e-6)
             assert h.peak_evaluations == step + 1  # the detector's memory persists across steps
-            assert h.metrics["peak"] == h.peak
         state = mon.state_dict()
     assert all(truth[s] < 0.8 * BOUND for s in range(3)) and all(truth[s] > BOUND for s in range(3, 6))
     mine = [a for a in mon.alerts if a.kind == "peak_guard"]
@@ -453,11 +452,7 @@ class _DeadFractionField(_Base):
 def test_a_field_of_a_builtin_detector_is_rejected():
     model = _peak_model()
     with pytest.raises(ValueError, match="dead_fraction"):
-        mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False, detectors=[_DeadFractionField()])
-        with mon.step(0):
-            model(torch.randn(64, 6))
-        # what happens if it is accepted: the built-in number is gone
-        assert mon.health()["1"].dead_fraction != -1.0
+        Monitor(model, every_n_steps=1, on_alert="ignore", background=False, detectors=[_DeadFractionField()])
 
 
 # -- 5. the first sampled step reports the truth --------------------------------------------------
@@ -518,7 +513,6 @@ def test_nan_steps_never_read_as_recovery_from_saturation(background):
                 assert float(((out.abs() > 0.98).float().mean(0) >= 0.95).float().mean()) >= 0.5  # truth: saturated
     alerts = [(a.step, a.kind, a.recovered) for a in mon.alerts]
     assert alerts == [(0, "saturated", False), (3, "nonfinite", False)]
-    assert not any(a.recovered for a in mon.alerts)
 
 
 def test_nan_steps_in_the_evidence_window_never_read_as_recovery():
