@@ -130,7 +130,9 @@ def test_hugging_face_blocks_get_token_similarity_and_block_update():
         model = transformers.GPT2LMHeadModel(cfg).eval()  # no dropout: the same forward twice
     ids = torch.randint(0, 64, (4, 16))
     blocks = list(model.transformer.h)
-    truth = [true_similarity(o) for o in _first_outputs(model, blocks, ids)]
+    outs, ins = _first_outputs(model, blocks, ids, inputs=True)
+    truth = [true_similarity(o) for o in outs]
+    updates = [float(np.linalg.norm(o - i) / np.linalg.norm(i)) for o, i in zip(outs, ins)]  # ||out - in|| / ||in||
     mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
     with mon, mon.step(0):
         model(ids)
@@ -138,19 +140,22 @@ def test_hugging_face_blocks_get_token_similarity_and_block_update():
     for i, t in enumerate(truth):
         h = health[f"transformer.h.{i}"]
         assert h.metrics["token_similarity"] == pytest.approx(t, abs=1e-4)
-        assert h.metrics["block_update"] is not None and h.metrics["block_update"] > 0
+        assert h.metrics["block_update"] == pytest.approx(updates[i], rel=1e-4)
     assert [a for a in mon.alerts if a.kind == "collapse"] == []
 
 
-def _first_outputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor) -> list[np.ndarray]:
+def _first_outputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, inputs: bool = False):
+    """Each block's hidden-state output (and, with ``inputs``, its hidden-state input) of one forward."""
     seen: list[np.ndarray] = []
+    seen_in: list[np.ndarray] = []
 
-    def keep(m, a, o):
+    def keep(m, a, kw, o):
         seen.append((o[0] if isinstance(o, tuple) else o).detach().double().numpy())
+        seen_in.append((a[0] if a else kw["hidden_states"]).detach().double().numpy())
 
-    hooks = [b.register_forward_hook(keep) for b in blocks]
+    hooks = [b.register_forward_hook(keep, with_kwargs=True) for b in blocks]
     with torch.no_grad():
         model(ids)
     for h in hooks:
         h.remove()
-    return seen
+    return (seen, seen_in) if inputs else seen
