@@ -563,3 +563,11 @@ def test_the_report_imports_no_torch(plain):
         [sys.executable, "-c", code], check=False, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
     )
     assert p.returncode == 0, p.stderr
+
+
+def test_number_and_percent_formats_of_the_table():
+    """The table's two formats, spelled out (the table tests above format their ground truth with them)."""
+    values = (0.0, 0.00123456, 12.3456, 123456.0, -2.5e-5, float("nan"), float("inf"))
+    assert [formatting.num(v) for v in values] == ["0", "0.00123", "12.3", "1.23e+05", "-2.50e-05", "nan", "inf"]
+    fractions = (0.0, 0.001, 0.25, 0.996, 1.0, float("nan"))
+    assert [formatting.pct(v) for v in fractions] == ["0%", "<1%", "25%", ">99%", "100%", "nan"]
