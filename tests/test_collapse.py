@@ -137,7 +137,7 @@ def test_hugging_face_blocks_get_token_similarity_and_block_update():
         model = transformers.GPT2LMHeadModel(cfg).eval()  # no dropout: the same forward twice
     ids = torch.randint(0, 64, (4, 16))
     blocks = list(model.transformer.h)
-    outs, ins = _first_outputs(model, blocks, ids, inputs=True)
+    outs, ins = _first_outputs(model, blocks, ids)
     truth = [true_similarity(o) for o in outs]
     updates = [float(np.linalg.norm(o - i) / np.linalg.norm(i)) for o, i in zip(outs, ins)]  # ||out - in|| / ||in||
     mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
@@ -151,8 +151,10 @@ def test_hugging_face_blocks_get_token_similarity_and_block_update():
     assert [a for a in mon.alerts if a.kind == "collapse"] == []
 
 
-def _first_outputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor, inputs: bool = False):
-    """Each block's hidden-state output (and, with ``inputs``, its hidden-state input) of one forward."""
+def _first_outputs(
+    model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Each block's hidden-state output and hidden-state input of one forward."""
     seen: list[np.ndarray] = []
     seen_in: list[np.ndarray] = []
 
@@ -165,4 +167,4 @@ def _first_outputs(model: nn.Module, blocks: list[nn.Module], ids: torch.Tensor,
         model(ids)
     for h in hooks:
         h.remove()
-    return (seen, seen_in) if inputs else seen
+    return seen, seen_in
