@@ -305,6 +305,32 @@ def test_fail_on_recovered_and_typos(plain, capsys):
     assert code == 0 and "too_quiet" in err
 
 
+def test_fail_on_knows_every_builtin_kind(tmp_path, capsys):
+    """Every built-in detector's name is a --fail-on kind: an LSTM whose forget gate is stuck open
+    (bias +20: sigmoid(20) = 1 - 2e-9) fails a `gate_saturated` gate; typos of the newer kinds fail
+    with exit 2, and a prefix shared by two kinds is ambiguous."""
+    from monitor.detectors import BUILTIN_NAMES
+
+    assert R.BUILTIN_KINDS == BUILTIN_NAMES  # the report's copy (it does not import torch) is complete
+    torch.manual_seed(0)
+    rnn = nn.LSTM(8, 32, batch_first=True)
+    with torch.no_grad():
+        rnn.bias_ih_l0[32:64].fill_(20.0)
+    with Monitor(rnn, every_n_steps=1, logdir=tmp_path / "gate", on_alert="ignore") as mon:
+        for s in range(3):
+            with mon.step(s):
+                rnn(torch.randn(16, 40, 8))
+    assert "gate_saturated" in {a.kind for a in mon.alerts}
+    code, _, err = run_report(tmp_path / "gate", "--fail-on", "gate_saturated", capsys=capsys)
+    assert code == 1 and "not a built-in" not in err and "gate_saturated" in err
+    code, _, err = run_report(tmp_path / "gate", "--fail-on", "collapse,attention_sink,hidden_saturated", capsys=capsys)
+    assert code == 0 and "not a built-in" not in err
+    code, out, err = run_report(tmp_path / "gate", "--fail-on", "colapse", capsys=capsys)
+    assert code == 2 and out == "" and "did you mean 'collapse'" in err
+    code, out, err = run_report(tmp_path / "gate", "--fail-on", "attention", capsys=capsys)
+    assert code == 2 and "'attention_entropy' or 'attention_sink'" in err
+
+
 def test_truncated_and_corrupt_files(plain, tmp_path, capsys):
     root = plain[0]
     _, whole, _ = run_report(root / "runs" / "dead", "--json", capsys=capsys)

@@ -81,6 +81,8 @@ def _fail_kinds(spec: str, err: TextIO) -> list[str]:
         prefixed = [b for b in BUILTIN_KINDS if b.startswith(k + "_")]
         if builtin is None and len(prefixed) == 1:  # "vanishing" -> "vanishing_gradient"
             builtin = prefixed[0]
+        elif builtin is None and prefixed:  # "attention": which one?
+            raise ReportError(f"--fail-on: {k!r} is ambiguous: {' or '.join(map(repr, prefixed))}? (or 'all')")
         close = difflib.get_close_matches(k, BUILTIN_KINDS, n=1, cutoff=0.75)
         if builtin is not None:
             out.append(builtin)

@@ -30,7 +30,12 @@ import numpy as np
 from monitor.report.config import parse as parse_config
 from monitor.report.reading import SERIES, Image, RunData
 
-BUILTIN_KINDS = ("dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient")
+# The built-in detectors' names, as `monitor.detectors.BUILTIN_NAMES` (a test keeps the two equal):
+# spelled out here because the report reads runs without importing PyTorch.
+BUILTIN_KINDS = (
+    "dead", "saturated", "dormant", "exploding", "nonfinite", "vanishing_gradient", "exploding_gradient",
+    "collapse", "attention_entropy", "attention_sink", "gate_saturated", "hidden_saturated",
+)
 _FUNCTIONAL = {  # functional activation names -> the family the tags would show
     "relu": "relu",
     "relu6": "relu6",
