@@ -233,7 +233,7 @@ class Monitor:
             probe_loss_fn,
             self._warn_once,
         )
-        self._ledger = Ledger(Judge(self.thresholds, self.detectors))
+        self._ledger = Ledger(Judge(self.thresholds, self.detectors, self._warn_once))
         self._judge = self._ledger.judge
 
         self._sinks = _make_sinks(opts.sinks, logdir, writer, images_every_n_samples, timeline_length, self.run_config)

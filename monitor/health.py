@@ -6,6 +6,16 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+# Every detector's declared numbers (``Detector.fields``), built-in or not, added by each Judge:
+# ``health.<field>`` is None where that number was not judged (the layer is of another kind, no
+# backward ran, the detector raised), and an unknown name stays an AttributeError (a typo).
+_DECLARED: set[str] = set()
+
+
+def declare_fields(names: Any) -> None:
+    """Make ``health.<name>`` read None where the number is absent (see :class:`LayerHealth`)."""
+    _DECLARED.update(names)
+
 
 @dataclass(frozen=True)
 class LayerHealth:
@@ -14,8 +24,9 @@ class LayerHealth:
     The base statistics (``rms``, ``max_abs``, ``nonfinite``, ``firing_rate``) are always there;
     every detector adds its own numbers to ``metrics`` (``dead_fraction``, ``dead_margin``,
     ``saturated_fraction``, ``dormant_fraction``, and those of your own detectors), readable as
-    attributes too: ``health.dead_fraction``. A number that does not apply to the layer (a
-    dead fraction of a tanh layer) is ``None``. Count-based numbers are computed over the values
+    attributes too: ``health.dead_fraction``. A number that was not judged (a dead fraction of
+    a tanh layer, ``grad_ratio`` on a step without backward) is ``None``; a name that no detector
+    declares raises ``AttributeError``. Count-based numbers are computed over the values
     seen so far: ``evidence_values`` per unit over ``evidence_steps`` sampled steps (a verdict
     waits until that reaches ``Thresholds.min_positions`` or ``Thresholds.window`` steps).
 
@@ -74,9 +85,13 @@ class LayerHealth:
 
     def __getattr__(self, name: str) -> Any:
         metrics = self.__dict__.get("metrics")
-        if name.startswith("_") or metrics is None or name not in metrics:
-            raise AttributeError(f"{type(self).__name__!r} has no attribute or metric {name!r}")
-        return metrics[name]
+        if name.startswith("_") or metrics is None:
+            raise AttributeError(name)
+        if name in metrics:
+            return metrics[name]
+        if name in _DECLARED:
+            return None  # a detector's number, not judged for this layer at this step
+        raise AttributeError(f"{type(self).__name__!r} has no attribute or metric {name!r}")
 
     def scalars(self) -> dict[str, float]:
         """Every number of this health that has a value, by name (what sinks and loggers receive)."""

@@ -19,17 +19,17 @@ import copy
 import math
 import statistics
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from monitor.activations import Kind
-from monitor.alerts import Alert
+from monitor.alerts import Alert, warn
 from monitor.detectors import Detector, Evidence, LayerView
 from monitor.detectors.base import baseline
-from monitor.health import AttentionHealth, LayerHealth
+from monitor.health import AttentionHealth, LayerHealth, declare_fields
 from monitor.stats import AT_BOUND, FIRED, UnitSummary, safe_rms
 from monitor.thresholds import Thresholds
 
@@ -163,13 +163,31 @@ def base_numbers(kind: Kind, s: UnitSummary) -> tuple[float, float, int, float |
 class Judge:
     """Runs the detectors over each layer's summaries and keeps every layer's memory."""
 
-    def __init__(self, thresholds: Thresholds, detectors: Sequence[Detector]) -> None:
+    def __init__(
+        self, thresholds: Thresholds, detectors: Sequence[Detector], warn_once: Callable[[str, str], None] | None = None
+    ) -> None:
         self.thresholds = thresholds
         self.detectors = list(detectors)
+        self._warn_once = warn_once
+        self._failed: set[str] = set()
+        declare_fields(f for d in self.detectors for f in d.fields)
         self.layers: dict[str, LayerMemory] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # restored state of layers not seen yet
         self._applicable: dict[tuple[str, Kind], tuple[list[Detector], tuple[str, ...]]] = {}
         self._parameter_detectors = [d for d in self.detectors if hasattr(d, "evaluate_parameters")]
+
+    def _failure(self, det: Detector, subject: str, e: Exception) -> None:
+        """A detector that raised: its verdict on ``subject`` is skipped (its alerts stay as they
+        are); the other detectors and the other layers go on. One warning per detector."""
+        message = (
+            f"detector {det.name!r} raised {e!r} on {subject}; its verdicts are skipped wherever it raises, "
+            "the other detectors go on"
+        )
+        if self._warn_once is not None:
+            self._warn_once(f"detector:{det.name}", message)
+        elif det.name not in self._failed:
+            self._failed.add(det.name)
+            warn(f"activation monitor: {message}")
 
     def _for(self, name: str, kind: Kind) -> tuple[list[Detector], tuple[str, ...]]:
         hit = self._applicable.get((name, kind))
@@ -229,8 +247,11 @@ class Judge:
         mem = self.memory(PARAMETERS)
         alerts: list[Alert] = []
         for det in self._parameter_detectors:
-            v = det.evaluate_parameters(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)  # type: ignore[attr-defined]
-            self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
+            try:
+                v = det.evaluate_parameters(total, bad_norms, self.thresholds.max_grad_norm, self.thresholds.release)  # type: ignore[attr-defined]
+                self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, PARAMETERS, alerts)
+            except Exception as e:
+                self._failure(det, PARAMETERS, e)
         return alerts
 
     def judge_attention(self, step: int, modules: Sequence[Any]) -> tuple[list[AttentionHealth], list[Alert]]:
@@ -253,8 +274,11 @@ class Judge:
                     judge = getattr(det, "evaluate_attention", None)
                     if judge is None:
                         continue
-                    v = judge(m, self.thresholds, mem.detectors.setdefault(det.name, {}))
-                    self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, m.name, alerts)
+                    try:
+                        v = judge(m, self.thresholds, mem.detectors.setdefault(det.name, {}))
+                        self._transition(mem, det, v, None if v.bad is None else bool(v.bad), v.band, step, m.name, alerts)
+                    except Exception as e:
+                        self._failure(det, m.name, e)
         return healths, alerts
 
     def _transition(
@@ -312,13 +336,16 @@ class Judge:
         metrics: dict[str, Any] = {}
         alerts: list[Alert] = []
         for det in detectors:
-            verdict = det.evaluate(view, mem.detectors.setdefault(det.name, {}))
-            metrics.update(verdict.metrics)
-            bad = None if verdict.bad is None else bool(verdict.bad)  # numpy bools too
-            unhealthy = verdict.band  # judged, between the two levels: not (yet) healthy
-            if det.name != "nonfinite" and not bad and (nonfinite or (tainted and det.windowed)):
-                bad, unhealthy = None, True  # a step with NaN/Inf values is never evidence of health
-            self._transition(mem, det, verdict, bad, unhealthy, step, name, alerts)
+            try:
+                verdict = det.evaluate(view, mem.detectors.setdefault(det.name, {}))
+                bad = None if verdict.bad is None else bool(verdict.bad)  # numpy bools too
+                unhealthy = verdict.band  # judged, between the two levels: not (yet) healthy
+                if det.name != "nonfinite" and not bad and (nonfinite or (tainted and det.windowed)):
+                    bad, unhealthy = None, True  # a step with NaN/Inf values is never evidence of health
+                self._transition(mem, det, verdict, bad, unhealthy, step, name, alerts)
+                metrics.update(verdict.metrics)
+            except Exception as e:
+                self._failure(det, name, e)
         ev = next((e for e in cache.values() if e is not None), None)
         health = LayerHealth(
             layer=name,

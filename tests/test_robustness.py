@@ -317,6 +317,61 @@ def _true_peak(model, x):
         return float(torch.relu(model[0](x)).max())
 
 
+class TanhShy(Detector):
+    """A user detector with a bug: it raises on tanh layers, and only there."""
+
+    name = "tanh_shy"
+    fields = ("shy_peak",)
+    reads = (MAX,)
+
+    def evaluate(self, layer, memory):
+        if layer.kind.name == "tanh":
+            raise ValueError("tanh is not handled")
+        peak = float(layer.summary.max.max())
+        return Verdict(False, peak, 0.0, f"tanh_shy: {peak:.3g}", {"shy_peak": peak})
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_user_detector_that_raises_loses_only_its_own_verdicts(background):
+    """A user detector raising on one layer warns once (naming it) and skips its own verdict there;
+    the built-in detectors and the other layers are judged as before (75% dead units are found at
+    step 0) and its number reads None where it raised."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.Tanh(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[0].bias[:24] = -100.0  # units 0..23 of the ReLU can never fire
+    xs = [torch.randn(128, 8) for _ in range(4)]
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        with Monitor(model, every_n_steps=1, on_alert="ignore", detectors=[TanhShy()], background=background) as mon:
+            for step, x in enumerate(xs):
+                with mon.step(step):
+                    model(x)
+            health = mon.health()
+            alerts = [(a.step, a.layer, a.kind) for a in mon.alerts]
+    with torch.no_grad():
+        relu = torch.relu(model[0](xs[-1]))
+    assert alerts == [(0, "1", "dead")]
+    assert health["1"].dead_units == tuple(range(24))
+    assert health["1"].shy_peak == pytest.approx(float(relu.max()))
+    assert health["3"].shy_peak is None and health["3"].step == 3  # judged, without the failing detector
+    shy = [str(w.message) for w in _monitor_warnings(rec) if "tanh_shy" in str(w.message)]
+    assert len(shy) == 1 and "ValueError('tanh is not handled')" in shy[0] and "on 3" in shy[0]
+
+
+def test_a_number_that_was_not_judged_reads_none_and_a_typo_raises():
+    """`grad_ratio` (the vanishing-gradient detector's number) on a forward-only step is None, like
+    `grad_rms`; a name no detector declares is an AttributeError."""
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    with Monitor(model, every_n_steps=1, on_alert="ignore") as mon:
+        with mon.step(0):
+            model(torch.randn(64, 8))
+        h = mon.health()["1"]
+    assert h.grad_rms is None and h.grad_ratio is None
+    with pytest.raises(AttributeError, match="grad_ration"):
+        h.grad_ration  # noqa: B018
+
+
 def test_a_user_detector_goes_through_detection_health_tensorboard_and_checkpoints(tmp_path):
     model = _peak_model()
     x = torch.randn(64, 6)
