@@ -44,6 +44,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from monitor.compiled import named_modules
+from monitor.functional import leave_mode
 from monitor.headstats import ONE_HOT, AttentionPartials, hf_rows, mha_rows, sdpa_rows
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -100,12 +101,11 @@ class _SoftmaxMode(TorchFunctionMode):
     def __init__(self, capture: AttentionCapture) -> None:
         super().__init__()
         self.capture = capture
-        self.inert = False  # left on the stack under another mode: passes everything through
 
     def __torch_function__(self, func, types, args=(), kwargs=None):  # type: ignore[override]
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        if not self.inert and self.capture._hf_stack:
+        if self.capture._hf_stack:
             if func is _SDPA:
                 self.capture._sdpa(args, kwargs)
             elif func in _SOFTMAX:
@@ -306,13 +306,7 @@ class AttentionCapture:
             return
         self._mode = None
         self._hf_stack = []
-        from torch.overrides import _get_current_function_mode_stack
-
-        stack = _get_current_function_mode_stack()
-        if stack and stack[-1] is mode:
-            mode.__exit__(None, None, None)
-        else:  # another mode was pushed above ours and left there: ours stays, inert
-            mode.inert = True
+        leave_mode(mode)  # not __exit__: another mode may have been pushed above ours
 
     def _sdpa(self, args: tuple, kwargs: dict) -> None:
         p = self._hf_stack[-1][0]

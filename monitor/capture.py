@@ -21,7 +21,7 @@ from torch import nn
 
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
-from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor
+from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
 from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
@@ -139,7 +139,7 @@ class Capture:
         if mode is not None and threading.get_ident() == self._owner:
             self._mode = None
             with contextlib.suppress(Exception):
-                mode.__exit__(None, None, None)
+                leave_mode(mode)  # not __exit__: a user's mode may sit above ours
         handles, self._handles = self._handles, []
         for h in handles:
             h.remove()

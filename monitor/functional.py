@@ -191,6 +191,24 @@ class FunctionalCalls:
             return None
 
 
+def leave_mode(mode: TorchFunctionMode) -> None:
+    """Take ``mode`` off this thread's torch-function mode stack, wherever it sits.
+
+    ``mode.__exit__`` pops the top of the stack, whatever it is: with a user's mode entered since
+    ours (``with torch.device("meta")`` inside a forward, which even moves itself), that pops the
+    user's mode and leaves ours. Here the modes above ours are popped, ours is dropped, and theirs
+    are pushed back in their order (what ``torch.device`` itself does to the stack). Not on the
+    stack: nothing changes."""
+    above = []
+    for _ in range(torch._C._len_torch_function_stack()):
+        m = torch._C._pop_torch_function_stack()
+        if m is mode:
+            break
+        above.append(m)
+    for m in reversed(above):
+        torch._C._push_on_torch_function_stack(m)
+
+
 class FunctionalMode(TorchFunctionMode):
     """Sees functional activations in a forward and hands each watched call to ``capture``: its
     output to ``capture.record`` (a ReLU's input read before the call: an in-place ``relu_``

@@ -627,3 +627,37 @@ def test_small_batches_report_the_truth_over_the_values_seen_and_history_has_dor
     assert net.history[-1, "activation_dead_fraction/dense0.relu"] == pytest.approx(h.dead_fraction)
     assert not math.isnan(net.history[-1, "activation_dormant_fraction_max"])
     assert [a for a in cb.alerts if a.kind == "dead" and a.layer == "dense0.relu"] == []  # 2/20 < 50%
+
+
+class _FunctionalNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 2)
+
+    def forward(self, X):
+        return F.softmax(self.fc2(torch.relu(self.fc1(X))), dim=-1)
+
+
+def test_a_users_function_mode_around_the_forward_is_left_alone():
+    """The monitor's functional mode ends after a sampled forward; a `with torch.device("meta")`
+    (a TorchFunctionMode of the user's) entered around that forward must stay the active mode
+    until the user leaves it. `mode.__exit__` pops whatever is on top: it used to pop the user's."""
+    from torch.overrides import _get_current_function_mode_stack
+
+    seen = []
+
+    class MetaInfer(NeuralNetClassifier):
+        def infer(self, x, **fit_params):
+            with torch.device("meta"):
+                out = super().infer(x, **fit_params)
+                seen.append(([type(m).__name__ for m in _get_current_function_mode_stack()], torch.empty(1).device.type))
+            return out
+
+    X = np.random.RandomState(0).randn(64, 8).astype("float32")
+    y = (X[:, 0] > 0).astype("int64")
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    net = MetaInfer(_FunctionalNet, max_epochs=1, batch_size=32, train_split=None, verbose=0, callbacks=[("am", cb)])
+    net.fit(X, y)
+    assert seen == [(["DeviceContext"], "meta")] * 2
+    assert _get_current_function_mode_stack() == []
+    assert set(cb.health_) == {"fc1.relu"}  # the functional relu was watched
