@@ -19,11 +19,13 @@ from __future__ import annotations
 import atexit
 import contextlib
 import functools
+import operator
 import os
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -325,7 +327,7 @@ class Monitor:
         inside too, so are the gradients with respect to them and each parameter's gradient
         norm, and an optimizer step inside gives the update-to-weight ratios. On exit the
         statistics reach the host in one transfer and are judged. ``step`` is an ``int``
-        (default: one more than the last).
+        (a NumPy integer or an integer 0-d tensor counts as its value; default: one more than the last).
 
         >>> model = torch.nn.Sequential(torch.nn.Linear(2, 4), torch.nn.Tanh())
         >>> mon = Monitor(model, every_n_steps=1, on_alert="ignore")
@@ -339,7 +341,12 @@ class Monitor:
         if step is None:
             step = self._auto_step
         elif isinstance(step, bool) or not isinstance(step, int):
-            raise TypeError(f"Expected `step` to be an int (or None for the next one), got {step!r}.")
+            try:  # NumPy integers, integer 0-d tensors: anything with __index__ (not bool, not float)
+                if isinstance(step, (bool, np.bool_)):
+                    raise TypeError
+                step = operator.index(step)
+            except TypeError:
+                raise TypeError(f"Expected `step` to be an int (or None for the next one), got {step!r}.") from None
         self._auto_step = step + 1
         if not self.should_sample(step):
             return _NULL

@@ -54,12 +54,29 @@ def test_model_must_be_a_module():
         Monitor(lambda x: x)
 
 
-@pytest.mark.parametrize("bad", [10.0, "3", True])
+@pytest.mark.parametrize("bad", [10.0, "3", True, torch.tensor(3.0)])
 def test_a_step_that_is_not_an_int_is_named(bad):
     mon = Monitor(WineClassifier(), every_n_steps=1)
     with pytest.raises(TypeError, match=r"Expected `step` to be an int \(or None for the next one\), got"):
         mon.step(bad)
     assert not mon.in_step and mon.health() == {}
+
+
+def test_numpy_and_tensor_integer_steps_count_as_their_value():
+    """A loop over `np.arange(...)` or a step counter kept in a tensor: sampled by value."""
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU())
+    mon = Monitor(model, every_n_steps=5, on_alert="ignore")
+    with mon:
+        for step in np.arange(3, 11):
+            with mon.step(step):
+                model(torch.randn(16, 4))
+        sampled = mon.health()["1"].step
+        with mon.step(torch.tensor(15)):
+            model(torch.randn(16, 4))
+        assert mon.health()["1"].step == 15 and type(mon.health()["1"].step) is int
+    assert sampled == 10 and type(sampled) is int
 
 
 # -- what is watched ----------------------------------------------------------------------------
