@@ -42,7 +42,8 @@ class Thresholds:
         dead_fraction: alert when at least this fraction of a ReLU layer's units are dead.
         dead_margin: a unit is dead for certain, without waiting for evidence, when its largest
             pre-activation on the sampled step sits below ``-dead_margin`` times the layer's
-            pre-activation spread (the median over units of max - min pre-activation).
+            pre-activation spread (the median over units of max - min pre-activation, never less
+            than the typical size of the units that fired).
 
     Saturated (bounded activations):
         saturation_tolerance: fraction of the output range that counts as "at the bound"
@@ -65,7 +66,10 @@ class Thresholds:
     Exploding (every layer):
         max_rms, max_abs: absolute bounds on a layer's RMS and largest magnitude.
         growth_factor: alert when a layer's RMS exceeds this multiple of its own baseline
-            (the median RMS of its first ``baseline_samples`` healthy sampled steps).
+            (the median RMS of its first ``baseline_samples`` healthy sampled steps) ...
+        growth_floor: ... never taken below this RMS: activations of healthy networks sit at O(1),
+            and a layer that starts tiny (weights initialised with std 0.02) and grows up to O(1)
+            is learning, not exploding.
 
     Gradients (on sampled steps whose backward runs inside ``Monitor.step``). The reference is the
     median gradient RMS of the (up to) three watched layers nearest the loss on the same step:
@@ -75,7 +79,9 @@ class Thresholds:
         exploding_orders: a layer's gradient RMS this many orders above the reference is exploding
             (a gradient growing toward the input) ...
         grad_growth_factor: ... and so is one above this multiple of its own baseline (the median
-            of its first ``baseline_samples`` judged sampled steps), and ...
+            of its first ``baseline_samples`` judged sampled steps, never below the reference's
+            own baseline: a gradient that starts orders below the layers nearest the loss and
+            grows up to their level is not exploding), and ...
         max_grad_norm: ... the model's total gradient norm (all parameters, before clipping) above this.
 
     Collapse (stack blocks with ``[batch, tokens, width]`` outputs):
@@ -115,6 +121,7 @@ class Thresholds:
     max_rms: float = 1e3
     max_abs: float = 1e4
     growth_factor: float = 100.0
+    growth_floor: float = 0.1
     baseline_samples: int = 3
     vanishing_orders: float = 3.0
     vanishing_orders_at_once: float = 6.0
@@ -147,7 +154,7 @@ class Thresholds:
                 f"Expected `saturation_tolerance` to be a number in [0, 0.5), got {self.saturation_tolerance!r}."
             )
         for name in (
-            "max_rms", "max_abs", "growth_factor", "dead_margin", "dormant_tau", "vanishing_orders",
+            "max_rms", "max_abs", "growth_factor", "growth_floor", "dead_margin", "dormant_tau", "vanishing_orders",
             "vanishing_orders_at_once", "exploding_orders", "grad_growth_factor", "max_grad_norm",
         ):
             _positive(name, getattr(self, name))

@@ -129,6 +129,43 @@ def test_a_layer_killed_by_its_bias_alerts_at_the_first_sampled_step_at_batch_2(
     assert mon.health()["act0"].evidence_values < 100  # alerted before the count evidence was complete
 
 
+def near_duplicate_pairs(wine, n, noise, seed=3):
+    """Batches of two views of one sample (a contrastive-style augmentation): the pair differs by `noise`."""
+    X, y = wine
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        i = torch.randint(0, len(X), (1,), generator=g)
+        x = X[i].repeat(2, 1)
+        yield x + noise * torch.randn(x.shape, generator=g), y[i].repeat(2), F.cross_entropy
+
+
+@pytest.mark.parametrize("noise", [1e-4, 1e-2, 1e-1])
+def test_two_views_of_one_sample_are_no_evidence_of_death(wine, noise):
+    """Two near-identical values give a pre-activation spread near zero, so every unit silent on
+    that input would sit "thousands of spreads" below zero. The step's spread is no scale then:
+    a healthy network fed such pairs stays silent, its dataset-wide dead fraction far below 50%."""
+    torch.manual_seed(0)
+    model = mlp(width=64, depth=2)
+    with torch.no_grad():
+        dead_truth = {f"act{k}": ((model[: 2 * k + 2](wine[0]) > 0).sum(0) == 0).float().mean().item() for k in (0, 1)}
+    assert max(dead_truth.values()) < 0.2
+    mon = run(model, near_duplicate_pairs(wine, 30, noise), torch.optim.SGD(model.parameters(), 0.01), every=1)
+    assert [a.message for a in mon.alerts] == []
+
+
+def test_three_quarters_killed_by_bias_still_alert_at_the_first_step_at_batch_2(wine):
+    """The live quarter varies across two distinct samples: the step's spread stays a scale, and
+    the killed units (bias -100) are dead for certain at once."""
+    torch.manual_seed(0)
+    model = mlp(width=64, depth=2)
+    with torch.no_grad():
+        model.fc0.bias[:48].fill_(-100.0)
+    mon = run(model, wine_batches(wine, 10, batch=2), torch.optim.SGD(model.parameters(), 0.01), every=10)
+    first = [a for a in mon.alerts if not a.recovered][0]
+    assert (first.step, first.layer, first.kind) == (0, "act0", "dead")
+    assert set(range(48)) <= set(mon.health()["act0"].dead_units)
+
+
 @pytest.mark.parametrize("kind", ["conv", "sequence"])
 def test_a_killed_conv_or_sequence_layer_alerts_at_batch_1(kind):
     torch.manual_seed(0)

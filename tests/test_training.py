@@ -76,6 +76,47 @@ def test_healthy_relu_mlp_is_silent(wine):
     assert all(h.dead_fraction < 0.5 for h in mon.health().values())
 
 
+def test_a_small_init_growing_to_order_one_is_not_exploding():
+    """Weights initialised at std 0.02 (GPT-2/DCGAN style): activations start at RMS ~1e-4..1e-2
+    and grow 100-10000x as the network learns digits to >90%; the gradient of the first layer
+    starts orders below the layers nearest the loss and catches up. Neither is an explosion: the
+    activations' baseline is never below `growth_floor`, a gradient's never below the reference's."""
+    from sklearn.datasets import load_digits
+
+    X, Y = load_digits(return_X_y=True)
+    X, Y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(Y)
+    torch.manual_seed(0)
+    layers, d = [], 64
+    for _ in range(4):
+        lin = nn.Linear(d, 128)
+        nn.init.normal_(lin.weight, std=0.02)
+        nn.init.zeros_(lin.bias)
+        layers += [lin, nn.ReLU()]
+        d = 128
+    model = nn.Sequential(*layers, nn.Linear(128, 10))
+    rec = Recorder({"7": model[7]})
+    rms = {}
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(0)
+    with Monitor(model, every_n_steps=10, on_alert="ignore", histograms=False) as mon:
+        for step in range(300):
+            idx = torch.randint(0, len(X), (64,), generator=g)
+            rec.on = step % 10 == 0
+            with mon.step(step):
+                loss = F.cross_entropy(model(X[idx]), Y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            if rec.on:
+                rms[step] = float(rec.outputs["7"].pow(2).mean().sqrt())
+    rec.close()
+    with torch.no_grad():
+        accuracy = (model(X).argmax(1) == Y).float().mean().item()
+    assert accuracy > 0.9
+    assert rms[0] < 1e-3 and max(rms.values()) > 100 * float(np.median([rms[0], rms[10], rms[20]]))  # it grew
+    assert [a.message for a in mon.alerts] == []
+
+
 def test_healthy_tanh_mlp_is_silent(wine):
     torch.manual_seed(0)
     model = mlp(width=64, depth=2, act=nn.Tanh)

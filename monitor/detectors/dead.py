@@ -19,7 +19,8 @@ class Dead(Detector):
     on the sampled step sits more than ``dead_margin`` pre-activation spreads below zero (the
     spread: the median over the layer's units of max - min pre-activation on that step, or the
     median of that over the layer's last 8 sampled steps if larger: two values can sit close
-    together by chance). The
+    together by chance; and never less than the typical size of the units that fired, the median
+    over them of max(|max|, |min|): two views of one input have almost no spread). The
     layer alerts when ``dead_fraction`` of its units are dead for certain: all silent units once
     the evidence is complete, only the far-below-zero ones before.
     """
@@ -57,6 +58,10 @@ class Dead(Detector):
             if now > 0:
                 recent.append(now)
                 del recent[:-_SPREADS]
+            # Never less than the live units' typical size: two near-identical inputs (two views
+            # of one sample) give a spread near zero, and every unit silent on them would sit
+            # "thousands of spreads" below zero.
+            scale = max(scale, _live_size(pre_max, pre_min))
             if scale > 0:
                 margin = pre_max / scale
                 certain = margin <= -th.dead_margin  # NaN: not certain
@@ -94,6 +99,16 @@ class Dead(Detector):
             "dead_units": tuple(dead_units.tolist()) if dead_units is not None else (),
         }
         return Verdict(bad, confirmed_fraction, th.dead_fraction, what, metrics, band)
+
+
+def _live_size(pre_max: np.ndarray, pre_min: np.ndarray) -> float:
+    """The typical size of the pre-activations of the units that fired on the step: the median
+    over them of max(|max|, |min|); 0 when none fired (a layer killed outright)."""
+    live = pre_max > 0
+    if not live.any():
+        return 0.0
+    size = _finite(np.maximum(pre_max[live], -pre_min[live]))
+    return median(size) if size.size else 0.0
 
 
 def _finite(a: np.ndarray) -> np.ndarray:

@@ -12,7 +12,7 @@ from monitor.detectors.base import Detector, LayerView, Verdict, baseline
 class Exploding(Detector):
     """RMS above ``max_rms``, largest magnitude above ``max_abs``, or RMS above ``growth_factor``
     times the layer's baseline (the median RMS of its first ``baseline_samples`` healthy sampled
-    steps). A step with NaN/Inf values is not judged here (``nonfinite`` is), so NaN never
+    steps, never below ``growth_floor``). A step with NaN/Inf values is not judged here (``nonfinite`` is), so NaN never
     "recovers"; finite values whose float32 sum of squares overflows give RMS +inf: exploding."""
 
     name = "exploding"
@@ -25,6 +25,8 @@ class Exploding(Detector):
         th, rms, max_abs = layer.thresholds, layer.rms, layer.max_abs
         history = memory.setdefault("baseline_values", [])
         base = baseline(history)
+        if base is not None:
+            base = max(base, th.growth_floor)  # growing out of a tiny init up to O(1) is not exploding
         if layer.nonfinite or math.isnan(rms) or math.isnan(max_abs):
             return Verdict(None, rms, th.max_rms, f"exploding: RMS {rms:.3g}, max |activation| {max_abs:.3g}")
         bad: bool | None

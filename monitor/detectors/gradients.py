@@ -86,6 +86,11 @@ class ExplodingGradient(Detector):
         history = memory.setdefault("baseline_values", [])
         base = baseline(history)
         ratio = rms / ref if ref is not None and ref > 0 else None
+        growth = layer.grad_reference_growth
+        if base is not None and ref is not None and growth:
+            # Never below the layers nearest the loss at their start: a layer whose gradient
+            # began orders below theirs (a small init) and grows up to their level is learning.
+            base = max(base, ref / growth)
         if ratio is not None and ratio >= 10**th.exploding_orders:
             what = f"exploding gradient: RMS {rms:.3g} is {ratio:.2g}x that of the layers nearest the loss ({ref:.3g})"
             return Verdict(True, ratio, 10**th.exploding_orders, what)
