@@ -84,3 +84,34 @@ def test_a_tiny_gpt2_trains_silently():
             loss.backward()
             opt.step()
     assert mon.alerts == []
+
+
+def test_two_monitors_on_one_model_see_the_same_layers_once():
+    """Two monitors on one GPT-2 (two callbacks with different options do this), their sampled
+    steps nested: each sees the two MLP activations once, and one `dead` alert for the block whose
+    `c_fc` bias is -100. The attention mode of one used to stay on the stack under the other's
+    functional mode and hand it `nn.ReLU`'s inner `F.relu`: phantom layers `mlp.act.relu`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2, activation_function="relu")
+    model = GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        model.transformer.h[1].mlp.c_fc.bias.fill_(-100.0)
+    acts = [n for n, m in model.named_modules() if n.endswith("mlp.act")]
+    opt = torch.optim.SGD(model.parameters(), 0.01)
+    mons = [Monitor(model, every_n_steps=2, on_alert="ignore") for _ in range(2)]
+    for step in range(6):
+        ctxs = [mon.step(step) for mon in mons]
+        for c in ctxs:
+            c.__enter__()
+        x = torch.randint(0, 64, (8, 16))
+        model(x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        for c in reversed(ctxs):
+            c.__exit__(None, None, None)
+    for mon in mons:
+        assert [n for n in mon.layers if "act" in n] == acts == ["transformer.h.0.mlp.act", "transformer.h.1.mlp.act"]
+        assert [(a.step, a.layer, a.kind) for a in mon.alerts] == [(0, "transformer.h.1.mlp.act", "dead")]
+        mon.close()
