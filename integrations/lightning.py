@@ -5,13 +5,19 @@ The callback only translates Lightning events into core calls:
 ============================  ==================================================================
 ``setup("fit")``              build the :class:`~monitor.Monitor` on the LightningModule, choose
                               where output goes (the trainer's ``TensorBoardLogger`` if any)
-``on_train_batch_start``      ``begin_step(trainer.global_step)`` (optimizer steps; with gradient
-                              accumulation, the step spans every micro-batch of that optimizer step)
-``on_before_backward``        ``end_step()`` only with ``gradients=False`` (forward + loss captured)
-``on_before_optimizer_step``  ``record_gradients()``: the parameters' gradients, final (accumulated,
-                              all-reduced under DDP, unscaled under fp16 AMP) and *before* clipping
-``on_train_batch_end``        ``end_step()`` once the optimizer stepped (the update ratio spans that
-                              step); scalars to non-TensorBoard loggers
+``on_train_batch_start``      ``begin_step(m)`` for the multiple ``m`` of N optimizer steps
+                              (``trainer.global_step``) that this batch runs (see
+                              :meth:`ActivationMonitor.on_train_batch_start`)
+``on_after_backward``         notes that a backward ran in the sampled step
+``on_before_optimizer_step``  ``record_gradients(optimizer)``: that optimizer's parameters'
+                              gradients, final (accumulated, all-reduced under DDP, unscaled under
+                              fp16 AMP) and *before* clipping; automatic and manual optimization
+``on_train_batch_end``        ``end_step()`` once an optimizer stepped in the sampled step: with
+                              gradient accumulation (automatic, or manual ``opt.step()`` every k
+                              batches) the step spans every micro-batch; the update ratio spans
+                              the optimizer step(s); scalars to non-TensorBoard loggers
+``on_train_epoch_end``        ``end_step()`` of a step still open (no optimizer step before the
+                              epoch ended: activations only, one warning)
 ``on_validation_start`` / end ``pause()`` / ``pause(False)``: validation forwards are never recorded
 ``on_validation_batch_start`` ``probe="val"``: the first validation batch becomes the probe
 ``on_train_batch_end`` (too)  ``run_due_probe()``: a probe run after the sampled step, between two steps
@@ -121,7 +127,14 @@ class ActivationMonitor(Callback):
         self._queue: ScalarQueue | None = None
         self._metric_loggers: list[Any] = []
         self._rank_zero = True
-        self._stepped = False  # the optimizer stepped inside the sampled step in progress
+        self._stepped = False  # an optimizer stepped inside the sampled step in progress
+        self._backward = False  # a backward ran inside the sampled step in progress
+        self._sampling: int | None = None  # the sampled step in progress
+        self._ahead = False  # it was begun ahead of its optimizer step (see on_train_batch_start)
+        self._batch_step: int | None = None  # trainer.global_step when the previous training batch began (this fit)
+        self._covered = 0  # trainer.global_step when the last recorded sampled step ended (this fit)
+        self._retry: int | None = None  # a step begun ahead and dropped: the next batches are begun ahead for it
+        self._told_no_step = False
 
     # -- identity / results ---------------------------------------------------------------------
     @property
@@ -186,6 +199,9 @@ class ActivationMonitor(Callback):
         if state is not None:
             mon.load_state_dict(state)
         self._pending_state = None
+        self._stepped = self._backward = self._ahead = False
+        self._sampling = self._batch_step = self._retry = None
+        self._covered = 0
         self.monitor = mon.attach()
 
     def _outputs(self, trainer: pl.Trainer) -> tuple[Any, str | None, list[Any]]:
@@ -229,14 +245,55 @@ class ActivationMonitor(Callback):
 
     # -- the training step --------------------------------------------------------------------------
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        mon = self.monitor
-        if mon is not None and not mon.in_step and mon.should_sample(trainer.global_step):
-            self._stepped = False
-            mon.begin_step(trainer.global_step)
+        """Begin the sampled step of the multiple ``m`` of N optimizer steps that this batch runs.
 
-    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: torch.Tensor) -> None:
-        if not self.monitor_kwargs.get("gradients", True):
-            self._end(trainer)
+        Steps are ``trainer.global_step``: optimizer steps, also in manual optimization, where
+        every ``opt.step()`` of an optimizer from ``self.optimizers()`` counts (a GAN's two per
+        batch are two). A batch is sampled, as step ``m``:
+
+        - when it begins at ``m`` (``global_step == m``): the usual case, one optimizer step per
+          batch or per accumulation window;
+        - ahead, when it will probably run ``m``: the previous batch ran ``k > 1`` optimizer
+          steps and ``m`` lies within this batch's next ``k``. Once an optimizer stepped, the
+          step is kept if ``global_step`` passed ``m``, otherwise dropped (nothing recorded) and
+          the next batches are begun ahead for ``m`` until one runs it;
+        - late, when the previous batch ran ``m`` but no sampled step did (the guess ahead was
+          wrong) and this batch is not sampled ahead: labelled ``m``, this batch is the first
+          one after it.
+
+        Each multiple is sampled at most once, each sample is one batch or accumulation window.
+        With the same number of optimizer steps in every batch, at most N, there is one sample
+        every N optimizer steps, the batch that runs the multiple; with more than N, every batch
+        runs a multiple and every batch is sampled. When the number varies, a wrong guess can
+        sample a multiple one batch late or leave one out.
+        """
+        mon = self.monitor
+        step = trainer.global_step
+        previous, self._batch_step = self._batch_step, step
+        if mon is None or mon.in_step:
+            return  # a sampled step in progress (gradient accumulation) goes on
+        n = self.every_n_steps
+        reached = step - step % n  # the latest multiple of N
+        if reached == step:
+            if mon.should_sample(step):
+                self._begin(mon, step, ahead=False)
+            return
+        per_batch = step - previous if previous is not None else 0
+        upcoming = reached + n
+        if (upcoming == self._retry or (per_batch > 1 and upcoming < step + per_batch)) and mon.should_sample(upcoming):
+            self._begin(mon, upcoming, ahead=True)
+        elif previous is not None and previous < reached and reached >= self._covered and mon.should_sample(reached):
+            self._begin(mon, reached, ahead=False)  # late
+
+    def _begin(self, mon: Monitor, step: int, ahead: bool) -> None:
+        self._stepped = self._backward = False
+        if mon.begin_step(step):
+            self._sampling, self._ahead = step, ahead
+
+    def on_after_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        mon = self.monitor
+        if mon is not None and mon.in_step:
+            self._backward = True
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
         mon = self.monitor
@@ -247,8 +304,9 @@ class ActivationMonitor(Callback):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        # With gradient accumulation, a micro-batch without an optimizer step leaves the step open.
-        if self._stepped or not self.monitor_kwargs.get("gradients", True) or not pl_module.automatic_optimization:
+        # A micro-batch without an optimizer step (gradient accumulation, automatic or manual)
+        # leaves the sampled step open: it is the whole optimizer step.
+        if self._stepped:
             self._end(trainer)
         if self.monitor is not None and not self.monitor.in_step:
             self.monitor.run_due_probe()
@@ -280,17 +338,42 @@ class ActivationMonitor(Callback):
             self.monitor.pause(False)
 
     def _end(self, trainer: pl.Trainer) -> None:
+        """End the sampled step in progress (if any): record it, or drop it if it was begun ahead
+        for an optimizer step that it did not run."""
         mon = self.monitor
-        self._stepped = False
-        if mon is not None and mon.in_step:
-            if self._rank_zero:
+        step, ahead, stepped, backward = self._sampling, self._ahead, self._stepped, self._backward
+        self._sampling, self._ahead, self._stepped, self._backward = None, False, False, False
+        if mon is None or not mon.in_step:
+            return
+        if ahead and step is not None and trainer.global_step <= step:
+            mon.end_step(failed=True)  # nothing recorded; `step` is still due
+            self._retry = step
+            return
+        self._covered = trainer.global_step
+        no_step = not stepped and backward and self.monitor_kwargs.get("gradients", True) is not False
+        if not self._rank_zero:  # "raise"/"stop" judge on every rank, inline; only rank 0 speaks
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", MonitorWarning)
                 mon.end_step()
-            else:  # "raise"/"stop" judge on every rank, inline; only rank 0 speaks
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore", MonitorWarning)
-                    mon.end_step()
-            if mon.should_stop:
-                trainer.should_stop = True
+        elif no_step:  # the core's advice is for a plain loop: ours below instead
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", ".*but no optimizer step did", MonitorWarning)
+                mon.end_step()
+        else:
+            mon.end_step()
+        if no_step and self._rank_zero and not self._told_no_step:
+            self._told_no_step = True
+            warnings.warn(
+                f"activation monitor: sampled step {step} ended with the epoch (or training) before any optimizer "
+                "step ran in it, so its parameters' gradient norms and update ratios are skipped. Lightning (and the "
+                "monitor) sees only the steps of the optimizers from `self.optimizers()`: in manual optimization "
+                "call `opt.step()` on those, not on the torch optimizer inside. A manual gradient-accumulation "
+                "window still open when the epoch ends also gives this.",
+                MonitorWarning,
+                stacklevel=2,
+            )
+        if mon.should_stop:
+            trainer.should_stop = True
 
     def _log_metrics(self) -> None:
         if self._queue is None:
@@ -300,23 +383,26 @@ class ActivationMonitor(Callback):
                 logger.log_metrics(values, step)
 
     # -- the end, however it comes --------------------------------------------------------------
-    def _close(self, failed: bool) -> None:
+    def _close(self, trainer: pl.Trainer, failed: bool) -> None:
         mon = self.monitor
         if mon is None:
             return
-        mon.end_step(failed=failed)
+        if not failed:
+            self._end(trainer)
+        self._sampling, self._ahead, self._stepped, self._backward = None, False, False, False
+        mon.end_step(failed=True)  # a no-op unless a step is still open
         mon.close()  # idempotent: hooks removed, sinks flushed and closed
         self._log_metrics()
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._close(failed=False)
+        self._close(trainer, failed=False)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._close(failed=True)
+        self._close(trainer, failed=True)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage == "fit":
-            self._close(failed=True)
+            self._close(trainer, failed=True)
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

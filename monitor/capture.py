@@ -73,6 +73,7 @@ class Capture:
         self._mode: FunctionalMode | None = None
         self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
+        self._gradless: dict[WatchPoint, int] = {}  # outputs recorded without a graph (reentrant checkpointing)
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._tracking = False
         self._grad_lock = threading.Lock()  # CUDA backward runs tensor hooks on autograd's device threads
@@ -91,6 +92,7 @@ class Capture:
         self.active = True
         self.paused = False
         self._current = {}
+        self._gradless = {}
         self._pre = {}
         self.calls.reset()
         # Track producers (for functional names and (N, C, L) outputs) until functional calls are
@@ -173,7 +175,7 @@ class Capture:
             return None, post
 
         def pre(module: nn.Module, args: Any) -> None:  # an in-place ReLU overwrites its input
-            if args and isinstance(args[0], torch.Tensor):
+            if args and isinstance(args[0], torch.Tensor) and torch._C._current_graph_task_id() == -1:
                 rows = self.pre_rows(wp, args[0])
                 if rows is not None:
                     self._pre[key] = rows
@@ -257,8 +259,11 @@ class Capture:
         read earlier (in-place ReLUs; a copy of that input where the output is reduced on the host),
         or ``pre_input`` is that input, still intact."""
         try:
-            if self.paused or torch._C._current_graph_task_id() != -1:
-                return  # paused, or a forward re-run inside backward (activation checkpointing): seen already
+            if self.paused:
+                return
+            if torch._C._current_graph_task_id() != -1:
+                self._rerun(wp, output)  # a forward re-run inside backward (activation checkpointing)
+                return
             x = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
                 return
@@ -303,8 +308,23 @@ class Capture:
             if self.gradients and raw.requires_grad:
                 # Fires when backward reaches this output (if it runs before the step ends); removed with the rest.
                 self._grad_handles.append(raw.register_hook(functools.partial(self._record_grad, wp, dims)))
+            elif self.gradients and not torch.is_grad_enabled():  # reentrant checkpointing re-runs it in backward
+                self._gradless[wp] = self._gradless.get(wp, 0) + 1
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
+
+    def _rerun(self, wp: WatchPoint, output: Any) -> None:
+        """A forward re-run inside backward (activation checkpointing): its values were recorded
+        in the forward. Reentrant checkpointing ran that forward without a graph, so the gradient
+        hook it could not take goes on the recomputed output, which this backward reaches next."""
+        if self._gradless.get(wp, 0) <= 0:
+            return
+        x = output if isinstance(output, torch.Tensor) else first_tensor(output)
+        if x is None or not x.requires_grad:
+            return
+        self._gradless[wp] -= 1
+        with self._grad_lock:  # CUDA: autograd's device thread
+            self._grad_handles.append(x.register_hook(functools.partial(self._record_grad, wp, wp.dims(x.ndim))))
 
     def _record_grad(self, wp: WatchPoint, dims: tuple[int, ...], g: torch.Tensor | None) -> None:
         """Tensor hook: reduce the gradient with respect to one watched output to its GRAD_ROWS

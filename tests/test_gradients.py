@@ -202,30 +202,42 @@ def test_a_zero_weight_has_no_ratio_and_nonfinite_gradients_are_counted():
     assert ("1", "exploding_gradient") in kinds
 
 
-def test_activation_checkpointing_does_not_count_the_forward_twice():
+@pytest.mark.parametrize("reentrant", [False, True])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_activation_checkpointing_does_not_count_the_forward_twice(reentrant, inplace):
+    """Checkpointed blocks run their forward again inside backward: the values are counted once,
+    and the gradient is the one of the output. Reentrant checkpointing runs the first forward
+    without a graph: the gradient hook goes on the recomputed output (it used to be missed)."""
     from torch.utils.checkpoint import checkpoint
 
     class Ck(nn.Module):
         def __init__(self) -> None:
             super().__init__()
-            self.fc, self.act, self.out = nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 1)
+            self.fc, self.act, self.out = nn.Linear(6, 10), nn.ReLU(inplace=inplace), nn.Linear(10, 1)
 
         def forward(self, x):
-            return self.out(checkpoint(lambda t: self.act(self.fc(t)), x, use_reentrant=False))
+            return self.out(checkpoint(lambda t: self.act(self.fc(t)), x, use_reentrant=reentrant))
 
     torch.manual_seed(0)
     model = Ck()
+    x = torch.randn(7, 6, requires_grad=reentrant)  # reentrant: an input that needs grad, or no backward
+    # ground truth: the same model without checkpointing, the gradient kept by retain_grad()
+    z = model.fc(x)
+    a = torch.relu(z)
+    a.retain_grad()
+    model.out(a).sum().backward()
+    true_grad = a.grad.detach().clone()
+    model.zero_grad()
     mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
-    x = torch.randn(7, 6)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     with mon, mon.step(0):
         model(x).sum().backward()
         opt.step()
     h = mon.health()["act"]
-    z = model.fc(x).detach()
     assert h.firing_rate == pytest.approx((z > 0).float().mean().item())
     assert h.evidence_values == 7  # one forward's positions, not two
-    assert h.grad_rms is not None
+    assert h.grad_rms == pytest.approx(true_grad.pow(2).mean().sqrt().item(), rel=1e-5)
+    assert h.grad_max_abs == pytest.approx(true_grad.abs().max().item(), rel=1e-5)
 
 
 # -- the detectors on real runs -------------------------------------------------------------------------

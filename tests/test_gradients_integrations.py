@@ -574,8 +574,8 @@ def test_skorch_exception_in_backward_leaves_no_hooks(wine):
         cb.initialize()  # closes the monitor: nothing leaks into later tests (torch.optim's hooks are global)
 
 
-def test_lightning_gradients_false_keeps_the_forward_only_step(tmp_path):
-    """``gradients=False``: the step ends before backward, as before gradient monitoring existed."""
+def test_lightning_gradients_false_records_no_gradient_numbers(tmp_path):
+    """``gradients=False``: no gradient numbers (per layer or per parameter); the activations are recorded."""
     cb = LightningMonitor(every_n_steps=2, on_alert="ignore", gradients=False)
     fit(trainer(tmp_path, callbacks=[cb], limit_train_batches=4), Net(), loader())
     health = cb.health()

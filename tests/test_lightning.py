@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import glob
 import json
+import math
 import os
 import runpy
 import subprocess
 import sys
 import warnings
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -245,6 +247,315 @@ def test_gradient_accumulation_and_epochs_sample_optimizer_steps(tmp_path):
     # micro-batches per optimizer step: 3; a sampled step spans all three (its optimizer step's gradients)
     assert [s for s, active in seen if active] == [0, 0, 0, 2, 2, 2, 4, 4, 4]
     assert steps.steps == [0, 2, 4]
+
+
+# -- what a sampled step spans: gradients=False, manual optimization -------------------------------------
+def rms(tensors: list[torch.Tensor]) -> float:
+    return math.sqrt(sum(float(t.double().pow(2).sum()) for t in tensors) / sum(t.numel() for t in tensors))
+
+
+def ratio(after: torch.Tensor, before: torch.Tensor) -> float:
+    return float((after.detach().double() - before.double()).norm() / before.double().norm())
+
+
+class Records(Sink):
+    """Keeps every sample record (written on the monitor's thread)."""
+
+    def __init__(self) -> None:
+        self.records: list[SampleRecord] = []
+
+    def write(self, record: SampleRecord) -> None:
+        self.records.append(record)
+
+    def steps(self) -> list[int]:
+        return [r.step for r in self.records]
+
+    def layer(self, step: int, name: str):
+        (record,) = [r for r in self.records if r.step == step]
+        return next(ls.health for ls in record.layers if ls.name == name)
+
+
+def test_gradients_false_with_accumulation_records_every_micro_batch(tmp_path):
+    """gradients=False changes what is recorded (no gradient numbers), not which forwards: the
+    sampled step is still the whole optimizer step, the four micro-batches of each (the
+    test's own forward hook on net.1 gives the truth)."""
+    model = MLP()
+    outputs: dict[int, list[torch.Tensor]] = {}
+
+    def keep(module, args, out):
+        if module.training and torch.is_grad_enabled():
+            outputs.setdefault(model.trainer.global_step, []).append(out.detach().clone())
+
+    handle = model.net[1].register_forward_hook(keep)
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", gradients=False, sinks=[records])
+    try:
+        t = trainer(
+            tmp_path, logger=False, accumulate_grad_batches=4, limit_train_batches=8, limit_val_batches=0, callbacks=[cb]
+        )
+        t.fit(model, loader())
+    finally:
+        handle.remove()
+    assert t.global_step == 2
+    assert records.steps() == [0]
+    (record,) = records.records
+    truth = outputs[0]
+    assert len(truth) == 4  # four micro-batches of optimizer step 0
+    h = next(ls.health for ls in record.layers if ls.name == "net.1")
+    assert h.rms == pytest.approx(rms(truth), rel=1e-5)
+    assert h.max_abs == pytest.approx(max(float(o.abs().max()) for o in truth), rel=1e-6)
+    assert h.grad_rms is None and record.parameters == [] and cb.parameter_health() == {}
+    assert hook_count(model) == 0 and no_function_mode()
+
+
+class ManualAccumulation(L.LightningModule):
+    """Lightning's documented manual accumulation: ``manual_backward`` every batch, ``opt.step();
+    opt.zero_grad()`` every ``every`` batches. Its own truth, per optimizer step: act's output of
+    every micro-batch (``retain_grad``), the gradient norms right before ``opt.step()``, the
+    exact update ratios."""
+
+    def __init__(self, every: int = 2, fail_at_batch: int | None = None) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.fc = nn.Linear(N_IN, 16)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(16, 1)
+        self.every = every
+        self.fail_at_batch = fail_at_batch
+        self.acts: dict[int, list[torch.Tensor]] = {}
+        self.norms: dict[int, dict[str, float]] = {}
+        self.ratios: dict[int, dict[str, float]] = {}
+
+    def training_step(self, batch, batch_idx):
+        if batch_idx == self.fail_at_batch:
+            raise RuntimeError("boom in a micro-batch")
+        x, y = batch
+        opt = self.optimizers()
+        h = self.act(self.fc(x))
+        h.retain_grad()
+        self.acts.setdefault(self.global_step, []).append(h)
+        self.manual_backward(F.mse_loss(self.out(h), y) / self.every)
+        if (batch_idx + 1) % self.every == 0:
+            step = self.global_step
+            self.norms[step] = {n: float(p.grad.double().norm()) for n, p in self.named_parameters()}
+            before = {n: p.detach().clone() for n, p in self.named_parameters()}
+            opt.step()
+            self.ratios[step] = {n: ratio(p, before[n]) for n, p in self.named_parameters()}
+            opt.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_manual_optimization_with_accumulation_samples_the_whole_optimizer_step(tmp_path):
+    """Two micro-batches per ``opt.step()``: a sampled step spans both (activations and their
+    gradients) and ends after the optimizer stepped (gradient norms and update ratios), with no
+    warning."""
+    model = ManualAccumulation(every=2)
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[records])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, logger=False, limit_train_batches=8, limit_val_batches=0, callbacks=[cb])
+        t.fit(model, loader())
+    assert [str(x.message) for x in w if issubclass(x.category, MonitorWarning) and "optimizer" in str(x.message)] == []
+    assert t.global_step == 4
+    assert records.steps() == [0, 2]
+    names = [n for n, _ in model.named_parameters()]
+    for record in records.records:
+        step = record.step
+        outs = model.acts[step]
+        assert len(outs) == 2  # both micro-batches of this optimizer step
+        act = records.layer(step, "act")
+        assert act.rms == pytest.approx(rms([h.detach() for h in outs]), rel=1e-5), step
+        assert act.grad_rms == pytest.approx(rms([h.grad for h in outs]), rel=1e-5), step
+        params = {p.name: p for p in record.parameters}
+        assert list(params) == names
+        for name in names:
+            assert params[name].step == step
+            assert params[name].grad_norm == pytest.approx(model.norms[step][name], rel=1e-5), (step, name)
+            assert params[name].update_ratio == pytest.approx(model.ratios[step][name], rel=1e-4), (step, name)
+    assert set(cb.parameter_health()) == set(names)
+    assert hook_count(model) == 0 and no_function_mode()
+
+
+def test_manual_accumulation_window_open_at_epoch_end_warns_in_lightning_terms(tmp_path):
+    """Five batches, a step every two: batch 4 begins sampled step 2 (and, next epoch, 4) and the
+    epoch ends before its optimizer step. The step keeps its activations; one warning says why
+    there are no parameter numbers, in Lightning's terms (not the plain loop's "inside `with
+    monitor.step`")."""
+    model = ManualAccumulation(every=2)
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[records])
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, logger=False, max_epochs=2, limit_train_batches=5, limit_val_batches=0, callbacks=[cb])
+        t.fit(model, loader())
+    assert t.global_step == 4  # two per epoch; batch 4's gradient is carried into the next epoch's first step
+    messages = [str(x.message) for x in w if issubclass(x.category, MonitorWarning)]
+    about = [m for m in messages if "optimizer" in m]
+    assert len(about) == 1, messages
+    assert "sampled step 2 ended with the epoch" in about[0] and "self.optimizers()" in about[0]
+    assert not any("monitor.step" in m for m in messages)
+    assert records.steps() == [0, 2, 4]
+    by_step = {r.step: r for r in records.records}
+    assert by_step[0].parameters != [] and by_step[2].parameters == [] and by_step[4].parameters == []
+    (out,) = model.acts[2][:1]  # batch 4's forward, the only one in step 2 (epoch 0)
+    assert records.layer(2, "act").rms == pytest.approx(rms([out.detach()]), rel=1e-5)
+    assert hook_count(model) == 0 and no_function_mode()
+
+
+def test_manual_accumulation_exception_in_an_open_sampled_step_removes_hooks(tmp_path):
+    """The sampled step 0 is open across batches 0 and 1; batch 1 raises: nothing is recorded for
+    it, every hook is gone."""
+    model = ManualAccumulation(every=2, fail_at_batch=1)
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=2, on_alert="ignore", sinks=[records])
+    with pytest.raises(RuntimeError, match="boom in a micro-batch"):
+        trainer(tmp_path, logger=False, limit_train_batches=4, limit_val_batches=0, callbacks=[cb]).fit(model, loader())
+    assert hook_count(model) == 0 and no_function_mode()
+    assert records.records == [] and cb.health() == {}
+
+
+class TwoOptimizers(L.LightningModule):
+    """A GAN in manual optimization: per batch ``g_steps(batch_idx)`` generator steps, then one
+    discriminator step, each ``zero_grad(); manual_backward(loss); step()`` (Lightning's example).
+    Its own truth per batch: the optimizer steps it ran (``global_step`` before and after), every
+    output of the generator's ReLU (``G.1``), and each parameter's gradient norm right before
+    its optimizer's first step in the batch."""
+
+    def __init__(self, g_steps: Callable[[int], int] = lambda i: 1) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, N_IN))
+        self.D = nn.Sequential(nn.Linear(N_IN, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.g_steps = g_steps
+        self.batches: list[dict] = []
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        og, od = self.optimizers()
+        rec = {"start": self.global_step, "g_act": [], "norms": {}}
+        self.batches.append(rec)
+        z = torch.randn(x.shape[0], 4)
+
+        def fake() -> torch.Tensor:
+            h = self.G[1](self.G[0](z))
+            rec["g_act"].append(h.detach().clone())
+            return self.G[2](h)
+
+        def norms(prefix: str, module: nn.Module) -> None:
+            for n, p in module.named_parameters():
+                rec["norms"].setdefault(f"{prefix}.{n}", float(p.grad.double().norm()))
+
+        for _ in range(self.g_steps(batch_idx)):
+            og.zero_grad()
+            self.manual_backward(F.softplus(-self.D(fake())).mean())
+            norms("G", self.G)
+            og.step()
+        od.zero_grad()
+        self.manual_backward(F.softplus(-self.D(x)).mean() + F.softplus(self.D(fake().detach())).mean())
+        norms("D", self.D)
+        od.step()
+        rec["end"] = self.global_step
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(self.G.parameters(), lr=1e-3), torch.optim.Adam(self.D.parameters(), lr=1e-3)
+
+
+class InStep(L.Callback):
+    """The batches that begin with a sampled step in progress (placed after the monitor in ``callbacks``)."""
+
+    def __init__(self, cb: ActivationMonitor) -> None:
+        self.cb, self.batches = cb, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self.cb.monitor.in_step:
+            self.batches.append(batch_idx)
+
+
+def gan_fit(tmp_path, every_n_steps: int, batches: int, **kw):
+    model = TwoOptimizers(**kw)
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=every_n_steps, on_alert="ignore", sinks=[records])
+    spy = InStep(cb)
+    g = torch.Generator().manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(batches * BATCH, N_IN, generator=g)), batch_size=BATCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        t = trainer(tmp_path, logger=False, limit_train_batches=batches, limit_val_batches=0, callbacks=[cb, spy])
+        t.fit(model, data)
+    assert hook_count(model) == 0 and no_function_mode()
+    return model, records, spy, cb
+
+
+def check_sample_is_batch(model: TwoOptimizers, records: Records, step: int, b: int) -> None:
+    """The record of ``step`` is batch ``b``'s data: G.1's outputs, each stepped parameter's norm."""
+    truth = model.batches[b]
+    assert records.layer(step, "G.1").rms == pytest.approx(rms(truth["g_act"]), rel=1e-5), (step, b)
+    (record,) = [r for r in records.records if r.step == step]
+    params = {p.name: p.grad_norm for p in record.parameters}
+    assert set(params) == set(truth["norms"]), (step, b)
+    for name, norm in truth["norms"].items():
+        assert params[name] == pytest.approx(norm, rel=1e-5), (step, b, name)
+
+
+@pytest.mark.parametrize("every_n_steps", [3, 4])
+def test_two_optimizers_per_batch_sample_every_n_optimizer_steps(tmp_path, every_n_steps):
+    """Two optimizer steps per batch (global_step +2): a sample every N optimizer steps, each the
+    batch that runs the multiple of N (N=3: steps 2-3 for sample 3; it used to sample 0, 6, 12)."""
+    model, records, spy, cb = gan_fit(tmp_path, every_n_steps, batches=8)
+    ran = {b: (rec["start"], rec["end"]) for b, rec in enumerate(model.batches)}
+    assert ran[7] == (14, 16)
+    assert records.steps() == list(range(0, 16, every_n_steps))
+    expected = [b for b, (start, end) in ran.items() if any(s % every_n_steps == 0 for s in range(start, end))]
+    assert spy.batches == expected  # nothing else was recorded, not even for a while
+    for step in records.steps():
+        (b,) = [b for b, (start, end) in ran.items() if start <= step < end]
+        check_sample_is_batch(model, records, step, b)
+    assert {p.step for p in cb.parameter_health().values()} == {records.steps()[-1]}
+
+
+VARYING = {
+    # Even batches one optimizer step, odd ones two (a generator step every other batch), N=5.
+    # Batches run steps (0,1) (1,3) (3,4) (4,6) (6,7) (7,9) (9,10) (10,12) (12,13) (13,15) (15,16) ...
+    # - 0, 10, 15: the batch begins at the multiple (batches 0, 7, 10);
+    # - 5 ran in batch 3 (steps 4-5), after a one-step batch: no guess; batch 4 samples it late;
+    # - batch 6 follows a two-step batch and is begun ahead for 10, but runs only 9: dropped;
+    # - 20 runs in the last batch (19-20), after a one-step batch: not sampled.
+    "late-and-dropped": ((0, 1), 5, 14, [0, 5, 10, 15], [0, 4, 7, 10], [0, 4, 6, 7, 10]),
+    # 2, 2, 4, 5 steps per batch, N=6: (0,2) (2,4) (4,8) (8,13) (13,15) (15,17) (17,21) (21,26).
+    # - 6 ran in batch 2, unguessed (the batch before ran 2): batch 3 samples it late, and runs 12;
+    # - 12 ran inside that recorded batch: batch 4 does not sample it again;
+    # - 18, 24: guessed ahead from the batch before (2 and 4 steps) and run (batches 6, 7).
+    "late-batch-runs-the-next": ((1, 1, 3, 4), 6, 8, [0, 6, 18, 24], [0, 3, 6, 7], [0, 3, 6, 7]),
+    # 1, 3, 1, 3, ... steps per batch, N=3: (0,1) (1,4) (4,5) (5,8) (8,9) (9,12) (12,13) (13,16) ...
+    # - batch 2 is begun ahead for 6 (the batch before ran 3) but runs only 4: dropped, and batch 3
+    #   is begun ahead for 6 again (a one-step batch before it): it runs 5-7, kept;
+    # - 3 (and 15) ran in an unguessed batch whose next batch is begun ahead for 6 (18): left out.
+    "dropped-then-retried": (
+        (0, 2), 3, 12, [0, 6, 9, 12, 18, 21], [0, 3, 5, 6, 9, 11], [0, 2, 3, 4, 5, 6, 8, 9, 10, 11]
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(VARYING))
+def test_optimizer_steps_per_batch_that_vary_sample_each_multiple_at_most_once(tmp_path, case):
+    """When the optimizer steps per batch vary, a batch is sampled ahead on a guess (kept only if it
+    ran the multiple), or late; never twice for one multiple, and each record is its batch's data."""
+    pattern, n, batches, steps, recorded, in_step = VARYING[case]
+    model, records, spy, _ = gan_fit(tmp_path, n, batches=batches, g_steps=lambda i: pattern[i % len(pattern)])
+    ran = [(rec["start"], rec["end"]) for rec in model.batches]
+    assert [end - start for start, end in ran] == [1 + pattern[i % len(pattern)] for i in range(batches)]
+    assert records.steps() == steps
+    assert spy.batches == in_step
+    for step, b in zip(steps, recorded):
+        check_sample_is_batch(model, records, step, b)
+    if case == "late-and-dropped":  # batch 4 stepped only the discriminator, and sample 5 says so
+        assert {p.name for p in records.records[1].parameters} == set(model.batches[4]["norms"])
+        assert all(n.startswith("D.") for n in model.batches[4]["norms"])
 
 
 # -- other loggers ------------------------------------------------------------------------------------
