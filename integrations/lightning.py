@@ -208,7 +208,8 @@ class ActivationMonitor(Callback):
         """(writer, logdir, loggers that get scalars via log_metrics) for this rank."""
         loggers = list(trainer.loggers)
         tb = next((lg for lg in loggers if isinstance(lg, TensorBoardLogger)), None)
-        need_dir = self.logdir is None and tb is None
+        dry = bool(getattr(trainer, "fast_dev_run", False))  # Lightning writes no logs then; neither do we
+        need_dir = self.logdir is None and tb is None and not dry
         # `trainer.log_dir` broadcasts: every rank must ask (or none).
         log_dir = (trainer.log_dir or trainer.default_root_dir) if need_dir else None
         if not self._rank_zero:
@@ -217,6 +218,8 @@ class ActivationMonitor(Callback):
             return None, os.fspath(self.logdir), [lg for lg in loggers if lg is not tb]
         if tb is not None:
             return tb.experiment, None, [lg for lg in loggers if lg is not tb]
+        if dry:
+            return None, None, loggers  # alerts and health only
         target = os.path.join(log_dir or trainer.default_root_dir, SUBDIR)
         try:
             from monitor.tensorboard import require_tensorboard

@@ -596,6 +596,20 @@ def test_several_loggers_and_no_logger(tmp_path):
     assert not any(k.startswith("activation") for k in events(str(tmp_path / "tb2"))["scalars"])
 
 
+def test_fast_dev_run_writes_no_files_and_still_alerts(tmp_path):
+    """`fast_dev_run` is a dry run: Lightning writes no logs, and the monitor writes no event file
+    either (it used to create `activation_monitor/` under the root), but it judges and alerts."""
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)  # nothing to say about where output goes
+        L.Trainer(
+            accelerator="cpu", fast_dev_run=2, enable_progress_bar=False, enable_model_summary=False,
+            default_root_dir=str(tmp_path), callbacks=[cb],
+        ).fit(MLP(dead_bias=-100.0), loader())  # dead for certain at once: far below zero
+    assert [(a.step, a.layer, a.kind) for a in cb.alerts] == [(0, "net.1", "dead")]
+    assert list(tmp_path.rglob("*")) == []
+
+
 # -- on_alert ---------------------------------------------------------------------------------------------
 def test_on_alert_stop_ends_training_cleanly(tmp_path):
     cb = ActivationMonitor(every_n_steps=1, on_alert="stop")
