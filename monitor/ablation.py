@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,6 +85,18 @@ class Ablation:
         self._replace = _Replace(self.spec, value, means, warn_once)  # the tap: refers to nothing that refers to it
         self._capture = capture.tapped(self._replace, first=True)
         self._eager = eager  # a compiled model's forwards run their eager code in the block
+        self.active = False  # inside the block
+
+    @contextlib.contextmanager
+    def suspended(self) -> Iterator[None]:
+        """Inside the block, forwards that must not be ablated (a probe run that a sampled step
+        asked for, ``mon.probe()``): the units are left as they are."""
+        prev = self._replace.suspended
+        self._replace.suspended = True
+        try:
+            yield
+        finally:
+            self._replace.suspended = prev
 
     @property
     def seen(self) -> set[str]:
@@ -100,9 +112,11 @@ class Ablation:
             if self._eager is not None:
                 self._eager.__exit__(None, None, None)
             raise
+        self.active = True
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.active = False
         try:
             self._capture.end()
         finally:
@@ -122,6 +136,7 @@ class _Replace:
     def __init__(self, spec: dict[str, Any], value: float | str, means: Any, warn_once: Any) -> None:
         self.spec, self.value, self.means, self.warn_once = spec, value, means, warn_once
         self.seen: set[str] = set()
+        self.suspended = False  # a probe run inside the block sees the model as it is
         self.fills: dict[tuple[str, str, int], tuple[torch.Tensor, Any]] = {}
 
     def fill(self, name: str, x: torch.Tensor, unit: int) -> tuple[torch.Tensor, Any]:
@@ -149,7 +164,7 @@ class _Replace:
         return hit
 
     def __call__(self, wp: WatchPoint, output: Any, inp: Any) -> Any:
-        if wp.name not in self.spec:
+        if self.suspended or wp.name not in self.spec:
             return None
         x = output if isinstance(output, torch.Tensor) else first_tensor(output)
         if x is None or x.ndim == 0 or wp.unit_dim is None:
@@ -232,6 +247,9 @@ def ablated_probe(
     """The probe run as is and with ``spec`` ablated (``value="mean"``: the means of the first run):
     the ablated run's matrices, ``drift`` against the unablated run and the :class:`AblationEffect`."""
     base, base_out, base_loss = runner.forward(model, loss_fn)
+    unknown = [n for n in check_spec(spec) if n not in base]
+    if unknown:  # the probe's own forward just showed which watched layers it reaches
+        raise ValueError(f"Cannot ablate {unknown}: not a watched layer that the probe reaches. Those are: {list(base)}.")
     with Ablation(runner.capture, spec, value, means=functools.partial(_means, base), warn_once=warn_once) as abl:
         mats, out, loss = runner.forward(model, loss_fn)
     moved = {n: drift(base[n], m) for n, m in mats.items() if n in base and base[n].shape == m.shape}

@@ -50,7 +50,11 @@ def _set_rng_state(state: tuple[Any, ...]) -> None:
 @contextlib.contextmanager
 def invisible(model: nn.Module, capture: Capture | None = None) -> Iterator[None]:
     """Run a forward that training cannot notice: ``no_grad``, eval mode (each module's ``training``
-    flag restored after, whatever it was), global RNG states restored, ``capture`` paused."""
+    flag restored after, whatever it was), global RNG states restored, ``capture`` paused.
+
+    The flags go back through ``train()``, as your own validation loop's ``model.train()`` would:
+    a module whose ``train()`` does more than set its flag (a LoRA layer that merges its weights
+    on ``eval()`` and unmerges them on ``train()``) sees the same calls as in that loop."""
     flags = [(m, m.training) for m in model.modules()]
     rng = _rng_state()
     paused = capture.paused if capture is not None else False
@@ -61,8 +65,9 @@ def invisible(model: nn.Module, capture: Capture | None = None) -> Iterator[None
         with torch.no_grad():
             yield
     finally:
-        for m, flag in flags:
-            m.training = flag
+        for m, flag in flags:  # parents first: train() also sets the children, fixed after if they differ
+            if m.training != flag:
+                m.train(flag)
         _set_rng_state(rng)
         if capture is not None:
             capture.paused = paused

@@ -9,7 +9,9 @@ reference to the :class:`~monitor.core.Monitor`.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ class Probing:
         self.sinks = sinks  # the monitor's list of sinks (probe records go to those with ``write_probe``)
         self._warn_once = warn_once
         self.due: tuple[int, int] | None = None  # (step, thread) of a probe run asked for by a sampled step
+        self._ablations: weakref.WeakSet[Ablation] = weakref.WeakSet()  # blocks made by ablate()
 
     def sampled(self, samples: int, every: int, step: int) -> None:
         """Sampled step ``step`` (the ``samples``-th) was packed: every ``every`` of them asks for a run."""
@@ -54,13 +57,23 @@ class Probing:
         with rec.eager.around(rec.compiled()):  # a compiled model's probe runs its eager code
             if ablate is not None:
                 return ablated_probe(self.runner, rec.model, ablate, value, loss_fn, step, self._warn_once)
-            result = self.runner.run(rec.model, step, loss_fn)
+            with self._unablated():
+                result = self.runner.run(rec.model, step, loss_fn)
         publish(ProbeRecord(result))
         return result
 
+    def _unablated(self) -> contextlib.ExitStack:
+        """Ablation blocks of ``ablate()`` in progress suspended: a probe run (periodic or by
+        hand) inside one sees the model as it is, like every other probe run."""
+        stack = contextlib.ExitStack()
+        for block in list(self._ablations):
+            if block.active:
+                stack.enter_context(block.suspended())
+        return stack
+
     def ablate(self, layers: Mapping[str, Any], value: float | str) -> Ablation:
         rec = self.recorder
-        return Ablation(
+        block = Ablation(
             rec.capture,
             layers,
             value,
@@ -68,6 +81,8 @@ class Probing:
             warn_once=self._warn_once,
             eager=rec.eager.around(rec.compiled()),  # a compiled model runs its eager code in the block
         )
+        self._ablations.add(block)
+        return block
 
     def layer_importance(
         self, value: float | str, loss_fn: Callable[[Any, Any], Any] | None
@@ -86,7 +101,7 @@ class Probing:
             return None
         rec = self.recorder
         try:
-            with rec.eager.around(rec.compiled()):  # a compiled model's probe runs its eager code
+            with rec.eager.around(rec.compiled()), self._unablated():  # a compiled model's probe runs its eager code
                 result = self.runner.run(rec.model, due[0])
         except Exception as e:  # never let monitoring break training
             self.runner.probe = None

@@ -189,3 +189,102 @@ def test_probes_and_ablations_leave_no_reference_cycle_through_the_monitor(wine)
         assert ref() is None, holders  # freed by its reference count alone
     finally:
         gc.enable()
+
+
+def test_a_probe_run_inside_an_ablation_block_sees_the_model_unablated(wine):  # noqa: F811
+    """The run that sampled step 0 asked for comes at the next `mon.step()`, here inside an ablation
+    block: it is recorded as the model is (the drift baseline and the "mean" values come from it),
+    and a unit-index typo in that block can no longer make it fail and stop the periodic probe."""
+    X, _, px, _ = wine
+    torch.manual_seed(0)
+    model = DropBN()
+    model.eval()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", probe=px, probe_every_n_samples=1)
+    with mon:
+        with mon.step(0):
+            model(X[:64])
+        with mon.ablate({"act0": "all"}):
+            with mon.step(1):
+                model(X[:64])
+            first = mon.last_probe
+            by_hand = mon.probe()
+        with torch.no_grad():
+            truth = model.act0(model.bn(model.fc0(px))).numpy()
+        assert first is not None and first.step == 0
+        assert abs(first.activations["act0"] - truth).max() < 1e-6 and truth.max() > 0
+        assert abs(by_hand.activations["act0"] - truth).max() < 1e-6
+        with pytest.raises(ValueError, match="Cannot ablate unit 99 of act0"):
+            with mon.ablate({"act0": [99]}):
+                with mon.step(2):
+                    model(X[:64])
+        # the run step 1 asked for came at step 2's start, inside the block with the typo: unharmed
+        assert mon.has_probe and mon.last_probe.step == 1
+        with mon.step(3):
+            model(X[:64])
+    assert mon.last_probe.step == 3  # periodic runs go on (step 2 raised: it asked for none)
+    untouched(model)
+
+
+def test_an_ablated_probe_refuses_a_layer_the_probe_does_not_reach(trained):
+    """Before any sampled step a name that is not a module may still be a functional activation;
+    the probe's own forward settles it: refused, naming it and the layers the probe reaches."""
+    model, _, px, py = trained
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", probe=(px, py))
+    with mon:
+        with pytest.raises(ValueError, match=r"Cannot ablate \['relu_typo'\]: not a watched layer that the probe reaches"):
+            mon.probe(ablate={"relu_typo": "all"})
+        assert mon.probe(ablate={"fc1.relu": "all"}).ablation.output_change > 0
+    untouched(model)
+
+
+class _LoRALinear(torch.nn.Linear):
+    """loralib's Linear (merge_weights=True): merges B @ A into the weight on eval(), unmerges on train()."""
+
+    def __init__(self, i, o, r=4):
+        super().__init__(i, o)
+        self.lora_A = torch.nn.Parameter(torch.randn(r, i) * 0.1)
+        self.lora_B = torch.nn.Parameter(torch.zeros(o, r))
+        self.merged = False
+        self.weight.requires_grad = False
+
+    def train(self, mode=True):
+        super().train(mode)
+        if mode and self.merged:
+            self.weight.data -= self.lora_B @ self.lora_A
+            self.merged = False
+        elif not mode and not self.merged:
+            self.weight.data += self.lora_B @ self.lora_A
+            self.merged = True
+        return self
+
+    def forward(self, x):
+        out = F.linear(x, self.weight, self.bias)
+        return out if self.merged else out + x @ self.lora_A.T @ self.lora_B.T
+
+
+def test_a_probe_puts_training_flags_back_through_train():
+    """A module whose train() does more than set its flag sees train(True) again after a probe run
+    (as after a validation loop's model.train()): LoRA layers unmerge and keep learning. Setting the
+    flags directly left them merged, so lora_A/lora_B got no gradient."""
+
+    def run(probe):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(_LoRALinear(8, 32), torch.nn.ReLU(), _LoRALinear(32, 3))
+        model[1].eval()  # a submodule kept in eval mode stays so
+        opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        X, Y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+        with Monitor(model, every_n_steps=5, probe=X[:16] if probe else None, probe_every_n_samples=1, on_alert="ignore") as mon:
+            for s in range(20):
+                with mon.step(s):
+                    loss = F.cross_entropy(model(X), Y)
+                    loss.backward()
+                    opt.step()
+                    opt.zero_grad()
+        return model
+
+    plain, probed = run(False), run(True)
+    assert [m.training for m in probed.modules()] == [True, True, False, True]
+    assert not probed[0].merged and not probed[2].merged
+    assert probed[0].lora_B.norm() > 0.01
+    for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6)  # equal up to the merge's rounding (w + d - d)
