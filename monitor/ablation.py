@@ -192,7 +192,8 @@ class AblationEffect:
     """What an ablation changed on the probe.
 
     ``output_change``: ||ablated output - output|| / ||output|| (the model's first output tensor,
-    all probe samples; 0 = no change, 1 = as large as the output itself). ``prediction_change``:
+    or a Hugging Face output's ``logits``; all probe samples; 0 = no change, 1 = as large as the
+    output itself). ``prediction_change``:
     the fraction of samples (rows; tokens too for sequence outputs) whose argmax over the last
     dimension changed, for outputs with one. ``loss`` / ``base_loss``: the probe's loss with and
     without the ablation (targets and a loss function given); ``loss_change = loss - base_loss``.
@@ -210,9 +211,11 @@ class AblationEffect:
 
 
 def effect(layers: Sequence[str], base: Any, ablated: Any, base_loss: float | None, loss: float | None) -> AblationEffect:
-    """Compare two outputs of the same probe (tensors, or outputs holding one)."""
-    b = first_tensor(base)
-    a = first_tensor(ablated)
+    """Compare two outputs of the same probe (tensors, or outputs holding one: a Hugging Face
+    output's ``logits`` when it has them, not its ``loss``, which comes first when the probe holds
+    ``labels``)."""
+    b = first_tensor(_logits(base))
+    a = first_tensor(_logits(ablated))
     if b is None or a is None or a.shape != b.shape:
         return AblationEffect(tuple(layers), float("nan"), None, loss, base_loss)
     b64, a64 = b.detach().double(), a.detach().double()
@@ -223,6 +226,11 @@ def effect(layers: Sequence[str], base: Any, ablated: Any, base_loss: float | No
     if b.ndim >= 2 and b.shape[-1] > 1 and b.is_floating_point():
         pred = float((a64.argmax(-1) != b64.argmax(-1)).double().mean())
     return AblationEffect(tuple(layers), change, pred, loss, base_loss)
+
+
+def _logits(output: Any) -> Any:
+    logits = getattr(output, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else output
 
 
 def importance_table(effects: Mapping[str, AblationEffect]) -> str:

@@ -288,3 +288,26 @@ def test_a_probe_puts_training_flags_back_through_train():
     assert probed[0].lora_B.norm() > 0.01
     for a, b in zip(plain.state_dict().values(), probed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6)  # equal up to the merge's rounding (w + d - d)
+
+
+def test_the_effect_of_a_hugging_face_batch_with_labels_is_read_on_the_logits():
+    """A probe holding `labels` makes a Hugging Face model return its loss first: the effect is
+    measured on `logits` (ground truth: the same ablation written out with the model's own logits)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=100, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=32, num_labels=3,
+    )
+    model = transformers.BertForSequenceClassification(cfg)
+    ids, y = torch.randint(0, 100, (20, 12)), torch.randint(0, 3, (20,))
+    with Monitor(model, every_n_steps=1, on_alert="ignore", probe={"input_ids": ids, "labels": y}) as mon:
+        got = mon.probe(ablate={"bert.pooler.activation": "all"}).ablation
+        model.eval()
+        with torch.no_grad():
+            base = model(input_ids=ids).logits
+            with mon.ablate({"bert.pooler.activation": "all"}):
+                ablated = model(input_ids=ids).logits
+    assert got.output_change == pytest.approx(((ablated - base).norm() / base.norm()).item(), rel=1e-5)
+    assert got.prediction_change == pytest.approx((ablated.argmax(-1) != base.argmax(-1)).float().mean().item())
+    assert got.prediction_change > 0.5
