@@ -86,6 +86,7 @@ class Ablation:
         self._capture = capture.tapped(self._replace, first=True)
         self._eager = eager  # a compiled model's forwards run their eager code in the block
         self.active = False  # inside the block
+        self._entered = False
 
     @contextlib.contextmanager
     def suspended(self) -> Iterator[None]:
@@ -104,6 +105,9 @@ class Ablation:
         return self._replace.seen
 
     def __enter__(self) -> Ablation:
+        if self._entered:
+            raise RuntimeError("An ablation block is entered once: call `mon.ablate(...)` again for another block.")
+        self._entered = True
         if self._eager is not None:
             self._eager.__enter__()
         try:
@@ -221,7 +225,10 @@ def effect(layers: Sequence[str], base: Any, ablated: Any, base_loss: float | No
     b64, a64 = b.detach().double(), a.detach().double()
     norm = float(torch.linalg.vector_norm(b64))
     diff = float(torch.linalg.vector_norm(a64 - b64))
-    change = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
+    if not (math.isfinite(norm) and math.isfinite(diff)):
+        change = float("nan")  # NaN/Inf outputs: no ratio to speak of
+    else:
+        change = diff / norm if norm > 0 else (0.0 if diff == 0 else float("inf"))
     pred = None
     if b.ndim >= 2 and b.shape[-1] > 1 and b.is_floating_point():
         pred = float((a64.argmax(-1) != b64.argmax(-1)).double().mean())

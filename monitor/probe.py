@@ -156,6 +156,9 @@ class ProbeResult:
     def top(self, layer: str, unit: int, k: int = 5) -> list[TopInput]:
         """The ``k`` probe samples that excite ``unit`` of ``layer`` most, largest first."""
         m = self.activations[layer]
+        for name, v in (("unit", unit), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"Expected `{name}` to be an int, got {v!r}.")
         if not 0 <= unit < m.shape[1]:
             raise IndexError(f"{layer} has {m.shape[1]} units, got unit {unit}.")
         idx, vals = top_k(m, unit, k)

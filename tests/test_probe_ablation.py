@@ -311,3 +311,28 @@ def test_the_effect_of_a_hugging_face_batch_with_labels_is_read_on_the_logits():
     assert got.output_change == pytest.approx(((ablated - base).norm() / base.norm()).item(), rel=1e-5)
     assert got.prediction_change == pytest.approx((ablated.argmax(-1) != base.argmax(-1)).float().mean().item())
     assert got.prediction_change > 0.5
+
+
+def test_misuse_of_results_and_blocks_gets_clear_errors(trained):
+    model, mon, px, _ = trained
+    r = mon.probe()
+    for bad in (2.0, True, "3"):
+        with pytest.raises(TypeError, match="Expected `unit` to be an int"):
+            r.top("act0", bad)
+    with pytest.raises(TypeError, match="Expected `k` to be an int"):
+        r.top("act0", 0, k=2.5)
+    block = mon.ablate({"act0": [0]})
+    with block:
+        model(px)
+    with pytest.raises(RuntimeError, match="entered once"):
+        with block:
+            pass
+    untouched(model)
+
+
+def test_an_output_turned_nan_has_no_output_change():
+    from monitor.ablation import effect
+
+    base = torch.ones(4, 3)
+    assert torch.isnan(torch.tensor(effect(["x"], base, base * float("nan"), None, None).output_change))
+    assert effect(["x"], base, base * 2, None, None).output_change == pytest.approx(1.0)
