@@ -99,3 +99,15 @@ def deliver(alerts: list[Alert], on_alert: OnAlert) -> bool:
         if bad:
             raise ActivationAlertError(bad[0])
     return stop
+
+
+class WarnOnce:
+    """``warn_once(key, message)``: one :class:`MonitorWarning` per key, at the user's line."""
+
+    def __init__(self) -> None:
+        self.keys: set[str] = set()
+
+    def __call__(self, key: str, message: str) -> None:
+        if key not in self.keys:
+            self.keys.add(key)
+            warn(f"activation monitor: {message}")

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from monitor.ablation import Ablation, AblationEffect, importance_table
-from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, deliver, warn
+from monitor.alerts import ActivationAlertError, Alert, MonitorWarning, OnAlert, WarnOnce, deliver
 from monitor.compiled import has_compiled_parts, unwrap
 from monitor.detectors import Detector, builtin_detectors
 from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
@@ -89,18 +89,6 @@ def _make_sinks(
             )
         )
     return out
-
-
-class WarnOnce:
-    """``warn_once(key, message)``: one :class:`MonitorWarning` per key, at the user's line."""
-
-    def __init__(self) -> None:
-        self.keys: set[str] = set()
-
-    def __call__(self, key: str, message: str) -> None:
-        if key not in self.keys:
-            self.keys.add(key)
-            warn(f"activation monitor: {message}")
 
 
 class Monitor:

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from monitor.activations import Kind
-from monitor.alerts import Alert, warn
+from monitor.alerts import Alert, WarnOnce
 from monitor.detectors import Detector, Evidence, LayerView
 from monitor.detectors.base import baseline
 from monitor.health import AttentionHealth, LayerHealth, declare_fields
@@ -168,8 +168,7 @@ class Judge:
     ) -> None:
         self.thresholds = thresholds
         self.detectors = list(detectors)
-        self._warn_once = warn_once
-        self._failed: set[str] = set()
+        self._warn_once = warn_once if warn_once is not None else WarnOnce()
         declare_fields(f for d in self.detectors for f in d.fields)
         self.layers: dict[str, LayerMemory] = {}
         self._pending: dict[str, dict[str, Any]] = {}  # restored state of layers not seen yet
@@ -183,11 +182,7 @@ class Judge:
             f"detector {det.name!r} raised {e!r} on {subject}; its verdicts are skipped wherever it raises, "
             "the other detectors go on"
         )
-        if self._warn_once is not None:
-            self._warn_once(f"detector:{det.name}", message)
-        elif det.name not in self._failed:
-            self._failed.add(det.name)
-            warn(f"activation monitor: {message}")
+        self._warn_once(f"detector:{det.name}", message)
 
     def _for(self, name: str, kind: Kind) -> tuple[list[Detector], tuple[str, ...]]:
         hit = self._applicable.get((name, kind))
