@@ -26,6 +26,7 @@ from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
 from monitor.stats import GRAD_ROWS, HOST_ROWS, PRE_MAX, combine_rows, grad_stat_rows, pre_stat_rows
+from monitor.tokens import TOKEN_SIM
 
 _SERIAL_BELOW = 1 << 18  # elements
 # CPU outputs up to this size are copied in the hook and reduced on the host (Capture.host_rows).
@@ -74,6 +75,8 @@ class Capture:
         self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
         self._gradless: dict[WatchPoint, int] = {}  # outputs recorded without a graph (reentrant checkpointing)
+        self._blocks = any(TOKEN_SIM in wp.rows for wp in self.module_points)
+        self.token_mask: torch.Tensor | None = None  # the model's `attention_mask` in this forward (blocks)
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._tracking = False
         self._grad_lock = threading.Lock()  # CUDA backward runs tensor hooks on autograd's device threads
@@ -93,6 +96,7 @@ class Capture:
         self.paused = False
         self._current = {}
         self._gradless = {}
+        self.token_mask = None
         self._pre = {}
         self.calls.reset()
         # Track producers (for functional names and (N, C, L) outputs) until functional calls are
@@ -108,6 +112,8 @@ class Capture:
                 if pre is not None:
                     handles.append(wp.module.register_forward_pre_hook(pre))  # type: ignore[union-attr]
                 handles.append(wp.module.register_forward_hook(post))  # type: ignore[union-attr]
+            if self.tap is None and self._blocks:  # the padding of the blocks' sequences (monitor.tokens)
+                handles.append(self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
             if self.tap is None:
                 for rw in self.recurrent:
                     hook = functools.partial(self._record_recurrent, rw)
@@ -285,7 +291,7 @@ class Capture:
                 if on_host:
                     part = host_part(self.pool, wp, x, dims, pre, pre_input, self.histograms)
                 else:
-                    part = device_part(wp, x, inp, dims, pre, pre_input, self.histograms)
+                    part = device_part(wp, x, inp, dims, pre, pre_input, self.histograms, self.token_mask)
             finally:
                 if threads > 1:
                     torch.set_num_threads(threads)
@@ -312,6 +318,11 @@ class Capture:
                 self._gradless[wp] = self._gradless.get(wp, 0) + 1
         except Exception as e:
             self._warn_once(f"record:{wp.name}", f"could not record {wp.name}: {e!r}")
+
+    def _read_mask(self, module: nn.Module, args: Any, kwargs: dict[str, Any]) -> None:
+        """Forward pre-hook of the model: its ``attention_mask=`` (a 2-d tensor), for the blocks."""
+        mask = kwargs.get("attention_mask")
+        self.token_mask = mask if isinstance(mask, torch.Tensor) and mask.ndim == 2 else None
 
     def _rerun(self, wp: WatchPoint, output: Any) -> None:
         """A forward re-run inside backward (activation checkpointing): its values were recorded

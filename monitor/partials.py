@@ -80,6 +80,7 @@ def device_part(
     pre: list[torch.Tensor] | torch.Tensor | None,
     pre_input: Any,
     histograms: bool,
+    token_mask: torch.Tensor | None = None,
 ) -> Pending:
     """One call's rows, reduced on ``x``'s device (no host sync), and its histogram sample.
 
@@ -98,7 +99,7 @@ def device_part(
     units = stats[0].shape[0]
     sequences = 0
     if TOKEN_SIM in wp.rows:  # a stack block: how alike its tokens are, how much it changed them
-        rows, sequences = block_token_rows(x, inp, token_dim(wp), units)
+        rows, sequences = block_token_rows(x, inp, token_dim(wp), units, token_mask)
         stats += rows
     hist = histogram_sample(x, sample_stride(numel, units)) if histograms else None
     return Pending(

@@ -126,11 +126,14 @@ def unit_stats(
     return torch.stack(out)
 
 
-def block_token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int, units: int) -> tuple[list[torch.Tensor], int]:
+def block_token_rows(
+    x: torch.Tensor, inp: torch.Tensor | None, token_dim: int, units: int, mask: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], int]:
     """The TOKEN_ROWS of a block's output: :func:`monitor.tokens.token_rows` for a 3-d output
-    whose last dimension holds the units, zero rows and no sequences otherwise."""
+    whose last dimension holds the units (``mask``: the model's ``attention_mask``, if it has one),
+    zero rows and no sequences otherwise."""
     if x.ndim == 3 and x.shape[-1] == units:
-        return token_rows(x, inp, token_dim)
+        return token_rows(x, inp, token_dim, mask)
     z = torch.zeros(units, dtype=torch.float32, device=x.device)
     return [z, z, z], 0
 

@@ -15,13 +15,17 @@ Two signals of a transformer block that per-unit statistics cannot show (seed 00
 Both fit the per-unit rows of :mod:`monitor.stats`, so they travel in the step's one transfer,
 combine across calls and DDP ranks by summing, and cost O(tokens x width):
 
-- ``token_sim[k]`` = sum over sequences of ``(mean_t u[t, k])**2`` with ``u`` the centred,
-  normalised tokens; summed over ``k`` that is ``|mean_t u_t|**2 = (1 + (T - 1) c) / T`` per
-  sequence, where ``c`` is its mean pairwise cosine, so ``c`` follows on the host from ``T``;
+- ``token_sim[k]`` = sum over sequences of ``(T * (mean_t u[t, k])**2 - 1 / width) / (T - 1)``
+  with ``u`` the centred, normalised tokens and ``T`` the sequence's length: summed over ``k``,
+  ``|mean_t u_t|**2 = (1 + (T - 1) c) / T`` makes it ``c``, the sequence's mean pairwise cosine.
+  So the row sums to the similarities of the sequences themselves, whatever their lengths: calls
+  of different lengths in one step (gradient accumulation) add up exactly;
 - ``update_sq[k]`` = sum of ``(output - input)**2``, ``input_sq[k]`` = sum of ``input**2``.
 
-The number of sequences travels with the step's counts. With fewer than two sequences in a step
-the centring would remove each sequence's own mean, so the similarity is not judged.
+The number of sequences travels with the step's counts. A call of one sequence (or of one token)
+adds nothing and counts no sequence: centring by its own mean token would remove the sequence's
+mean and make a collapsed sequence look like noise (batch size 1 with gradient accumulation). A
+step without a call of at least two sequences is not judged.
 """
 
 from __future__ import annotations
@@ -35,14 +39,20 @@ TOKEN_SIM, UPDATE_SQ, INPUT_SQ = "token_sim", "update_sq", "input_sq"
 TOKEN_ROWS = (TOKEN_SIM, UPDATE_SQ, INPUT_SQ)
 
 
-def token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int) -> tuple[list[torch.Tensor], int]:
+def token_rows(
+    x: torch.Tensor, inp: torch.Tensor | None, token_dim: int, mask: torch.Tensor | None = None
+) -> tuple[list[torch.Tensor], int]:
     """The TOKEN_ROWS of a ``[batch, tokens, width]`` output (``token_dim`` 1; 0 for
     ``[tokens, batch, width]``) and the number of sequences in it. ``inp``: the block's input
-    (used when it has the output's shape). On x's device, float32, no host sync.
+    (used when it has the output's shape). ``mask``: a ``[batch, tokens]`` attention mask (1: a
+    real token, 0: padding; used when its shape fits): padding tokens are left out of the mean
+    token and of every sequence (a model without position embeddings makes its padding tokens
+    nearly identical, which read as collapse); a sequence with fewer than two real tokens adds 0.
+    On x's device, float32, no host sync.
 
     >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # each sequence: one vector twice
     >>> rows, n = token_rows(x, None, 1)
-    >>> round(token_similarity(rows[0].numpy(), n, 4), 6)
+    >>> round(token_similarity(rows[0].numpy(), n), 6)
     1.0
     """
     shape = x.shape
@@ -50,10 +60,22 @@ def token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int) -> tup
         x = x.float()
     if token_dim == 0:
         x = x.transpose(0, 1)
-    sequences = x.shape[0]
-    c = x - x.mean((0, 1))
-    u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
-    sim = u.mean(1).square_().sum(0)
+    sequences, tokens, width = x.shape
+    if sequences < 2 or tokens < 2:  # centring would remove the one sequence's own mean
+        sim, sequences = torch.zeros(width, dtype=torch.float32, device=x.device), 0
+    elif isinstance(mask, torch.Tensor) and mask.shape == (sequences, tokens) and mask.device == x.device:
+        w = (mask != 0).to(torch.float32)
+        real = w.sum(1, keepdim=True)  # [sequences, 1]: each sequence's real tokens
+        mean = (x * w.unsqueeze(-1)).sum((0, 1)) / w.sum().clamp_min(1.0)
+        c = (x - mean) * w.unsqueeze(-1)  # padding: zero vectors, then zero after normalising
+        u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
+        m = u.sum(1) / real.clamp_min(1.0)
+        per = (m.square_() * real - 1.0 / width) / (real - 1.0).clamp_min(1.0)
+        sim = torch.where(real >= 2, per, 0.0).sum(0)
+    else:
+        c = x - x.mean((0, 1))
+        u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
+        sim = u.mean(1).square_().sum(0).mul_(tokens).sub_(sequences / width).div_(tokens - 1)
     if isinstance(inp, torch.Tensor) and inp.shape == shape and inp.is_floating_point():
         i = inp.detach()
         if i.dtype != torch.float32:
@@ -67,17 +89,16 @@ def token_rows(x: torch.Tensor, inp: torch.Tensor | None, token_dim: int) -> tup
     return [sim, upd, base], sequences
 
 
-def token_similarity(token_sim: np.ndarray, sequences: int, positions: int) -> float | None:
+def token_similarity(token_sim: np.ndarray, sequences: int) -> float | None:
     """Mean pairwise cosine similarity of a sequence's (centred) tokens, from the summed row.
 
-    None when fewer than two sequences or tokens were seen, or the row is not finite."""
-    if sequences < 2 or positions < 2 * sequences:
+    None when no call of at least two sequences was seen, or the row is not finite."""
+    if sequences < 2:
         return None
-    t = positions / sequences
     total = float(np.sum(token_sim, dtype=np.float64))
     if not math.isfinite(total):
         return None
-    return (t * total / sequences - 1.0) / (t - 1.0)
+    return total / sequences
 
 
 def block_update(update_sq: np.ndarray, input_sq: np.ndarray) -> float | None:

@@ -38,7 +38,7 @@ def test_rows_give_the_pairwise_cosine_and_the_update_ratio(token_dim):
     xs, ins = (x, inp) if token_dim == 1 else (x.transpose(0, 1), inp.transpose(0, 1))
     rows, n = token_rows(xs, ins, token_dim)
     assert n == 6
-    got = token_similarity(rows[0].numpy(), n, x.shape[0] * x.shape[1])
+    got = token_similarity(rows[0].numpy(), n)
     truth = true_similarity(x.double().numpy())
     assert 0.2 < truth < 0.9
     assert got == pytest.approx(truth, abs=1e-5)
@@ -48,9 +48,9 @@ def test_rows_give_the_pairwise_cosine_and_the_update_ratio(token_dim):
 
 def test_one_sequence_or_one_token_is_not_judged():
     rows, n = token_rows(torch.randn(1, 8, 4), None, 1)
-    assert token_similarity(rows[0].numpy(), n, 8) is None
+    assert n == 0 and token_similarity(rows[0].numpy(), n) is None
     rows, n = token_rows(torch.randn(5, 1, 4), None, 1)
-    assert token_similarity(rows[0].numpy(), n, 5) is None
+    assert n == 0 and token_similarity(rows[0].numpy(), n) is None
     assert block_update(rows[1].numpy(), rows[2].numpy()) is None  # no input given
 
 
@@ -168,3 +168,88 @@ def _first_outputs(
     for h in hooks:
         h.remove()
     return seen, seen_in
+
+
+def masked_similarity(x: np.ndarray, mask: np.ndarray) -> float:
+    """true_similarity over the real tokens only: centred by the mean real token, each sequence's
+    pairwise cosine over its real tokens (a sequence with fewer than two adds 0)."""
+    keep = mask.astype(bool)
+    c = x - x[keep].mean(0)
+    sims = []
+    for seq, k in zip(c, keep):
+        toks = seq[k]
+        pairs = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in itertools.permutations(toks, 2)]
+        sims.append(np.mean(pairs) if len(toks) >= 2 else 0.0)
+    return float(np.mean(sims))
+
+
+def test_padding_tokens_are_left_out_with_an_attention_mask():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 12, 16, generator=g)
+    lengths = torch.tensor([6, 4, 6, 1, 5])
+    mask = (torch.arange(12)[None] < lengths[:, None]).long()
+    x[mask == 0] = 3.0 + 0.01 * torch.randn(int((mask == 0).sum()), 16, generator=g)  # padding: nearly one vector
+    rows, n = token_rows(x, None, 1, mask)
+    got = token_similarity(rows[0].numpy(), n)
+    truth = masked_similarity(x.double().numpy(), mask.numpy())
+    assert got == pytest.approx(truth, abs=1e-5) and abs(truth) < 0.2
+    unmasked = token_similarity(token_rows(x, None, 1)[0][0].numpy(), 5)
+    assert unmasked == pytest.approx(true_similarity(x.double().numpy()), abs=1e-5) and unmasked > truth + 0.15  # the padding alone reads higher
+
+
+def test_calls_of_different_lengths_add_up_and_one_sequence_calls_are_not_judged():
+    """Gradient accumulation: each call is centred by its own mean token and each sequence adds its
+    own similarity, whatever its length. Batch size 1 per call: nothing to centre by, no verdict
+    (a collapsed sequence centred by its own mean looks like noise)."""
+    torch.manual_seed(0)
+    stack = nn.Sequential(*[AttentionOnly(32, 4) for _ in range(3)])
+    short, long = torch.randn(3, 4, 32), torch.randn(2, 20, 32)
+    truth_calls = [outputs_of(stack, list(stack), x) for x in (short, long)]
+    mon = Monitor(stack, every_n_steps=1, on_alert="ignore", background=False)
+    with mon:
+        with mon.step(0):
+            stack(short)
+            stack(long)
+        sims = {name: h.metrics["token_similarity"] for name, h in mon.health().items()}
+        for i in range(3):
+            per_seq = []
+            for c in (0, 1):
+                out = truth_calls[c][i]
+                for seq in out - out.reshape(-1, 32).mean(0):  # centred by its call's mean token
+                    pairs = [a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in itertools.permutations(seq, 2)]
+                    per_seq.append(np.mean(pairs))
+            assert sims[str(i)] == pytest.approx(np.mean(per_seq), abs=1e-4)
+        with mon.step(1):
+            for s in range(4):
+                stack(torch.randn(1, 12, 32))
+        h = mon.health()["2"]
+    assert h.step == 1 and h.metrics["token_similarity"] is None
+    assert not any(a.kind == "collapse" and a.step == 1 for a in mon.alerts)
+
+
+def test_a_padded_llama_without_position_embeddings_is_not_collapsed():
+    """Right padding to a fixed length: with rotary positions only, padding tokens come out nearly
+    identical (0.9 over all positions). With the model's `attention_mask`, only real tokens count."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    lengths = torch.tensor([12, 20, 16, 24, 14, 18, 22, 13])
+    mask = (torch.arange(128)[None] < lengths[:, None]).long()
+    ids = torch.randint(1, 32, (8, 128)).masked_fill(mask == 0, 0)
+    seen: list[np.ndarray] = []
+    hooks = [b.register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().double().numpy())) for b in model.model.layers]
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for h in hooks:
+        h.remove()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", background=False) as mon, mon.step(0), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask)
+    for i, out in enumerate(seen):
+        got = mon.health()[f"model.layers.{i}"].metrics["token_similarity"]
+        assert got == pytest.approx(masked_similarity(out, mask.numpy()), abs=1e-4)
+        assert true_similarity(out) > 0.6  # what the padding alone would have read
+    assert [a for a in mon.alerts if a.kind == "collapse"] == []

@@ -11,9 +11,9 @@ from monitor.tokens import TOKEN_ROWS, block_update, token_similarity
 
 class Collapse(Detector):
     """A stack block's output whose tokens are alike within each sequence: the mean pairwise
-    cosine similarity of a sequence's tokens (centred by the step's mean token, see
+    cosine similarity of a sequence's tokens (centred by the mean token of their forward call, see
     :mod:`monitor.tokens`) at or above ``collapse_similarity``. Judged on every sampled step with
-    at least two sequences of ``[batch, tokens, width]``; also reports ``block_update``,
+    a call of at least two sequences of ``[batch, tokens, width]``; also reports ``block_update``,
     ``||output - input|| / ||input||`` of the block (a number, not a verdict)."""
 
     name = "collapse"
@@ -30,7 +30,7 @@ class Collapse(Detector):
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         s, th = layer.summary, layer.thresholds
-        sim = token_similarity(s.token_sim, s.sequences, s.positions) if s.token_sim is not None else None
+        sim = token_similarity(s.token_sim, s.sequences) if s.token_sim is not None else None
         upd = block_update(s.update_sq, s.input_sq) if s.update_sq is not None and s.input_sq is not None else None
         metrics = {"token_similarity": sim, "block_update": upd}
         limit = th.collapse_similarity
