@@ -434,3 +434,50 @@ def test_no_host_access_from_the_monitor_during_a_whole_sampled_step(monkeypatch
     assert len(events) >= 2 and set(events) == {f"{where}numpy"}
     assert mon.parameter_health()["fc0.weight"].update_ratio > 0 and mon.health()["act0"].grad_rms > 0
     mon.close()
+
+
+def test_an_exact_zero_gradient_from_a_zero_init_is_not_vanishing_at_once():
+    """Output projections initialised to zero (ReZero, many GPT recipes): at step 0 the layers below
+    them get a gradient of exactly 0, and from the first update on a normal one. Not a vanishing
+    gradient. A dead layer above keeps the gradient at exactly 0: that alerts once it is sustained."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    model = transformers.GPT2LMHeadModel(cfg)
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_proj.weight.zero_()
+            block.mlp.c_proj.weight.zero_()
+    grads: dict[int, float] = {}
+    step_now = [0]
+    act = model.transformer.h[0].mlp.act
+
+    def keep_grad(module, args, out):
+        out.register_hook(lambda g: grads.__setitem__(step_now[0], float(g.abs().max())))
+
+    act.register_forward_hook(keep_grad)
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    with Monitor(model, every_n_steps=5, on_alert="ignore") as mon:
+        for step in range(30):
+            step_now[0] = step
+            x = torch.randint(0, 64, (8, 16))
+            with mon.step(step):
+                model(x, labels=x).loss.backward()
+                opt.step()
+                opt.zero_grad()
+    assert grads[0] == 0.0 and grads[5] > 0  # exactly zero at step 0 only
+    assert [a.message for a in mon.alerts if a.kind == "vanishing_gradient"] == []
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 2))
+    with torch.no_grad():
+        mlp[2].bias.fill_(-100.0)  # the second ReLU never fires: nothing flows back to the first
+    opt = torch.optim.SGD(mlp.parameters(), 0.01)
+    with Monitor(mlp, every_n_steps=5, on_alert="ignore") as mon:
+        for step in range(15):
+            with mon.step(step):
+                F.cross_entropy(mlp(torch.randn(32, 8)), torch.randint(0, 2, (32,))).backward()
+                opt.step()
+                opt.zero_grad()
+    vanishing = [(a.step, a.layer) for a in mon.alerts if a.kind == "vanishing_gradient"]
+    assert vanishing == [(5, "1")]  # the second sampled step with a zero gradient

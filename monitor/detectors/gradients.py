@@ -24,7 +24,8 @@ class VanishingGradient(Detector):
     """The gradient reaching a layer is orders of magnitude below that of the layers nearest the loss.
 
     ``grad_ratio``: the layer's gradient RMS over the reference. Bad at once when it lies at least
-    ``vanishing_orders_at_once`` orders below (1e-6: no healthy layer gets there), or at least
+    ``vanishing_orders_at_once`` orders below (1e-6: no healthy layer gets there) without being
+    exactly zero (zero-initialised projections give exactly zero at step 0 only), or at least
     ``vanishing_orders`` orders below (1e-3) on ``vanishing_samples`` consecutive sampled steps;
     clear again above ``release`` x those orders. Not judged while the reference itself has grown
     ``grad_growth_factor`` times over its baseline: the gradient exploded near the loss, and the
@@ -56,7 +57,11 @@ class VanishingGradient(Detector):
             )
 
         metrics = {"grad_ratio": ratio}
-        if below >= th.vanishing_orders_at_once or (below >= th.vanishing_orders and streak >= th.vanishing_samples):
+        # An exact zero is not "at once": zero-initialised output projections (ReZero, many GPT
+        # recipes) give the layers below them a zero gradient at step 0 only; a dead layer above
+        # keeps it at zero and is caught by the streak.
+        at_once = below >= th.vanishing_orders_at_once and rms > 0
+        if at_once or (below >= th.vanishing_orders and streak >= th.vanishing_samples):
             return Verdict(True, below, th.vanishing_orders, what, metrics)
         bad, band = level(below, th.vanishing_orders, th.release, True)
         return Verdict(False if bad is False else None, below, th.vanishing_orders, what, metrics, band=band or bool(bad))
