@@ -67,6 +67,7 @@ _KWARGS = (
 )
 VAL_PROBE = "val"
 SUBDIR = "activation_monitor"
+MAX_OPEN_BATCHES = 32  # manual optimization: a sampled step without a counted optimizer step ends after this many batches
 
 
 def _str_keys(config: dict[Any, Any]) -> dict[str, Any]:
@@ -135,6 +136,7 @@ class ActivationMonitor(Callback):
         self._covered = 0  # trainer.global_step when the last recorded sampled step ended (this fit)
         self._retry: int | None = None  # a step begun ahead and dropped: the next batches are begun ahead for it
         self._told_no_step = False
+        self._open_batches = 0  # training batches of the sampled step in progress
 
     # -- identity / results ---------------------------------------------------------------------
     @property
@@ -290,6 +292,7 @@ class ActivationMonitor(Callback):
 
     def _begin(self, mon: Monitor, step: int, ahead: bool) -> None:
         self._stepped = self._backward = False
+        self._open_batches = 0
         if mon.begin_step(step):
             self._sampling, self._ahead = step, ahead
 
@@ -308,8 +311,15 @@ class ActivationMonitor(Callback):
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
         # A micro-batch without an optimizer step (gradient accumulation, automatic or manual)
-        # leaves the sampled step open: it is the whole optimizer step.
-        if self._stepped:
+        # leaves the sampled step open: it is the whole optimizer step. In manual optimization, an
+        # optimizer Lightning does not count never ends it: at most MAX_OPEN_BATCHES batches.
+        self._open_batches += 1
+        if self._stepped or (
+            self.monitor is not None
+            and self.monitor.in_step
+            and not pl_module.automatic_optimization
+            and self._open_batches >= MAX_OPEN_BATCHES
+        ):
             self._end(trainer)
         if self.monitor is not None and not self.monitor.in_step:
             self.monitor.run_due_probe()
@@ -367,11 +377,11 @@ class ActivationMonitor(Callback):
         if no_step and self._rank_zero and not self._told_no_step:
             self._told_no_step = True
             warnings.warn(
-                f"activation monitor: sampled step {step} ended with the epoch (or training) before any optimizer "
-                "step ran in it, so its parameters' gradient norms and update ratios are skipped. Lightning (and the "
-                "monitor) sees only the steps of the optimizers from `self.optimizers()`: in manual optimization "
-                "call `opt.step()` on those, not on the torch optimizer inside. A manual gradient-accumulation "
-                "window still open when the epoch ends also gives this.",
+                f"activation monitor: sampled step {step} ended (with the epoch, or after {MAX_OPEN_BATCHES} batches in "
+                "manual optimization) before any optimizer step ran in it, so its parameters' gradient norms and update "
+                "ratios are skipped. Lightning (and the monitor) sees only the steps of the optimizers from "
+                "`self.optimizers()`: in manual optimization call `opt.step()` on those, not on the torch optimizer "
+                "inside. A manual gradient-accumulation window still open when the epoch ends also gives this.",
                 MonitorWarning,
                 stacklevel=2,
             )

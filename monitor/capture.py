@@ -75,7 +75,9 @@ class Capture:
         self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
         self._gradless: dict[WatchPoint, int] = {}  # outputs recorded without a graph (reentrant checkpointing)
-        self._blocks = any(TOKEN_SIM in wp.rows for wp in self.module_points)
+        # Blocks read the model's `attention_mask=`; an encoder-decoder's is the encoder's padding only.
+        encdec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+        self._blocks = not encdec and any(TOKEN_SIM in wp.rows for wp in self.module_points)
         self.token_mask: torch.Tensor | None = None  # the model's `attention_mask` in this forward (blocks)
         self._pre: dict[int, list[torch.Tensor]] = {}
         self._tracking = False

@@ -330,7 +330,9 @@ class Monitor:
             step = self._auto_step
         elif isinstance(step, bool) or not isinstance(step, int):
             try:  # NumPy integers, integer 0-d tensors: anything with __index__ (not bool, not float)
-                if isinstance(step, (bool, np.bool_)):
+                if isinstance(step, (bool, np.bool_)) or (
+                    isinstance(step, torch.Tensor) and (step.ndim != 0 or step.dtype == torch.bool)
+                ):
                     raise TypeError
                 step = operator.index(step)
             except TypeError:

@@ -54,17 +54,16 @@ class Probing:
         publish: Publish,
     ) -> ProbeResult:
         rec = self.recorder
-        with rec.eager.around(rec.compiled()):  # a compiled model's probe runs its eager code
+        with rec.eager.around(rec.compiled()), self._unablated():  # a compiled model's probe runs its eager code
             if ablate is not None:
                 return ablated_probe(self.runner, rec.model, ablate, value, loss_fn, step, self._warn_once)
-            with self._unablated():
-                result = self.runner.run(rec.model, step, loss_fn)
+            result = self.runner.run(rec.model, step, loss_fn)
         publish(ProbeRecord(result))
         return result
 
     def _unablated(self) -> contextlib.ExitStack:
-        """Ablation blocks of ``ablate()`` in progress suspended: a probe run (periodic or by
-        hand) inside one sees the model as it is, like every other probe run."""
+        """Ablation blocks of ``ablate()`` in progress suspended: a probe run (periodic, by hand,
+        ablated or layer importance) inside one sees the model as it is, like every other probe run."""
         stack = contextlib.ExitStack()
         for block in list(self._ablations):
             if block.active:
@@ -88,7 +87,7 @@ class Probing:
         self, value: float | str, loss_fn: Callable[[Any, Any], Any] | None
     ) -> dict[str, AblationEffect]:
         rec = self.recorder
-        with rec.eager.around(rec.compiled()):
+        with rec.eager.around(rec.compiled()), self._unablated():
             return layer_importance(self.runner, rec.model, value, loss_fn, self._warn_once)
 
     def set_probe(self, probe: Any, labels: Any) -> None:

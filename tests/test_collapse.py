@@ -253,3 +253,29 @@ def test_a_padded_llama_without_position_embeddings_is_not_collapsed():
         assert got == pytest.approx(masked_similarity(out, mask.numpy()), abs=1e-4)
         assert true_similarity(out) > 0.6  # what the padding alone would have read
     assert [a for a in mon.alerts if a.kind == "collapse"] == []
+
+
+def test_an_encoder_decoder_does_not_apply_the_encoders_mask_to_its_decoder():
+    """BART's `attention_mask=` is the source padding; the decoder's tokens are another sequence.
+    Blocks of an encoder-decoder count every position (as without a mask)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BartConfig(
+        vocab_size=40, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2,
+        decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=32,
+    )
+    model = transformers.BartForConditionalGeneration(cfg).eval()
+    ids = torch.randint(3, 40, (4, 16))
+    mask = (torch.arange(16)[None] < torch.tensor([[6], [9], [16], [4]])).long()
+    dec = torch.randint(3, 40, (4, 16))
+    seen: list[np.ndarray] = []
+    block = model.model.decoder.layers[0]
+    h = block.register_forward_hook(lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach().double().numpy()))
+    with torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    h.remove()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", background=False) as mon, mon.step(0), torch.no_grad():
+        model(input_ids=ids, attention_mask=mask, decoder_input_ids=dec)
+    got = mon.health()["model.decoder.layers.0"].metrics["token_similarity"]
+    assert got == pytest.approx(true_similarity(seen[0]), abs=1e-4)
+    assert abs(got - masked_similarity(seen[0], mask.numpy())) > 1e-3  # the encoder's mask would change it

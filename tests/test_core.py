@@ -54,7 +54,7 @@ def test_model_must_be_a_module():
         Monitor(lambda x: x)
 
 
-@pytest.mark.parametrize("bad", [10.0, "3", True, torch.tensor(3.0)])
+@pytest.mark.parametrize("bad", [10.0, "3", True, torch.tensor(3.0), torch.tensor(True), torch.tensor([3])])
 def test_a_step_that_is_not_an_int_is_named(bad):
     mon = Monitor(WineClassifier(), every_n_steps=1)
     with pytest.raises(TypeError, match=r"Expected `step` to be an int \(or None for the next one\), got"):

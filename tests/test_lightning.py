@@ -396,13 +396,56 @@ def test_manual_accumulation_window_open_at_epoch_end_warns_in_lightning_terms(t
     messages = [str(x.message) for x in w if issubclass(x.category, MonitorWarning)]
     about = [m for m in messages if "optimizer" in m]
     assert len(about) == 1, messages
-    assert "sampled step 2 ended with the epoch" in about[0] and "self.optimizers()" in about[0]
+    assert "sampled step 2 ended (with the epoch" in about[0] and "self.optimizers()" in about[0]
     assert not any("monitor.step" in m for m in messages)
     assert records.steps() == [0, 2, 4]
     by_step = {r.step: r for r in records.records}
     assert by_step[0].parameters != [] and by_step[2].parameters == [] and by_step[4].parameters == []
     (out,) = model.acts[2][:1]  # batch 4's forward, the only one in step 2 (epoch 0)
     assert records.layer(2, "act").rms == pytest.approx(rms([out.detach()]), rel=1e-5)
+    assert hook_count(model) == 0 and no_function_mode()
+
+
+class UncountedOptimizer(L.LightningModule):
+    """Manual optimization that steps the torch optimizer itself (`use_pl_optimizer=False`):
+    Lightning never counts a step, `global_step` stays 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.fc, self.act, self.out = nn.Linear(N_IN, 16), nn.ReLU(), nn.Linear(16, 1)
+
+    def training_step(self, batch, batch_idx):
+        opt = self.optimizers(use_pl_optimizer=False)
+        x, y = batch
+        self.manual_backward(F.mse_loss(self.out(self.act(self.fc(x))), y))
+        opt.step()
+        opt.zero_grad()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
+def test_an_optimizer_lightning_does_not_count_closes_the_step_after_a_bounded_number_of_batches(tmp_path):
+    """Without a counted optimizer step, a sampled step in manual optimization would stay open
+    (hooks on every batch, host copies of every batch held) until the epoch ends: it closes after
+    MAX_OPEN_BATCHES batches, with its activations and one warning."""
+    from integrations.lightning import MAX_OPEN_BATCHES
+
+    model = UncountedOptimizer()
+    records = Records()
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore", sinks=[records])
+    data_ = DataLoader(data(), batch_size=4)  # 64 batches in the epoch
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        t = trainer(tmp_path, logger=False, limit_train_batches=64, limit_val_batches=0, callbacks=[cb])
+        t.fit(model, data_)
+    assert t.global_step == 0
+    assert records.steps() == [0]
+    assert records.layer(0, "act").evidence_values == MAX_OPEN_BATCHES * 4 < 64 * 4
+    about = [str(x.message) for x in w if issubclass(x.category, MonitorWarning) and "optimizer step" in str(x.message)]
+    assert len(about) == 1 and f"after {MAX_OPEN_BATCHES} batches" in about[0]
     assert hook_count(model) == 0 and no_function_mode()
 
 

@@ -208,6 +208,11 @@ def test_a_probe_run_inside_an_ablation_block_sees_the_model_unablated(wine):  #
                 model(X[:64])
             first = mon.last_probe
             by_hand = mon.probe()
+            inside = mon.probe(ablate={"fc1.relu": "all"}).ablation.output_change
+            inside_importance = mon.layer_importance()
+        outside = mon.probe(ablate={"fc1.relu": "all"}).ablation.output_change
+        assert inside == pytest.approx(outside, rel=1e-6) and outside > 0  # measured against the model as it is
+        assert inside_importance == mon.layer_importance()
         with torch.no_grad():
             truth = model.act0(model.bn(model.fc0(px))).numpy()
         assert first is not None and first.step == 0
