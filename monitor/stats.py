@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from monitor.activations import Kind
-from monitor.tokens import INPUT_SQ, TOKEN_ROWS, TOKEN_SIM, UPDATE_SQ, token_rows
+from monitor.tokens import INPUT_SQ, TOKEN_ROWS, TOKEN_SEQS, TOKEN_SIM, UPDATE_SQ, token_rows
 
 # Row names and their reductions. NEGMIN stores -min so that it reduces by max like MAX.
 FIRED, MAX, NEGMIN, SUMSQ, NONFINITE, AT_BOUND = "fired", "max", "negmin", "sumsq", "nonfinite", "at_bound"
@@ -135,7 +135,7 @@ def block_token_rows(
     if x.ndim == 3 and x.shape[-1] == units:
         return token_rows(x, inp, token_dim, mask)
     z = torch.zeros(units, dtype=torch.float32, device=x.device)
-    return [z, z, z], 0
+    return [z, z, z, z], 0
 
 
 def unit_stat_rows(
@@ -460,6 +460,7 @@ class UnitSummary:
     token_sim: np.ndarray | None = None  # stack blocks: the sequence rows of monitor.tokens
     update_sq: np.ndarray | None = None
     input_sq: np.ndarray | None = None
+    token_seqs: np.ndarray | None = None  # its entries sum to the sequences that added to token_sim
     sequences: int = 0  # sequences behind token_sim (0: not a [batch, tokens, width] output)
     at_high: np.ndarray | None = None  # recurrent gates: values at the upper bound per unit
 
@@ -553,6 +554,7 @@ def summarize(block: np.ndarray, rows: tuple[str, ...], positions: int, upper: f
         token_sim=r.get(TOKEN_SIM),
         update_sq=r.get(UPDATE_SQ),
         input_sq=r.get(INPUT_SQ),
+        token_seqs=r.get(TOKEN_SEQS),
     )
 
 

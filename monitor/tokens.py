@@ -20,7 +20,9 @@ combine across calls and DDP ranks by summing, and cost O(tokens x width):
   ``|mean_t u_t|**2 = (1 + (T - 1) c) / T`` makes it ``c``, the sequence's mean pairwise cosine.
   So the row sums to the similarities of the sequences themselves, whatever their lengths: calls
   of different lengths in one step (gradient accumulation) add up exactly;
-- ``update_sq[k]`` = sum of ``(output - input)**2``, ``input_sq[k]`` = sum of ``input**2``.
+- ``update_sq[k]`` = sum of ``(output - input)**2``, ``input_sq[k]`` = sum of ``input**2``;
+- ``token_seqs[0]`` = the sequences that added to ``token_sim`` (the rest of the row is 0): counted
+  on the device, since with an attention mask a sequence of fewer than two real tokens adds nothing.
 
 The number of sequences travels with the step's counts. A call of one sequence (or of one token)
 adds nothing and counts no sequence: centring by its own mean token would remove the sequence's
@@ -35,8 +37,8 @@ import math
 import numpy as np
 import torch
 
-TOKEN_SIM, UPDATE_SQ, INPUT_SQ = "token_sim", "update_sq", "input_sq"
-TOKEN_ROWS = (TOKEN_SIM, UPDATE_SQ, INPUT_SQ)
+TOKEN_SIM, UPDATE_SQ, INPUT_SQ, TOKEN_SEQS = "token_sim", "update_sq", "input_sq", "token_seqs"
+TOKEN_ROWS = (TOKEN_SIM, UPDATE_SQ, INPUT_SQ, TOKEN_SEQS)
 
 
 def token_rows(
@@ -47,12 +49,12 @@ def token_rows(
     (used when it has the output's shape). ``mask``: a ``[batch, tokens]`` attention mask (1: a
     real token, 0: padding; used when its shape fits): padding tokens are left out of the mean
     token and of every sequence (a model without position embeddings makes its padding tokens
-    nearly identical, which read as collapse); a sequence with fewer than two real tokens adds 0.
-    On x's device, float32, no host sync.
+    nearly identical, which read as collapse); a sequence with fewer than two real tokens adds
+    nothing and is not counted. On x's device, float32, no host sync.
 
     >>> x = torch.tensor([[[1.0, 0.0], [1.0, 0.0]], [[0.0, 1.0], [0.0, 1.0]]])  # each sequence: one vector twice
     >>> rows, n = token_rows(x, None, 1)
-    >>> round(token_similarity(rows[0].numpy(), n), 6)
+    >>> round(token_similarity(rows[0].numpy(), rows[3].numpy()), 6)
     1.0
     """
     shape = x.shape
@@ -61,6 +63,7 @@ def token_rows(
     if token_dim == 0:
         x = x.transpose(0, 1)
     sequences, tokens, width = x.shape
+    seqs = torch.zeros(width, dtype=torch.float32, device=x.device)
     if sequences < 2 or tokens < 2:  # centring would remove the one sequence's own mean
         sim, sequences = torch.zeros(width, dtype=torch.float32, device=x.device), 0
     elif isinstance(mask, torch.Tensor) and mask.shape == (sequences, tokens) and mask.device == x.device:
@@ -72,10 +75,12 @@ def token_rows(
         m = u.sum(1) / real.clamp_min(1.0)
         per = (m.square_() * real - 1.0 / width) / (real - 1.0).clamp_min(1.0)
         sim = torch.where(real >= 2, per, 0.0).sum(0)
+        seqs[0] = (real >= 2).sum()
     else:
         c = x - x.mean((0, 1))
         u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
         sim = u.mean(1).square_().sum(0).mul_(tokens).sub_(sequences / width).div_(tokens - 1)
+        seqs[0] = sequences
     if isinstance(inp, torch.Tensor) and inp.shape == shape and inp.is_floating_point():
         i = inp.detach()
         if i.dtype != torch.float32:
@@ -86,14 +91,15 @@ def token_rows(
         base = i.square().sum((0, 1))
     else:
         upd = base = torch.zeros_like(sim)
-    return [sim, upd, base], sequences
+    return [sim, upd, base, seqs], sequences
 
 
-def token_similarity(token_sim: np.ndarray, sequences: int) -> float | None:
-    """Mean pairwise cosine similarity of a sequence's (centred) tokens, from the summed row.
+def token_similarity(token_sim: np.ndarray, token_seqs: np.ndarray) -> float | None:
+    """Mean pairwise cosine similarity of a sequence's (centred) tokens, from the summed rows.
 
     None when no call of at least two sequences was seen, or the row is not finite."""
-    if sequences < 2:
+    sequences = float(np.sum(token_seqs, dtype=np.float64))
+    if not sequences >= 1:
         return None
     total = float(np.sum(token_sim, dtype=np.float64))
     if not math.isfinite(total):

@@ -38,7 +38,7 @@ def test_rows_give_the_pairwise_cosine_and_the_update_ratio(token_dim):
     xs, ins = (x, inp) if token_dim == 1 else (x.transpose(0, 1), inp.transpose(0, 1))
     rows, n = token_rows(xs, ins, token_dim)
     assert n == 6
-    got = token_similarity(rows[0].numpy(), n)
+    got = token_similarity(rows[0].numpy(), rows[3].numpy())
     truth = true_similarity(x.double().numpy())
     assert 0.2 < truth < 0.9
     assert got == pytest.approx(truth, abs=1e-5)
@@ -48,9 +48,9 @@ def test_rows_give_the_pairwise_cosine_and_the_update_ratio(token_dim):
 
 def test_one_sequence_or_one_token_is_not_judged():
     rows, n = token_rows(torch.randn(1, 8, 4), None, 1)
-    assert n == 0 and token_similarity(rows[0].numpy(), n) is None
+    assert n == 0 and token_similarity(rows[0].numpy(), rows[3].numpy()) is None
     rows, n = token_rows(torch.randn(5, 1, 4), None, 1)
-    assert n == 0 and token_similarity(rows[0].numpy(), n) is None
+    assert n == 0 and token_similarity(rows[0].numpy(), rows[3].numpy()) is None
     assert block_update(rows[1].numpy(), rows[2].numpy()) is None  # no input given
 
 
@@ -172,14 +172,15 @@ def _first_outputs(
 
 def masked_similarity(x: np.ndarray, mask: np.ndarray) -> float:
     """true_similarity over the real tokens only: centred by the mean real token, each sequence's
-    pairwise cosine over its real tokens (a sequence with fewer than two adds 0)."""
+    pairwise cosine over its real tokens (a sequence with fewer than two is left out)."""
     keep = mask.astype(bool)
     c = x - x[keep].mean(0)
     sims = []
     for seq, k in zip(c, keep):
         toks = seq[k]
         pairs = [float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))) for a, b in itertools.permutations(toks, 2)]
-        sims.append(np.mean(pairs) if len(toks) >= 2 else 0.0)
+        if len(toks) >= 2:
+            sims.append(np.mean(pairs))
     return float(np.mean(sims))
 
 
@@ -190,10 +191,12 @@ def test_padding_tokens_are_left_out_with_an_attention_mask():
     mask = (torch.arange(12)[None] < lengths[:, None]).long()
     x[mask == 0] = 3.0 + 0.01 * torch.randn(int((mask == 0).sum()), 16, generator=g)  # padding: nearly one vector
     rows, n = token_rows(x, None, 1, mask)
-    got = token_similarity(rows[0].numpy(), n)
+    assert n == 5 and float(rows[3].sum()) == 4  # the one-token sequence adds nothing and is not counted
+    got = token_similarity(rows[0].numpy(), rows[3].numpy())
     truth = masked_similarity(x.double().numpy(), mask.numpy())
     assert got == pytest.approx(truth, abs=1e-5) and abs(truth) < 0.2
-    unmasked = token_similarity(token_rows(x, None, 1)[0][0].numpy(), 5)
+    plain = token_rows(x, None, 1)[0]
+    unmasked = token_similarity(plain[0].numpy(), plain[3].numpy())
     assert unmasked == pytest.approx(true_similarity(x.double().numpy()), abs=1e-5) and unmasked > truth + 0.15  # the padding alone reads higher
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from monitor.activations import Kind
 from monitor.detectors.base import Detector, LayerView, Verdict, level
 from monitor.tokens import TOKEN_ROWS, block_update, token_similarity
@@ -30,7 +32,8 @@ class Collapse(Detector):
 
     def evaluate(self, layer: LayerView, memory: dict[str, Any]) -> Verdict:
         s, th = layer.summary, layer.thresholds
-        sim = token_similarity(s.token_sim, s.sequences) if s.token_sim is not None else None
+        seqs = s.token_seqs
+        sim = token_similarity(s.token_sim, seqs) if s.token_sim is not None and seqs is not None else None
         upd = block_update(s.update_sq, s.input_sq) if s.update_sq is not None and s.input_sq is not None else None
         metrics = {"token_similarity": sim, "block_update": upd}
         limit = th.collapse_similarity
@@ -39,6 +42,6 @@ class Collapse(Detector):
         bad, band = level(sim, limit, th.release, True)
         what = (
             f"collapse: the tokens of a sequence have a mean cosine similarity of {sim:.3f} "
-            f"(threshold {limit:g}; over {s.sequences} sequences)"
+            f"(threshold {limit:g}; over {int(np.sum(seqs))} sequences)"
         )
         return Verdict(bad, sim, limit, what, metrics, band)
