@@ -308,7 +308,7 @@ def test_fail_on_recovered_and_typos(plain, capsys):
 def test_fail_on_knows_every_builtin_kind(tmp_path, capsys):
     """Every built-in detector's name is a --fail-on kind: an LSTM whose forget gate is stuck open
     (bias +20: sigmoid(20) = 1 - 2e-9) fails a `gate_saturated` gate; typos of the newer kinds fail
-    with exit 2, and a prefix shared by two kinds is ambiguous."""
+    with exit 2; a prefix stands for the kinds it begins (and a detector of that very name)."""
     from monitor.detectors import BUILTIN_NAMES
 
     assert R.BUILTIN_KINDS == BUILTIN_NAMES  # the report's copy (it does not import torch) is complete
@@ -327,8 +327,10 @@ def test_fail_on_knows_every_builtin_kind(tmp_path, capsys):
     assert code == 0 and "not a built-in" not in err
     code, out, err = run_report(tmp_path / "gate", "--fail-on", "colapse", capsys=capsys)
     assert code == 2 and out == "" and "did you mean 'collapse'" in err
-    code, out, err = run_report(tmp_path / "gate", "--fail-on", "attention", capsys=capsys)
-    assert code == 2 and "'attention_entropy' or 'attention_sink'" in err
+    code, out, err = run_report(tmp_path / "gate", "--fail-on", "attention", capsys=capsys)  # a prefix of two
+    assert code == 0 and "taken as attention_entropy, attention_sink" in err
+    code, _, err = run_report(tmp_path / "gate", "--fail-on", "gate", capsys=capsys)  # gate_saturated (or yours)
+    assert code == 1 and "gate_saturated" in err
 
 
 def test_truncated_and_corrupt_files(plain, tmp_path, capsys):

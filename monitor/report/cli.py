@@ -79,13 +79,13 @@ def _fail_kinds(spec: str, err: TextIO) -> list[str]:
     for k in kinds:
         builtin = BUILTIN_BY_NORM.get(norm_kind(k))
         prefixed = [b for b in BUILTIN_KINDS if b.startswith(k + "_")]
-        if builtin is None and len(prefixed) == 1:  # "vanishing" -> "vanishing_gradient"
-            builtin = prefixed[0]
-        elif builtin is None and prefixed:  # "attention": which one?
-            raise ReportError(f"--fail-on: {k!r} is ambiguous: {' or '.join(map(repr, prefixed))}? (or 'all')")
         close = difflib.get_close_matches(k, BUILTIN_KINDS, n=1, cutoff=0.75)
         if builtin is not None:
             out.append(builtin)
+        elif prefixed:  # "vanishing" -> vanishing_gradient, "attention" -> both attention kinds
+            out += [*prefixed, k]  # and a detector of your own of that very name, if there is one
+            if len(prefixed) > 1:
+                print(f"note: --fail-on {k!r} is taken as {', '.join(prefixed)} (and a detector {k!r} of your own)", file=err)
         elif close:  # a typo in a CI gate must not pass silently
             raise ReportError(f"--fail-on: {k!r} is not an alert kind; did you mean {close[0]!r}? (or 'all')")
         elif re.fullmatch(r"[A-Za-z_][\w.-]*", k):
