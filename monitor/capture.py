@@ -75,6 +75,7 @@ class Capture:
         self._owner = threading.get_ident()  # the thread of the sampled step in progress
         self._current: dict[WatchPoint, Pending] = {}
         self._gradless: dict[WatchPoint, int] = {}  # outputs recorded without a graph (reentrant checkpointing)
+        self._forward_ended = False  # end_forward() was called in this step (hooks kept only for re-runs)
         # Blocks read the model's `attention_mask=`; an encoder-decoder's is the encoder's padding only.
         encdec = bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
         self._blocks = not encdec and any(TOKEN_SIM in wp.rows for wp in self.module_points)
@@ -98,6 +99,7 @@ class Capture:
         self.paused = False
         self._current = {}
         self._gradless = {}
+        self._forward_ended = False
         self.token_mask = None
         self._pre = {}
         self.calls.reset()
@@ -136,7 +138,7 @@ class Capture:
         (a monitor closed in an alert callback on the writer thread), the mode is left for that
         thread's ``end()`` and does nothing until then.
         """
-        self.end_forward()
+        self._leave_forward(keep_hooks=False)
         handles, self._grad_handles = self._grad_handles, []
         for h in handles:
             h.remove()
@@ -144,15 +146,22 @@ class Capture:
 
     def end_forward(self) -> None:
         """Stop watching forward passes (hooks and the functional mode removed); the gradient hooks
-        of the outputs already seen stay until :meth:`end`."""
+        of the outputs already seen stay until :meth:`end`. Outputs recorded without a graph
+        (reentrant activation checkpointing) keep the module hooks until then, for the forward that
+        backward re-runs; new forwards are ignored."""
+        self._forward_ended = True
+        self._leave_forward(keep_hooks=any(n > 0 for n in self._gradless.values()))
+
+    def _leave_forward(self, keep_hooks: bool) -> None:
         mode = self._mode
         if mode is not None and threading.get_ident() == self._owner:
             self._mode = None
             with contextlib.suppress(Exception):
                 leave_mode(mode)  # not __exit__: a user's mode may sit above ours
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
+        if not keep_hooks:
+            handles, self._handles = self._handles, []
+            for h in handles:
+                h.remove()
         self.calls.reset()
         self._pre = {}
 
@@ -183,7 +192,12 @@ class Capture:
             return None, post
 
         def pre(module: nn.Module, args: Any) -> None:  # an in-place ReLU overwrites its input
-            if args and isinstance(args[0], torch.Tensor) and torch._C._current_graph_task_id() == -1:
+            if (
+                args
+                and isinstance(args[0], torch.Tensor)
+                and torch._C._current_graph_task_id() == -1
+                and not self._forward_ended
+            ):
                 rows = self.pre_rows(wp, args[0])
                 if rows is not None:
                     self._pre[key] = rows
@@ -194,7 +208,7 @@ class Capture:
         """Forward hook of an nn.LSTM / nn.GRU: recompute its gates and states on a subset of the
         sequences (:func:`monitor.recurrent.recompute`) and record each like a watched output."""
         try:
-            if self.paused or torch._C._current_graph_task_id() != -1:
+            if self.paused or self._forward_ended or torch._C._current_graph_task_id() != -1:
                 return
             out = first_tensor(output[0] if isinstance(output, tuple) and output else output)
             device = out.device if out is not None else torch.device("cpu")
@@ -272,6 +286,8 @@ class Capture:
             if torch._C._current_graph_task_id() != -1:
                 self._rerun(wp, output)  # a forward re-run inside backward (activation checkpointing)
                 return
+            if self._forward_ended:
+                return  # a forward after end_forward(): hooks kept for re-runs only
             x = output if isinstance(output, torch.Tensor) else first_tensor(output)
             if x is None or not x.is_floating_point() or x.ndim == 0 or x.numel() == 0:
                 return

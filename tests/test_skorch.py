@@ -661,3 +661,41 @@ def test_a_users_function_mode_around_the_forward_is_left_alone():
     assert seen == [(["DeviceContext"], "meta")] * 2
     assert _get_current_function_mode_stack() == []
     assert set(cb.health_) == {"fc1.relu"}  # the functional relu was watched
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2)
+
+    def forward(self, X):
+        from torch.utils.checkpoint import checkpoint
+
+        X = X.requires_grad_()  # reentrant checkpointing needs an input that requires grad
+        return F.softmax(self.out(checkpoint(lambda t: self.act(self.fc(t)), X, use_reentrant=True)), dim=-1)
+
+
+def test_reentrant_checkpointing_gives_the_gradients_in_skorch_too():
+    """skorch stops watching forwards when the forward ends; the layers of a reentrant checkpoint
+    are re-run inside backward, and only there do their outputs get a graph: the hooks stay for
+    that re-run (new forwards ignored), so `grad_rms` is the gradient of the output, once per batch."""
+    torch.manual_seed(0)
+    X = np.random.RandomState(0).randn(64, 8).astype("float32")
+    y = (X[:, 0] > 0).astype("int64")
+    truth: list[torch.Tensor] = []
+
+    def keep(module, args, out):
+        if out.requires_grad:  # the re-run inside backward
+            out.register_hook(lambda g: truth.append(g.detach().clone()))
+
+    cb = ActivationMonitor(every_n_steps=1, on_alert="ignore")
+    net = NeuralNetClassifier(_Checkpointed, max_epochs=1, batch_size=32, train_split=None, verbose=0, callbacks=[("am", cb)])
+    net.initialize()
+    net.module_.act.register_forward_hook(keep)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        net.partial_fit(X, y)
+    h = cb.health_["act"]
+    assert len(truth) == 2  # one gradient per batch
+    assert h.grad_rms == pytest.approx(float(truth[-1].pow(2).mean().sqrt()), rel=1e-5)
+    assert h.evidence_values == 64  # two batches of 32, each counted once (the re-runs are not counted)
