@@ -325,7 +325,6 @@ class Capture:
                 prev.positions += part.positions
                 prev.hist_numel += part.hist_numel
                 prev.hist_sampled += part.hist_sampled
-                prev.sequences += part.sequences
             else:
                 self._warn_once(f"shape:{wp.name}", f"{wp.name}: unit count changed within a step; extra call ignored")
                 return

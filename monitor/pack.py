@@ -42,7 +42,7 @@ from monitor.stats import (
     summarize_grad,
 )
 
-COUNTS = 5  # per watch point: positions, histogram values sampled, values they stand for, gradient positions, sequences
+COUNTS = 4  # per watch point: positions, histogram values sampled, values they stand for, gradient positions
 
 
 @dataclass
@@ -123,7 +123,7 @@ def pack(
         float(v)
         for wp in points
         for p in (current[wp],)
-        for v in (p.positions, p.hist_sampled, p.hist_numel, p.grad_positions, p.sequences)
+        for v in (p.positions, p.hist_sampled, p.hist_numel, p.grad_positions)
     ]
     if gather is not None:
         pieces.append(torch.tensor(counts, dtype=torch.float32, device=device))
@@ -192,7 +192,7 @@ def unpack(
     layers = []
     for i, (wp, p) in enumerate(zip(job.points, job.pending)):
         r, c = len(p.stats), p.units
-        positions, sampled, numel, grad_positions, sequences = (counts[COUNTS * i + k] for k in range(COUNTS))
+        positions, sampled, numel, grad_positions = (counts[COUNTS * i + k] for k in range(COUNTS))
         if p.on_host:
             blocks = [host_stat_rows(x, z, d, wp.rows, wp.kind, wp.lo_thr, wp.hi_thr) for x, z, d in arrays[i]]
             block = combine_host(blocks, wp.rows)
@@ -200,7 +200,6 @@ def unpack(
             block = host_flat[offset : offset + r * c].reshape(r, c)
             offset += r * c
         summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
-        summary.sequences = int(sequences)
         if p.host_grads:
             grad = combine_host([host_grad_rows(g.numpy(), dims) for g, dims in p.host_grads], GRAD_ROWS)
             summary.grad = summarize_grad(grad, int(grad_positions))

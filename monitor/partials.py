@@ -30,7 +30,6 @@ class Pending:
     hist_sampled: int  # values actually binned
     grad: list[torch.Tensor] | None = None  # GRAD_ROWS of the gradient w.r.t. this output, once backward reached it
     grad_positions: int = 0
-    sequences: int = 0  # stack blocks: sequences behind the token rows (monitor.tokens)
     # Small CPU outputs (Capture.host_rows): float32 copies, reduced on the host instead of ``stats``
     # (empty then): per call (output, ReLU input or None, reduced dims), where a ReLU input copied
     # together with its output is ``"stacked"`` (the copy holds [input, output]); per gradient (gradient, dims).
@@ -97,13 +96,11 @@ def device_part(
         stats = pre + stats
     numel = x.numel()
     units = stats[0].shape[0]
-    sequences = 0
     if TOKEN_SIM in wp.rows:  # a stack block: how alike its tokens are, how much it changed them
-        rows, sequences = block_token_rows(x, inp, token_dim(wp), units, token_mask)
-        stats += rows
+        stats += block_token_rows(x, inp, token_dim(wp), units, token_mask)
     hist = histogram_sample(x, sample_stride(numel, units)) if histograms else None
     return Pending(
-        stats, units, [] if hist is None else [hist], numel // units, numel, 0 if hist is None else hist.numel(), sequences=sequences
+        stats, units, [] if hist is None else [hist], numel // units, numel, 0 if hist is None else hist.numel()
     )
 
 

@@ -122,20 +122,20 @@ def unit_stats(
     pre = pre_stat_rows(x, dims) if PRE_MAX in rows else []
     out = pre + unit_stat_rows(x, dims, rows, kind, lo_thr, hi_thr)
     if TOKEN_SIM in rows:
-        out += block_token_rows(x, None, 1, out[0].shape[0])[0]
+        out += block_token_rows(x, None, 1, out[0].shape[0])
     return torch.stack(out)
 
 
 def block_token_rows(
     x: torch.Tensor, inp: torch.Tensor | None, token_dim: int, units: int, mask: torch.Tensor | None = None
-) -> tuple[list[torch.Tensor], int]:
+) -> list[torch.Tensor]:
     """The TOKEN_ROWS of a block's output: :func:`monitor.tokens.token_rows` for a 3-d output
     whose last dimension holds the units (``mask``: the model's ``attention_mask``, if it has one),
-    zero rows and no sequences otherwise."""
+    zero rows (no sequences) otherwise."""
     if x.ndim == 3 and x.shape[-1] == units:
-        return token_rows(x, inp, token_dim, mask)
+        return token_rows(x, inp, token_dim, mask)[0]
     z = torch.zeros(units, dtype=torch.float32, device=x.device)
-    return [z, z, z, z], 0
+    return [z, z, z, z]
 
 
 def unit_stat_rows(
@@ -461,7 +461,6 @@ class UnitSummary:
     update_sq: np.ndarray | None = None
     input_sq: np.ndarray | None = None
     token_seqs: np.ndarray | None = None  # its entries sum to the sequences that added to token_sim
-    sequences: int = 0  # sequences behind token_sim (0: not a [batch, tokens, width] output)
     at_high: np.ndarray | None = None  # recurrent gates: values at the upper bound per unit
 
     @property

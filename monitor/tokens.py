@@ -24,10 +24,9 @@ combine across calls and DDP ranks by summing, and cost O(tokens x width):
 - ``token_seqs[0]`` = the sequences that added to ``token_sim`` (the rest of the row is 0): counted
   on the device, since with an attention mask a sequence of fewer than two real tokens adds nothing.
 
-The number of sequences travels with the step's counts. A call of one sequence (or of one token)
-adds nothing and counts no sequence: centring by its own mean token would remove the sequence's
-mean and make a collapsed sequence look like noise (batch size 1 with gradient accumulation). A
-step without a call of at least two sequences is not judged.
+A call of one sequence (or of one token) adds nothing and counts no sequence: centring by its own
+mean token would remove the sequence's mean and make a collapsed sequence look like noise (batch
+size 1 with gradient accumulation). A step without a call of at least two sequences is not judged.
 """
 
 from __future__ import annotations
