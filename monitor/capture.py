@@ -91,6 +91,7 @@ class Capture:
         # partials are combined on their devices.
         self.host_rows = False
         self.pool = CopyPool()  # their buffers, reused from one sampled step to the next
+        self.dropped = False  # the last step left out a layer whose kept outputs changed (Capture.end)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -166,11 +167,19 @@ class Capture:
         self._pre = {}
 
     def end(self) -> dict[WatchPoint, Pending]:
-        """Detach and hand over the step's partials."""
+        """Detach and hand over the step's partials. A layer whose kept outputs (or gradients) were
+        modified in place during the step is left out: its numbers would describe other values."""
         try:
             self.detach()
         finally:
             current, self._current = self._current, {}
+        self.dropped = False
+        for wp, p in list(current.items()):
+            if p.kept and not p.intact():
+                self.dropped = True
+                self.pool.copy_only.add(wp)  # copied from the next sampled step on
+                del current[wp]
+                p.release()
         return current
 
     # -- module hooks --------------------------------------------------------------------------
@@ -319,6 +328,7 @@ class Capture:
             elif prev.units == part.units and prev.on_host == part.on_host:
                 if part.on_host:
                     prev.host += part.host
+                    prev.kept += part.kept
                 else:
                     prev.stats = combine_rows(prev.stats, part.stats, wp.rows)
                 prev.hist_samples += part.hist_samples
@@ -366,9 +376,10 @@ class Capture:
             host = p is not None and p.on_host and g.device.type == "cpu"
             if threads > 1:
                 torch.set_num_threads(1)
+            kept: list[tuple[torch.Tensor, int]] = []
             try:
                 if host:
-                    copy = self.pool.copy(g.detach())
+                    copy = self.pool.hold(g.detach(), self.pool.may_keep(wp, wp.kind.activation), kept)
                 else:
                     rows = grad_stat_rows(g.detach(), dims)
             finally:
@@ -382,6 +393,7 @@ class Capture:
                     if g.shape[wp.unit_dim] != p.units:  # type: ignore[index]
                         return
                     p.host_grads.append((copy, dims))
+                    p.kept += kept
                 else:
                     if p.on_host or rows[0].shape[0] != p.units:
                         return

@@ -6,6 +6,14 @@ on another thread seconds later, fragment glibc's heap: on a 2-core VM the proce
 1 MB per sampled step, and every sampled step paid ~70 page faults for memory it touched for the
 first time. Copies taken from a pool reuse the same pages: the writer gives each buffer back once
 it has read it (:meth:`Pending.release <monitor.partials.Pending.release>`).
+
+Small activations (and their gradients) need no copy at all (:meth:`CopyPool.hold`): a float32
+tensor is kept as it is, with its version counter, and read later. Module outputs are still
+copied: the in-place activation after a convolution or a norm layer would overwrite them. Writing a copy into memory the training thread has not
+touched for seconds cost ~30-60 us per 128 x 256 output on a 2-core VM (cache misses, not the
+copy's arithmetic), about a third of a small MLP's sampled-step overhead. A tensor modified in
+place after the hook read it (its ``_version`` moved) is never read: its layer's numbers of that
+step are dropped and its outputs are copied from then on (:attr:`CopyPool.copy_only`).
 """
 
 from __future__ import annotations
@@ -16,6 +24,20 @@ import torch
 
 _MAX_FREE = 64  # buffers kept per shape (a batch of samples in flight)
 _MAX_SHAPES = 16  # shapes kept; more (varying batch sizes or sequence lengths): start over
+KEEP = True  # False: copy every small output, as before activations were kept (benchmarks/overhead.py --copy-activations)
+
+
+def borrowable(t: torch.Tensor) -> bool:
+    """Whether ``t`` can be read later as it is: float32, dense, on the CPU, with a version counter
+    (not an inference tensor), and not a small view of a larger storage (a reference would keep
+    all of it alive)."""
+    return (
+        t.dtype == torch.float32
+        and t.layout == torch.strided
+        and t.device.type == "cpu"
+        and not t.is_inference()
+        and t.untyped_storage().nbytes() <= 2 * 4 * t.numel()
+    )
 
 
 class CopyPool:
@@ -31,6 +53,8 @@ class CopyPool:
     def __init__(self) -> None:
         self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
+        # Keys (watch points) whose kept tensors were modified in place after a hook: copied from now on.
+        self.copy_only: set[object] = set()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 CPU tensor of ``shape``, contents undefined (to be overwritten)."""
@@ -54,6 +78,20 @@ class CopyPool:
     def copy(self, src: torch.Tensor) -> torch.Tensor:
         """A float32 copy of ``src`` (any float dtype, any layout) in a pooled buffer: one kernel."""
         return self.take(tuple(src.shape)).copy_(src)
+
+    def may_keep(self, key: object, activation: bool) -> bool:
+        """Whether the outputs of ``key`` may be kept rather than copied: activations only (a module
+        output is often overwritten by the in-place activation after it), and not after one of its
+        kept tensors was modified in place."""
+        return KEEP and activation and key not in self.copy_only
+
+    def hold(self, src: torch.Tensor, keep: bool, kept: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """``src`` itself where it may be read later (``keep`` and :func:`borrowable`; appended to
+        ``kept`` with its version), else a pooled copy (:meth:`copy`)."""
+        if keep and borrowable(src):
+            kept.append((src, src._version))
+            return src
+        return self.copy(src)
 
     def stack2(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``torch.stack([a, b])`` as float32 in a pooled buffer (one kernel for float32 inputs)."""

@@ -216,7 +216,11 @@ def unpack(
             else:
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
-        layers.append((wp, summary, hist, scale))
+        if p.kept and not p.intact():  # modified in place after the step: what was read is not what ran
+            if p.pool is not None:
+                p.pool.copy_only.add(wp)
+        else:
+            layers.append((wp, summary, hist, scale))
         p.release()  # its host copies are read: their buffers go back to the pool
     return layers, params, attention
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from monitor.copies import CopyPool
+from monitor.copies import CopyPool, borrowable
 from monitor.selection import WatchPoint
 from monitor.stats import PRE_MAX, block_token_rows, histogram_sample, pre_stat_rows, sample_stride, unit_stat_rows
 from monitor.tokens import TOKEN_SIM
@@ -36,19 +36,29 @@ class Pending:
     host: list[tuple[torch.Tensor, torch.Tensor | str | None, tuple[int, ...]]] = field(default_factory=list)
     host_grads: list[tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=list)
     pool: CopyPool | None = None  # where the copies came from
+    # Tensors of ``host``/``host_grads`` kept as they are, not copied (CopyPool.hold), with their
+    # versions when the hook read them; never handed to the pool.
+    kept: list[tuple[torch.Tensor, int]] = field(default_factory=list)
+
+    def intact(self) -> bool:
+        """No kept tensor was modified in place since its hook (its numbers may be read)."""
+        return all(t._version == v for t, v in self.kept)
 
     def release(self) -> None:
         """The host copies have been read: hand their buffers back to the pool."""
         pool, host, grads = self.pool, self.host, self.host_grads
-        self.host, self.host_grads = [], []  # nothing may read them now: the buffers get reused
+        kept = {id(t) for t, _ in self.kept}
+        self.host, self.host_grads, self.kept = [], [], []  # nothing may read them now: the buffers get reused
         if pool is None:
             return
         for x, z, _ in host:
-            pool.give(x)
-            if isinstance(z, torch.Tensor):
+            if id(x) not in kept:
+                pool.give(x)
+            if isinstance(z, torch.Tensor) and id(z) not in kept:
                 pool.give(z)
         for g, _ in grads:
-            pool.give(g)
+            if id(g) not in kept:
+                pool.give(g)
 
     @property
     def on_host(self) -> bool:
@@ -113,18 +123,25 @@ def host_part(
     pre_input: Any,
     histograms: bool,
 ) -> Pending:
-    """One float32 copy of a small CPU output (stacked with a ReLU's intact input) from ``pool``:
+    """A small CPU output (with a ReLU's intact input), kept as it is or copied (:meth:`CopyPool.hold`):
     the rows are computed from it on the host (:func:`monitor.stats.host_stat_rows`)."""
     numel = x.numel()
     units = x.shape[wp.unit_dim]  # type: ignore[index]
     z: torch.Tensor | str | None = None
+    kept: list[tuple[torch.Tensor, int]] = []
+    keep = pool.may_keep(wp, wp.kind.activation)
     if PRE_MAX in wp.rows:
         if isinstance(pre, torch.Tensor) and pre.shape == x.shape:
             z = pre  # copied before an in-place ReLU overwrote it
         elif pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
-            x = pool.stack2(pre_input.detach(), x)  # one kernel copies both
-            z = "stacked"
-    if z != "stacked":
-        x = pool.copy(x)
+            inp = pre_input.detach()
+            if keep and borrowable(x) and borrowable(inp):
+                z = inp
+                kept += [(x, x._version), (z, z._version)]
+            else:
+                x = pool.stack2(inp, x)  # one kernel copies both
+                z = "stacked"
+    if not kept and not isinstance(z, str):  # not kept with its input, nor stacked
+        x = pool.hold(x, keep, kept)
     sampled = len(range(0, numel, sample_stride(numel, units))) if histograms else 0
-    return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=pool)
+    return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=pool, kept=kept)

@@ -163,11 +163,14 @@ def test_a_large_output_is_reduced_in_its_hook_and_a_small_one_is_copied(monkeyp
 @pytest.mark.parametrize("background", [True, False])
 def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(monkeypatch, background):
     """Fresh copies every sampled step, freed seconds later on the writer thread, fragmented the
-    heap (~1 MB per sampled step) and cost page faults: the buffers come back to a pool."""
+    heap (~1 MB per sampled step) and cost page faults: the buffers come back to a pool. (Module
+    outputs are copied; activations are kept as they are.)"""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background).attach()
+    mon = Monitor(
+        model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background, include=["0", "2"]
+    ).attach()
     capture = mon._recorder.capture
     buffers: list[set[int]] = []
     real_end = capture.end
@@ -188,7 +191,7 @@ def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(mon
             opt.zero_grad()
         mon.flush()  # the writer has read this step's copies
     mon.close()
-    assert len(buffers[0]) == 4  # two outputs (one stacked with the ReLU's input), two gradients
+    assert len(buffers[0]) == 4  # two outputs, two gradients
     assert all(b == buffers[0] for b in buffers[1:])
 
 
@@ -208,3 +211,145 @@ def test_the_writer_thread_runs_at_a_priority_that_keeps_up():
     thread = mon._dispatcher._thread
     assert os.getpriority(os.PRIO_PROCESS, thread.native_id) == sinks.NICE == 10
     mon.close()
+
+
+class Records(Sink):
+    """Each sampled step's layer healths, by step and layer name."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, dict[str, object]] = {}
+
+    def write(self, record) -> None:  # type: ignore[no-untyped-def]
+        self.layers[record.step] = {layer.name: layer.health for layer in record.layers}
+
+
+def test_small_activations_are_kept_as_they_are_not_copied(monkeypatch):
+    """A small CPU activation (and its gradient) is read later from the tensor itself: copying it
+    into memory untouched for seconds cost a third of a small MLP's sampled step."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3))
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    capture = mon._recorder.capture
+    outputs: list[torch.Tensor] = []
+    grads: list[torch.Tensor] = []
+    model[1].register_forward_hook(lambda m, a, o: outputs.append(o))
+    model[1].register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
+    seen = {}
+    real_end = capture.end
+
+    def end():
+        current = real_end()
+        p = current[next(wp for wp in current if wp.name == "1")]
+        seen["out"] = p.host[0][0].data_ptr()
+        seen["grad"] = p.host_grads[0][0].data_ptr()
+        return current
+
+    monkeypatch.setattr(capture, "end", end)
+    with mon.step(0):
+        model(torch.randn(16, 13)).sum().backward()
+    mon.close()
+    assert seen["out"] == outputs[0].data_ptr()
+    assert seen["grad"] == grads[0].data_ptr()
+
+
+class Scaled(nn.Module):
+    """A tanh whose output the model itself scales in place afterwards (legal without a graph)."""
+
+    def __init__(self, post: str = "") -> None:
+        super().__init__()
+        self.fc, self.act = nn.Linear(13, 32), nn.Tanh()
+        self.post = post
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        a = self.act(self.fc(x))
+        if self.post == "in_place":
+            a.mul_(3.0)
+        return a
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_an_activation_modified_in_place_after_its_hook_is_never_read(monkeypatch, background):
+    """The step whose kept output changed gives no numbers for that layer (they would describe
+    other values); from the next sampled step on the layer is copied in its hook, with the
+    numbers of the tanh output itself (|a| <= 1, never the scaled 3 * tanh)."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = Scaled("in_place")
+    x = torch.randn(24, 13)
+    truth = torch.tanh(model.fc(x)).detach().double()
+    records = Records()
+    mon = Monitor(
+        model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", sinks=[records], background=background
+    ).attach()
+    with torch.no_grad():
+        for step in range(3):
+            with mon.step(step):
+                model(x)
+    mon.close()
+    assert "act" not in records.layers.get(0, {})
+    for step in (1, 2):
+        s = records.layers[step]["act"]
+        assert s.max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)  # type: ignore[attr-defined]
+        assert s.max_abs <= 1.0  # type: ignore[attr-defined]
+
+
+def test_a_kept_output_the_user_changes_after_the_step_is_not_read(monkeypatch):
+    """The writer reads a step's outputs seconds later: one changed in place by then is left out."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = Scaled()
+    x = torch.randn(24, 13)
+    truth = torch.tanh(model.fc(x)).detach().double()
+    records = Records()
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", sinks=[records]).attach()
+    with torch.no_grad():
+        with mon.step(0):
+            kept = model(x)
+        kept.mul_(3.0)  # before the writer has read step 0 (it reads after ~2 s or at a flush)
+        mon.flush()
+        with mon.step(1):
+            model(x).mul_(3.0)  # copied in the hook from now on: this one cannot change what is read
+    mon.close()
+    assert "act" not in records.layers[0]
+    assert records.layers[1]["act"].max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)  # type: ignore[attr-defined]
+
+
+def test_outputs_the_user_keeps_are_never_overwritten(monkeypatch):
+    """Kept tensors are the user's: they never go into the pool of buffers that later copies reuse."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", include=["*"]).attach()
+    outputs: list[tuple[torch.Tensor, torch.Tensor]] = []
+    x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
+    for step in range(6):
+        with mon.step(step):
+            h = model[1](model[0](x))
+            out = model[4](model[3](model[2](h)))
+            F.cross_entropy(out, y).backward()
+            opt.step()
+            opt.zero_grad()
+        outputs.append((h.detach(), h.detach().clone()))
+        mon.flush()
+        free = {t.data_ptr() for ts in mon._recorder.capture.pool._free.values() for t in ts}
+        assert free and h.data_ptr() not in free  # the module outputs' copies are there, never h
+    mon.close()
+    for kept, snapshot in outputs:
+        assert torch.equal(kept, snapshot)
+
+
+def test_inference_tensors_are_copied(monkeypatch):
+    """Inference tensors have no version counter: copied in the hook, with the right numbers."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = Scaled()
+    x = torch.randn(24, 13)
+    truth = torch.tanh(model.fc(x)).detach().double()
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    with torch.inference_mode(), mon.step(0):
+        model(x)
+    h = mon.health()["act"]
+    mon.close()
+    assert h.max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)
+    assert h.rms == pytest.approx(float(truth.pow(2).mean().sqrt()), rel=1e-6)
