@@ -305,13 +305,14 @@ class Capture:
             self._resolve_unit_dim(wp, x, inp)
             dims = wp.dims(x.ndim)
             numel = x.numel()
-            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
-            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
-            threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             on_host = self._on_host(wp, x)
             if on_host and x.device.type != "cpu":
                 self._warn_once(f"device:{wp.name}", f"{wp.name}: device changed within a step; extra call ignored")
                 return
+            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
+            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
+            # Kept or copied for the host: no reduction here.
+            threads = torch.get_num_threads() if not on_host and x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             if threads > 1:
                 torch.set_num_threads(1)
             try:
@@ -371,9 +372,9 @@ class Capture:
             if g is None or not g.is_floating_point() or not self.active:
                 return
             numel = g.numel()
-            threads = torch.get_num_threads() if g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             p = self._current.get(wp)
             host = p is not None and p.on_host and g.device.type == "cpu"
+            threads = torch.get_num_threads() if not host and g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             if threads > 1:
                 torch.set_num_threads(1)
             kept: list[tuple[torch.Tensor, int]] = []

@@ -353,3 +353,39 @@ def test_inference_tensors_are_copied(monkeypatch):
     mon.close()
     assert h.max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)
     assert h.rms == pytest.approx(float(truth.pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_a_small_view_of_a_large_storage_is_copied_not_kept(monkeypatch):
+    """A ReLU's input that is a slice of a large output: keeping it would keep all of it alive
+    until the writer reads it, so it is copied (with the ReLU's output, in one stacked copy)."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+
+    class Head(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.act = nn.Linear(13, 4096), nn.ReLU()
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.act(self.fc(x)[:, :8])
+
+    torch.manual_seed(0)
+    model = Head()
+    x = torch.randn(4, 13)
+    truth = model.fc(x)[:, :8].detach().double()
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    capture = mon._recorder.capture
+    seen = {}
+    real_end = capture.end
+
+    def end():
+        current = real_end()
+        seen.update({wp.name: (len(p.kept), len(p.host)) for wp, p in current.items()})
+        return current
+
+    monkeypatch.setattr(capture, "end", end)
+    with torch.no_grad(), mon.step(0):
+        model(x)
+    h = mon.health()["act"]
+    mon.close()
+    assert seen["act"] == (0, 1)  # nothing kept: one copy
+    assert h.max_abs == pytest.approx(float(truth.clamp(min=0).max()), rel=1e-6)
