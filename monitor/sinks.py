@@ -273,6 +273,8 @@ class Dispatcher:
                         break  # it failed on an earlier record and was dropped
                     yield_gil()
                     self._call(sink, "write", record)
+            records.clear()  # nothing of this batch outlives it while the thread waits for the next
+            item = record = None
             for sink in list(self._sinks):
                 if hasattr(sink, "batch_done"):  # optional for duck-typed sinks
                     self._call(sink, "batch_done")
