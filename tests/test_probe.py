@@ -229,7 +229,8 @@ def run_training(wine, probe: bool, calls: bool):
 def test_training_with_probe_runs_is_bit_for_bit_the_training_without(wine):
     base_masks, base_losses, base_state, _ = run_training(wine, probe=False, calls=False)
     masks, losses, state, mon = run_training(wine, probe=True, calls=True)
-    assert mon._probes.runs == 6 + 2  # one after each of the 6 sampled steps, 2 by hand
+    # one after each of the 6 sampled steps (after step 4: the run by hand is that one), 1 more by hand after step 3
+    assert mon._probes.runs == 6 + 1
     assert len(masks) == len(base_masks) == 12
     for a, b in zip(masks, base_masks):  # the next batch's dropout mask is the one it would have had
         assert torch.equal(a, b)
@@ -418,3 +419,20 @@ def test_a_probe_before_any_training_step_is_written_too(tmp_path):
     ea = EventAccumulator(str(tmp_path), size_guidance={"images": 0})
     ea.Reload()
     assert [e.step for e in ea.Images("activation_probe/act0")] == [0]
+
+
+def test_a_probe_by_hand_right_after_a_sampled_step_is_its_periodic_run(wine):
+    """A sampled step asks for a run at the next step; ``mon.probe()`` before it is that run, not
+    a second run at the same step (which showed drift 0 against the first)."""
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=2)
+    sink = Collect()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[sink], probe=(px, py), probe_every_n_samples=1) as mon:
+        opt = train(model, mon, X, y, 1)
+        by_hand = mon.probe()
+        train(model, mon, X, y, 1, start=1, opt=opt)
+    records = [r for r in sink.records if r.result is not None]
+    assert [r.step for r in records] == [0, 1]
+    assert records[0].result is by_hand
+    assert all(v > 0 for v in records[1].result.drift.values())  # the model changed between them
