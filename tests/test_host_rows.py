@@ -83,6 +83,20 @@ def same(a: object, b: object) -> bool:
     return a == b
 
 
+def on_end(monkeypatch: pytest.MonkeyPatch, mon: Monitor, look) -> None:  # type: ignore[no-untyped-def]
+    """Call ``look(current)`` with what the hooks left at the end of each sampled step, before the
+    writer reads (and releases) it."""
+    capture = mon._recorder.capture
+    real_end = capture.end
+
+    def end():  # type: ignore[no-untyped-def]
+        current = real_end()
+        look(current)
+        return current
+
+    monkeypatch.setattr(capture, "end", end)
+
+
 @pytest.mark.parametrize("host_below", [1 << 16, 2000])  # all small layers on the host; a mix of both paths
 def test_host_reductions_give_the_device_numbers(monkeypatch, host_below):
     device_hist, host_hist = Histograms(), Histograms()
@@ -142,17 +156,13 @@ def test_a_large_output_is_reduced_in_its_hook_and_a_small_one_is_copied(monkeyp
     monkeypatch.setattr(capture_mod, "HOST_BELOW", 1000)
     model = nn.Sequential(nn.Linear(13, 8), nn.ReLU(), nn.Linear(8, 100), nn.Tanh())
     mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
-    capture = mon._recorder.capture
     seen = {}
-    real_end = capture.end
 
-    def end():
-        current = real_end()
+    def look(current):  # type: ignore[no-untyped-def]
         # what the hooks left, before the writer reads (and releases) the host copies
         seen.update({wp.name: (p.on_host, len(p.stats), len(p.host), len(p.host_grads), p.grad is not None) for wp, p in current.items()})
-        return current
 
-    monkeypatch.setattr(capture, "end", end)
+    on_end(monkeypatch, mon, look)
     with mon.step(0):
         model(torch.randn(16, 13)).sum().backward()  # 16 x 8 = 128 values; 16 x 100 = 1600
     mon.close()
@@ -171,18 +181,14 @@ def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(mon
     mon = Monitor(
         model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background, include=["0", "2"]
     ).attach()
-    capture = mon._recorder.capture
     buffers: list[set[int]] = []
-    real_end = capture.end
 
-    def end():
-        current = real_end()
+    def look(current):  # type: ignore[no-untyped-def]
         ptrs = {x.data_ptr() for p in current.values() for x, _, _ in p.host}
         ptrs |= {g.data_ptr() for p in current.values() for g, _ in p.host_grads}
         buffers.append(ptrs)
-        return current
 
-    monkeypatch.setattr(capture, "end", end)
+    on_end(monkeypatch, mon, look)
     x, y = torch.randn(16, 13), torch.randint(0, 3, (16,))
     for step in range(6):
         with mon.step(step):
@@ -229,22 +235,18 @@ def test_small_activations_are_kept_as_they_are_not_copied(monkeypatch):
     monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
     model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 3))
     mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
-    capture = mon._recorder.capture
     outputs: list[torch.Tensor] = []
     grads: list[torch.Tensor] = []
     model[1].register_forward_hook(lambda m, a, o: outputs.append(o))
     model[1].register_full_backward_hook(lambda m, gi, go: grads.append(go[0]))
     seen = {}
-    real_end = capture.end
 
-    def end():
-        current = real_end()
+    def look(current):  # type: ignore[no-untyped-def]
         p = current[next(wp for wp in current if wp.name == "1")]
         seen["out"] = p.host[0][0].data_ptr()
         seen["grad"] = p.host_grads[0][0].data_ptr()
-        return current
 
-    monkeypatch.setattr(capture, "end", end)
+    on_end(monkeypatch, mon, look)
     with mon.step(0):
         model(torch.randn(16, 13)).sum().backward()
     mon.close()
@@ -267,16 +269,21 @@ class Scaled(nn.Module):
         return a
 
 
+def tanh_case(monkeypatch: pytest.MonkeyPatch, post: str = "") -> tuple[Scaled, torch.Tensor, torch.Tensor]:
+    """A :class:`Scaled` model on the host path, its input, and the tanh output it computes."""
+    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
+    torch.manual_seed(0)
+    model = Scaled(post)
+    x = torch.randn(24, 13)
+    return model, x, torch.tanh(model.fc(x)).detach().double()
+
+
 @pytest.mark.parametrize("background", [True, False])
 def test_an_activation_modified_in_place_after_its_hook_is_never_read(monkeypatch, background):
     """The step whose kept output changed gives no numbers for that layer (they would describe
     other values); from the next sampled step on the layer is copied in its hook, with the
     numbers of the tanh output itself (|a| <= 1, never the scaled 3 * tanh)."""
-    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
-    torch.manual_seed(0)
-    model = Scaled("in_place")
-    x = torch.randn(24, 13)
-    truth = torch.tanh(model.fc(x)).detach().double()
+    model, x, truth = tanh_case(monkeypatch, "in_place")
     records = Records()
     mon = Monitor(
         model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", sinks=[records], background=background
@@ -295,11 +302,7 @@ def test_an_activation_modified_in_place_after_its_hook_is_never_read(monkeypatc
 
 def test_a_kept_output_the_user_changes_after_the_step_is_not_read(monkeypatch):
     """The writer reads a step's outputs seconds later: one changed in place by then is left out."""
-    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
-    torch.manual_seed(0)
-    model = Scaled()
-    x = torch.randn(24, 13)
-    truth = torch.tanh(model.fc(x)).detach().double()
+    model, x, truth = tanh_case(monkeypatch)
     records = Records()
     mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", sinks=[records]).attach()
     with torch.no_grad():
@@ -341,11 +344,7 @@ def test_outputs_the_user_keeps_are_never_overwritten(monkeypatch):
 
 def test_inference_tensors_are_copied(monkeypatch):
     """Inference tensors have no version counter: copied in the hook, with the right numbers."""
-    monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
-    torch.manual_seed(0)
-    model = Scaled()
-    x = torch.randn(24, 13)
-    truth = torch.tanh(model.fc(x)).detach().double()
+    model, x, truth = tanh_case(monkeypatch)
     mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
     with torch.inference_mode(), mon.step(0):
         model(x)
@@ -373,16 +372,12 @@ def test_a_small_view_of_a_large_storage_is_copied_not_kept(monkeypatch):
     x = torch.randn(4, 13)
     truth = model.fc(x)[:, :8].detach().double()
     mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
-    capture = mon._recorder.capture
     seen = {}
-    real_end = capture.end
 
-    def end():
-        current = real_end()
+    def look(current):  # type: ignore[no-untyped-def]
         seen.update({wp.name: (len(p.kept), len(p.host)) for wp, p in current.items()})
-        return current
 
-    monkeypatch.setattr(capture, "end", end)
+    on_end(monkeypatch, mon, look)
     with torch.no_grad(), mon.step(0):
         model(x)
     h = mon.health()["act"]
