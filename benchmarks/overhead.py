@@ -434,7 +434,7 @@ def main() -> None:
     p.add_argument("--no-attention", action="store_true", help="monitors without the attention heads (attention=False)")
     p.add_argument("--compile", action="store_true", help="train torch.compile(model) in every configuration")
     p.add_argument(
-        "--copy-activations", action="store_true", help="copy small CPU activations in their hooks instead of keeping them (A/B)"
+        "--copy-gradients", action="store_true", help="copy small CPU activations' gradients in their hooks instead of keeping them (A/B)"
     )
     p.add_argument("--json")
     p.add_argument("--markdown")
@@ -442,7 +442,7 @@ def main() -> None:
     rounds = 3 if a.quick else a.rounds
     if a.no_attention:
         MONITOR_OPTIONS["attention"] = False
-    if a.copy_activations:
+    if a.copy_gradients:
         import monitor.copies
 
         monitor.copies.KEEP = False

@@ -22,7 +22,7 @@ from torch import nn
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
 from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
-from monitor.partials import Pending, device_part, host_part
+from monitor.partials import Pending, device_part, drop_kept_gradients, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
 from monitor.stats import GRAD_ROWS, HOST_ROWS, PRE_MAX, combine_rows, grad_stat_rows, pre_stat_rows
@@ -91,7 +91,6 @@ class Capture:
         # partials are combined on their devices.
         self.host_rows = False
         self.pool = CopyPool()  # their buffers, reused from one sampled step to the next
-        self.dropped = False  # the last step left out a layer whose kept outputs changed (Capture.end)
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
@@ -167,19 +166,15 @@ class Capture:
         self._pre = {}
 
     def end(self) -> dict[WatchPoint, Pending]:
-        """Detach and hand over the step's partials. A layer whose kept outputs (or gradients) were
-        modified in place during the step is left out: its numbers would describe other values."""
+        """Detach and hand over the step's partials (without gradient numbers where a kept gradient
+        was changed in place during the step: :func:`~monitor.partials.drop_kept_gradients`)."""
         try:
             self.detach()
         finally:
             current, self._current = self._current, {}
-        self.dropped = False
-        for wp, p in list(current.items()):
+        for wp, p in current.items():
             if p.kept and not p.intact():
-                self.dropped = True
-                self.pool.copy_only.add(wp)  # copied from the next sampled step on
-                del current[wp]
-                p.release()
+                drop_kept_gradients(wp, p)
         return current
 
     # -- module hooks --------------------------------------------------------------------------
@@ -329,7 +324,6 @@ class Capture:
             elif prev.units == part.units and prev.on_host == part.on_host:
                 if part.on_host:
                     prev.host += part.host
-                    prev.kept += part.kept
                 else:
                     prev.stats = combine_rows(prev.stats, part.stats, wp.rows)
                 prev.hist_samples += part.hist_samples

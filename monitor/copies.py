@@ -7,13 +7,15 @@ on another thread seconds later, fragment glibc's heap: on a 2-core VM the proce
 first time. Copies taken from a pool reuse the same pages: the writer gives each buffer back once
 it has read it (:meth:`Pending.release <monitor.partials.Pending.release>`).
 
-Small activations (and their gradients) need no copy at all (:meth:`CopyPool.hold`): a float32
-tensor is kept as it is, with its version counter, and read later. Module outputs are still
-copied: the in-place activation after a convolution or a norm layer would overwrite them. Writing a copy into memory the training thread has not
-touched for seconds cost ~30-60 us per 128 x 256 output on a 2-core VM (cache misses, not the
-copy's arithmetic), about a third of a small MLP's sampled-step overhead. A tensor modified in
-place after the hook read it (its ``_version`` moved) is never read: its layer's numbers of that
-step are dropped and its outputs are copied from then on (:attr:`CopyPool.copy_only`).
+The gradients with respect to small activations need no copy at all (:meth:`CopyPool.hold`):
+autograd hands each one to the hook and frees it after backward; nothing of the user's holds it
+(``retain_grad()`` keeps its own copy). It is kept as it is, with its version counter, and read
+later (copying it into memory untouched for seconds cost ~30 us per 128 x 256 gradient on a
+2-core VM). One changed in place after its hook (a user's tensor hook writing into it) is never
+read: that step has no gradient numbers for its layer, and its gradients are copied from then on
+(:attr:`CopyPool.copy_only`). Activations themselves are always copied: they are the user's, who
+may change them in place after the hook (through ``.data`` too, which no version counter sees)
+while the writer reads.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import torch
 
 _MAX_FREE = 64  # buffers kept per shape (a batch of samples in flight)
 _MAX_SHAPES = 16  # shapes kept; more (varying batch sizes or sequence lengths): start over
-KEEP = True  # False: copy every small output, as before activations were kept (benchmarks/overhead.py --copy-activations)
+KEEP = True  # False: copy every small gradient too (benchmarks/overhead.py --copy-gradients)
 
 
 def borrowable(t: torch.Tensor) -> bool:
@@ -80,9 +82,8 @@ class CopyPool:
         return self.take(tuple(src.shape)).copy_(src)
 
     def may_keep(self, key: object, activation: bool) -> bool:
-        """Whether the outputs of ``key`` may be kept rather than copied: activations only (a module
-        output is often overwritten by the in-place activation after it), and not after one of its
-        kept tensors was modified in place."""
+        """Whether the gradients of ``key``'s outputs may be kept rather than copied: activations
+        only, and not after one of its kept gradients was modified in place."""
         return KEEP and activation and key not in self.copy_only
 
     def hold(self, src: torch.Tensor, keep: bool, kept: list[tuple[torch.Tensor, int]]) -> torch.Tensor:

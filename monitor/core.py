@@ -452,8 +452,6 @@ class Monitor:
         self._recorder.check_stepped(self._step, current, params)
         self._last_sampled = self._step
         if not current and attention is None:
-            if self._recorder.capture.dropped:
-                return  # its one layer was left out (changed in place): it ran
             self._warn_once(
                 "empty",
                 f"no watched activation ran during sampled step {self._step}; check `include`/`exclude` "

@@ -202,7 +202,10 @@ def unpack(
         summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
         if p.host_grads:
             grad = combine_host([host_grad_rows(g.numpy(), dims) for g, dims in p.host_grads], GRAD_ROWS)
-            summary.grad = summarize_grad(grad, int(grad_positions))
+            if p.intact():  # a kept gradient changed in place since its hook: not what backward gave
+                summary.grad = summarize_grad(grad, int(grad_positions))
+            elif p.pool is not None:
+                p.pool.copy_only.add(wp)
         elif p.grad is not None:
             g = len(GRAD_ROWS) * c
             summary.grad = summarize_grad(host_flat[offset : offset + g].reshape(len(GRAD_ROWS), c), int(grad_positions))
@@ -216,11 +219,7 @@ def unpack(
             else:
                 hist = host_flat[hist_offset : hist_offset + buckets]
                 hist_offset += buckets
-        if p.kept and not p.intact():  # modified in place after the step: what was read is not what ran
-            if p.pool is not None:
-                p.pool.copy_only.add(wp)
-        else:
-            layers.append((wp, summary, hist, scale))
+        layers.append((wp, summary, hist, scale))
         p.release()  # its host copies are read: their buffers go back to the pool
     return layers, params, attention
 

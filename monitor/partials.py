@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from monitor.copies import CopyPool, borrowable
+from monitor.copies import CopyPool
 from monitor.selection import WatchPoint
 from monitor.stats import PRE_MAX, block_token_rows, histogram_sample, pre_stat_rows, sample_stride, unit_stat_rows
 from monitor.tokens import TOKEN_SIM
@@ -36,25 +36,24 @@ class Pending:
     host: list[tuple[torch.Tensor, torch.Tensor | str | None, tuple[int, ...]]] = field(default_factory=list)
     host_grads: list[tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=list)
     pool: CopyPool | None = None  # where the copies came from
-    # Tensors of ``host``/``host_grads`` kept as they are, not copied (CopyPool.hold), with their
+    # Gradients of ``host_grads`` kept as they are, not copied (CopyPool.hold), with their
     # versions when the hook read them; never handed to the pool.
     kept: list[tuple[torch.Tensor, int]] = field(default_factory=list)
 
     def intact(self) -> bool:
-        """No kept tensor was modified in place since its hook (its numbers may be read)."""
+        """No kept gradient was modified in place since its hook (its numbers may be read)."""
         return all(t._version == v for t, v in self.kept)
 
     def release(self) -> None:
-        """The host copies have been read: hand their buffers back to the pool."""
+        """The host copies have been read: hand their buffers back to the pool (not the kept gradients)."""
         pool, host, grads = self.pool, self.host, self.host_grads
         kept = {id(t) for t, _ in self.kept}
         self.host, self.host_grads, self.kept = [], [], []  # nothing may read them now: the buffers get reused
         if pool is None:
             return
         for x, z, _ in host:
-            if id(x) not in kept:
-                pool.give(x)
-            if isinstance(z, torch.Tensor) and id(z) not in kept:
+            pool.give(x)
+            if isinstance(z, torch.Tensor):
                 pool.give(z)
         for g, _ in grads:
             if id(g) not in kept:
@@ -123,25 +122,34 @@ def host_part(
     pre_input: Any,
     histograms: bool,
 ) -> Pending:
-    """A small CPU output (with a ReLU's intact input), kept as it is or copied (:meth:`CopyPool.hold`):
-    the rows are computed from it on the host (:func:`monitor.stats.host_stat_rows`)."""
+    """One float32 copy of a small CPU output (stacked with a ReLU's intact input) from ``pool``:
+    the rows are computed from it on the host (:func:`monitor.stats.host_stat_rows`). Always a
+    copy: an activation is the user's to change after its hook (an in-place op, a write through
+    ``.data``), and the writer reads it seconds later."""
     numel = x.numel()
     units = x.shape[wp.unit_dim]  # type: ignore[index]
     z: torch.Tensor | str | None = None
-    kept: list[tuple[torch.Tensor, int]] = []
-    keep = pool.may_keep(wp, wp.kind.activation)
     if PRE_MAX in wp.rows:
         if isinstance(pre, torch.Tensor) and pre.shape == x.shape:
             z = pre  # copied before an in-place ReLU overwrote it
         elif pre is None and isinstance(pre_input, torch.Tensor) and pre_input.shape == x.shape:
-            inp = pre_input.detach()
-            if keep and borrowable(x) and borrowable(inp):
-                z = inp
-                kept += [(x, x._version), (z, z._version)]
-            else:
-                x = pool.stack2(inp, x)  # one kernel copies both
-                z = "stacked"
-    if not kept and not isinstance(z, str):  # not kept with its input, nor stacked
-        x = pool.hold(x, keep, kept)
+            x = pool.stack2(pre_input.detach(), x)  # one kernel copies both
+            z = "stacked"
+    if z != "stacked":
+        x = pool.copy(x)
     sampled = len(range(0, numel, sample_stride(numel, units))) if histograms else 0
-    return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=pool, kept=kept)
+    return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=pool)
+
+
+def drop_kept_gradients(wp: WatchPoint, p: Pending) -> None:
+    """A kept gradient of ``p`` changed in place after its hook (a user's tensor hook that writes
+    into it): the step has no gradient numbers for this layer (not those of other values), and its
+    gradients are copied from the next sampled step on. Its activation numbers are unaffected."""
+    if p.pool is not None:
+        p.pool.copy_only.add(wp)
+    kept = {id(t) for t, _ in p.kept}
+    if p.pool is not None:
+        for g, _ in p.host_grads:
+            if id(g) not in kept:
+                p.pool.give(g)
+    p.host_grads, p.kept, p.grad_positions = [], [], 0
