@@ -433,19 +433,12 @@ def main() -> None:
     p.add_argument("--no-gradients", action="store_true", help="skip the +grad configuration (whole step inside)")
     p.add_argument("--no-attention", action="store_true", help="monitors without the attention heads (attention=False)")
     p.add_argument("--compile", action="store_true", help="train torch.compile(model) in every configuration")
-    p.add_argument(
-        "--copy-gradients", action="store_true", help="copy small CPU activations' gradients in their hooks instead of keeping them (A/B)"
-    )
     p.add_argument("--json")
     p.add_argument("--markdown")
     a = p.parse_args()
     rounds = 3 if a.quick else a.rounds
     if a.no_attention:
         MONITOR_OPTIONS["attention"] = False
-    if a.copy_gradients:
-        import monitor.copies
-
-        monitor.copies.KEEP = False
     results = []
     for name in a.workloads:
         r = bench_workload(

@@ -22,7 +22,7 @@ from torch import nn
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
 from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
-from monitor.partials import Pending, device_part, drop_kept_gradients, host_part
+from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
 from monitor.stats import GRAD_ROWS, HOST_ROWS, PRE_MAX, combine_rows, grad_stat_rows, pre_stat_rows
@@ -166,15 +166,11 @@ class Capture:
         self._pre = {}
 
     def end(self) -> dict[WatchPoint, Pending]:
-        """Detach and hand over the step's partials (without gradient numbers where a kept gradient
-        was changed in place during the step: :func:`~monitor.partials.drop_kept_gradients`)."""
+        """Detach and hand over the step's partials."""
         try:
             self.detach()
         finally:
             current, self._current = self._current, {}
-        for wp, p in current.items():
-            if p.kept and not p.intact():
-                drop_kept_gradients(wp, p)
         return current
 
     # -- module hooks --------------------------------------------------------------------------
@@ -300,14 +296,13 @@ class Capture:
             self._resolve_unit_dim(wp, x, inp)
             dims = wp.dims(x.ndim)
             numel = x.numel()
+            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
+            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
+            threads = torch.get_num_threads() if x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             on_host = self._on_host(wp, x)
             if on_host and x.device.type != "cpu":
                 self._warn_once(f"device:{wp.name}", f"{wp.name}: device changed within a step; extra call ignored")
                 return
-            # Small CPU tensors: a parallel region costs more than the reduction it splits, so
-            # reduce them on one thread (this halves the hook's cost on a 128 x 256 activation).
-            # Kept or copied for the host: no reduction here.
-            threads = torch.get_num_threads() if not on_host and x.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             if threads > 1:
                 torch.set_num_threads(1)
             try:
@@ -366,15 +361,14 @@ class Capture:
             if g is None or not g.is_floating_point() or not self.active:
                 return
             numel = g.numel()
+            threads = torch.get_num_threads() if g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             p = self._current.get(wp)
             host = p is not None and p.on_host and g.device.type == "cpu"
-            threads = torch.get_num_threads() if not host and g.device.type == "cpu" and numel < _SERIAL_BELOW else 1
             if threads > 1:
                 torch.set_num_threads(1)
-            kept: list[tuple[torch.Tensor, int]] = []
             try:
                 if host:
-                    copy = self.pool.hold(g.detach(), self.pool.may_keep(wp, wp.kind.activation), kept)
+                    copy = self.pool.copy(g.detach())
                 else:
                     rows = grad_stat_rows(g.detach(), dims)
             finally:
@@ -388,7 +382,6 @@ class Capture:
                     if g.shape[wp.unit_dim] != p.units:  # type: ignore[index]
                         return
                     p.host_grads.append((copy, dims))
-                    p.kept += kept
                 else:
                     if p.on_host or rows[0].shape[0] != p.units:
                         return

@@ -6,16 +6,6 @@ on another thread seconds later, fragment glibc's heap: on a 2-core VM the proce
 1 MB per sampled step, and every sampled step paid ~70 page faults for memory it touched for the
 first time. Copies taken from a pool reuse the same pages: the writer gives each buffer back once
 it has read it (:meth:`Pending.release <monitor.partials.Pending.release>`).
-
-The gradients with respect to small activations need no copy at all (:meth:`CopyPool.hold`):
-autograd hands each one to the hook and frees it after backward; nothing of the user's holds it
-(``retain_grad()`` keeps its own copy). It is kept as it is, with its version counter, and read
-later (copying it into memory untouched for seconds cost ~30 us per 128 x 256 gradient on a
-2-core VM). One changed in place after its hook (a user's tensor hook writing into it) is never
-read: that step has no gradient numbers for its layer, and its gradients are copied from then on
-(:attr:`CopyPool.copy_only`). Activations themselves are always copied: they are the user's, who
-may change them in place after the hook (through ``.data`` too, which no version counter sees)
-while the writer reads.
 """
 
 from __future__ import annotations
@@ -26,20 +16,6 @@ import torch
 
 _MAX_FREE = 64  # buffers kept per shape (a batch of samples in flight)
 _MAX_SHAPES = 16  # shapes kept; more (varying batch sizes or sequence lengths): start over
-KEEP = True  # False: copy every small gradient too (benchmarks/overhead.py --copy-gradients)
-
-
-def borrowable(t: torch.Tensor) -> bool:
-    """Whether ``t`` can be read later as it is: float32, dense, on the CPU, with a version counter
-    (not an inference tensor), and not a small view of a larger storage (a reference would keep
-    all of it alive)."""
-    return (
-        t.dtype == torch.float32
-        and t.layout == torch.strided
-        and t.device.type == "cpu"
-        and not t.is_inference()
-        and t.untyped_storage().nbytes() <= 2 * 4 * t.numel()
-    )
 
 
 class CopyPool:
@@ -55,8 +31,6 @@ class CopyPool:
     def __init__(self) -> None:
         self._free: dict[tuple[int, ...], list[torch.Tensor]] = {}
         self._lock = threading.Lock()
-        # Keys (watch points) whose kept tensors were modified in place after a hook: copied from now on.
-        self.copy_only: set[object] = set()
 
     def take(self, shape: tuple[int, ...]) -> torch.Tensor:
         """A float32 CPU tensor of ``shape``, contents undefined (to be overwritten)."""
@@ -80,19 +54,6 @@ class CopyPool:
     def copy(self, src: torch.Tensor) -> torch.Tensor:
         """A float32 copy of ``src`` (any float dtype, any layout) in a pooled buffer: one kernel."""
         return self.take(tuple(src.shape)).copy_(src)
-
-    def may_keep(self, key: object, activation: bool) -> bool:
-        """Whether the gradients of ``key``'s outputs may be kept rather than copied: activations
-        only, and not after one of its kept gradients was modified in place."""
-        return KEEP and activation and key not in self.copy_only
-
-    def hold(self, src: torch.Tensor, keep: bool, kept: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
-        """``src`` itself where it may be read later (``keep`` and :func:`borrowable`; appended to
-        ``kept`` with its version), else a pooled copy (:meth:`copy`)."""
-        if keep and borrowable(src):
-            kept.append((src, src._version))
-            return src
-        return self.copy(src)
 
     def stack2(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """``torch.stack([a, b])`` as float32 in a pooled buffer (one kernel for float32 inputs)."""

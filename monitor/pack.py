@@ -202,10 +202,7 @@ def unpack(
         summary = summarize(block, wp.rows, int(positions), wp.kind.upper if wp.kind.clamps else None)
         if p.host_grads:
             grad = combine_host([host_grad_rows(g.numpy(), dims) for g, dims in p.host_grads], GRAD_ROWS)
-            if p.intact():  # a kept gradient changed in place since its hook: not what backward gave
-                summary.grad = summarize_grad(grad, int(grad_positions))
-            elif p.pool is not None:
-                p.pool.copy_only.add(wp)
+            summary.grad = summarize_grad(grad, int(grad_positions))
         elif p.grad is not None:
             g = len(GRAD_ROWS) * c
             summary.grad = summarize_grad(host_flat[offset : offset + g].reshape(len(GRAD_ROWS), c), int(grad_positions))

@@ -36,19 +36,11 @@ class Pending:
     host: list[tuple[torch.Tensor, torch.Tensor | str | None, tuple[int, ...]]] = field(default_factory=list)
     host_grads: list[tuple[torch.Tensor, tuple[int, ...]]] = field(default_factory=list)
     pool: CopyPool | None = None  # where the copies came from
-    # Gradients of ``host_grads`` kept as they are, not copied (CopyPool.hold), with their
-    # versions when the hook read them; never handed to the pool.
-    kept: list[tuple[torch.Tensor, int]] = field(default_factory=list)
-
-    def intact(self) -> bool:
-        """No kept gradient was modified in place since its hook (its numbers may be read)."""
-        return all(t._version == v for t, v in self.kept)
 
     def release(self) -> None:
-        """The host copies have been read: hand their buffers back to the pool (not the kept gradients)."""
+        """The host copies have been read: hand their buffers back to the pool."""
         pool, host, grads = self.pool, self.host, self.host_grads
-        kept = {id(t) for t, _ in self.kept}
-        self.host, self.host_grads, self.kept = [], [], []  # nothing may read them now: the buffers get reused
+        self.host, self.host_grads = [], []  # nothing may read them now: the buffers get reused
         if pool is None:
             return
         for x, z, _ in host:
@@ -56,8 +48,7 @@ class Pending:
             if isinstance(z, torch.Tensor):
                 pool.give(z)
         for g, _ in grads:
-            if id(g) not in kept:
-                pool.give(g)
+            pool.give(g)
 
     @property
     def on_host(self) -> bool:
@@ -124,7 +115,7 @@ def host_part(
 ) -> Pending:
     """One float32 copy of a small CPU output (stacked with a ReLU's intact input) from ``pool``:
     the rows are computed from it on the host (:func:`monitor.stats.host_stat_rows`). Always a
-    copy: an activation is the user's to change after its hook (an in-place op, a write through
+    copy: the output is the user's to change after its hook (an in-place op, a write through
     ``.data``), and the writer reads it seconds later."""
     numel = x.numel()
     units = x.shape[wp.unit_dim]  # type: ignore[index]
@@ -139,17 +130,3 @@ def host_part(
         x = pool.copy(x)
     sampled = len(range(0, numel, sample_stride(numel, units))) if histograms else 0
     return Pending([], units, [], numel // units, numel, sampled, host=[(x, z, dims)], pool=pool)
-
-
-def drop_kept_gradients(wp: WatchPoint, p: Pending) -> None:
-    """A kept gradient of ``p`` changed in place after its hook (a user's tensor hook that writes
-    into it): the step has no gradient numbers for this layer (not those of other values), and its
-    gradients are copied from the next sampled step on. Its activation numbers are unaffected."""
-    if p.pool is not None:
-        p.pool.copy_only.add(wp)
-    kept = {id(t) for t, _ in p.kept}
-    if p.pool is not None:
-        for g, _ in p.host_grads:
-            if id(g) not in kept:
-                p.pool.give(g)
-    p.host_grads, p.kept, p.grad_positions = [], [], 0

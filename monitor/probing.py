@@ -57,9 +57,9 @@ class Probing:
         with rec.eager.around(rec.compiled()), self._unablated():  # a compiled model's probe runs its eager code
             if ablate is not None:
                 return ablated_probe(self.runner, rec.model, ablate, value, loss_fn, step, self._warn_once)
+            result = self.runner.run(rec.model, step, loss_fn)
             if self.due_here():
                 self.due = None  # this run is the one the last sampled step asked for: not a second one
-            result = self.runner.run(rec.model, step, loss_fn)
         publish(ProbeRecord(result))
         return result
 

@@ -255,26 +255,15 @@ class Dispatcher:
                     return
                 continue
             t0 = time.thread_time()
-            # Stage by stage: judge the whole batch, then each sink writes all of it. The same code
-            # run back to back stays warm in the caches: ~10% less CPU per sample than judging
-            # and writing one sample at a time (MLP workload, replayed). Alerts are delivered as
-            # their steps are judged; every sink still receives the records in step order.
-            records = []
             for record in item:
                 if not isinstance(record, SampleRecord):
                     yield_gil()
                     record = self._judge_item(record)
                     if record is None:
                         continue
-                records.append(record)
-            for sink in list(self._sinks):
-                for record in records:
-                    if sink not in self._sinks:
-                        break  # it failed on an earlier record and was dropped
+                for sink in list(self._sinks):
                     yield_gil()
                     self._call(sink, "write", record)
-            records.clear()  # nothing of this batch outlives it while the thread waits for the next
-            item = record = None
             for sink in list(self._sinks):
                 if hasattr(sink, "batch_done"):  # optional for duck-typed sinks
                     self._call(sink, "batch_done")

@@ -436,3 +436,42 @@ def test_a_probe_by_hand_right_after_a_sampled_step_is_its_periodic_run(wine):
     assert [r.step for r in records] == [0, 1]
     assert records[0].result is by_hand
     assert all(v > 0 for v in records[1].result.drift.values())  # the model changed between them
+
+
+class Log(Sink):
+    """Every sample and probe record, in the order the sink receives them."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def write(self, record):
+        self.seen.append(("sample", record.step))
+
+    def write_probe(self, record):
+        self.seen.append(("probe", record.result.step))
+
+
+def test_a_sink_receives_samples_and_probe_runs_in_step_order(wine):
+    """The writer judges a run of samples before writing them; a probe run between them ends the run."""
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=2)
+    sink = Log()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[sink], probe=px, probe_every_n_samples=2) as mon:
+        train(model, mon, X, y, 5)
+    assert sink.seen == [
+        ("sample", 0), ("probe", 0), ("sample", 1), ("sample", 2), ("probe", 2), ("sample", 3), ("sample", 4), ("probe", 4)
+    ]
+
+
+def test_a_probe_by_hand_that_fails_leaves_the_periodic_run_due(wine):
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = mlp(width=16, depth=2)
+    sink = Collect()
+    with Monitor(model, every_n_steps=1, on_alert="ignore", sinks=[sink], probe=(px, py), probe_every_n_samples=1) as mon:
+        opt = train(model, mon, X, y, 1)
+        with pytest.raises(ZeroDivisionError):
+            mon.probe(loss_fn=lambda out, target: 1 / 0)
+        train(model, mon, X, y, 1, start=1, opt=opt)
+    assert [r.step for r in sink.records if r.result is not None] == [0, 1]
