@@ -173,14 +173,11 @@ def test_a_large_output_is_reduced_in_its_hook_and_a_small_one_is_copied(monkeyp
 @pytest.mark.parametrize("background", [True, False])
 def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(monkeypatch, background):
     """Fresh copies every sampled step, freed seconds later on the writer thread, fragmented the
-    heap (~1 MB per sampled step) and cost page faults: the buffers come back to a pool. (Module
-    outputs are copied; activations are kept as they are.)"""
+    heap (~1 MB per sampled step) and cost page faults: the buffers come back to a pool."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
     opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    mon = Monitor(
-        model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background, include=["0", "2"]
-    ).attach()
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore", background=background).attach()
     buffers: list[set[int]] = []
 
     def look(current):  # type: ignore[no-untyped-def]
@@ -197,7 +194,7 @@ def test_the_copies_reuse_the_same_buffers_from_one_sampled_step_to_the_next(mon
             opt.zero_grad()
         mon.flush()  # the writer has read this step's copies
     mon.close()
-    assert len(buffers[0]) == 4  # two outputs, two gradients
+    assert len(buffers[0]) == 4  # two outputs (one stacked with the ReLU's input), two gradients
     assert all(b == buffers[0] for b in buffers[1:])
 
 
@@ -349,7 +346,7 @@ def test_a_gradient_the_user_owns_is_read_as_backward_gave_it(monkeypatch, how):
 
 
 def test_outputs_the_user_keeps_are_never_overwritten(monkeypatch):
-    """Kept tensors are the user's: they never go into the pool of buffers that later copies reuse."""
+    """The user's tensors never go into the pool of buffers that later copies are written into."""
     monkeypatch.setattr(capture_mod, "HOST_BELOW", 1 << 16)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(13, 32), nn.ReLU(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 3))
@@ -367,7 +364,7 @@ def test_outputs_the_user_keeps_are_never_overwritten(monkeypatch):
         outputs.append((h.detach(), h.detach().clone()))
         mon.flush()
         free = {t.data_ptr() for ts in mon._recorder.capture.pool._free.values() for t in ts}
-        assert free and h.data_ptr() not in free  # the module outputs' copies are there, never h
+        assert free and h.data_ptr() not in free  # the copies' buffers are there, never h
     mon.close()
     for kept, snapshot in outputs:
         assert torch.equal(kept, snapshot)
