@@ -135,7 +135,7 @@ def block_token_rows(
     if x.ndim == 3 and x.shape[-1] == units:
         return token_rows(x, inp, token_dim, mask)[0]
     z = torch.zeros(units, dtype=torch.float32, device=x.device)
-    return [z, z, z, z]
+    return [z] * len(TOKEN_ROWS)
 
 
 def unit_stat_rows(

@@ -40,7 +40,7 @@ class Collapse(Detector):
         if sim is None:
             return Verdict(None, float("nan"), limit, "collapse: not judged", metrics)
         bad, band = level(sim, limit, th.release, True)
-        what = (
+        what = lambda: (  # noqa: E731 - built only when an alert needs it
             f"collapse: the tokens of a sequence have a mean cosine similarity of {sim:.3f} "
             f"(threshold {limit:g}; over {int(np.sum(seqs))} sequences)"
         )
