@@ -37,23 +37,15 @@ exits. See the README, section "Hugging Face Trainer".
 
 from __future__ import annotations
 
-import base64
 import copy
-import dataclasses
-import glob
-import io
 import itertools
-import json
 import os
-import sys
 import threading
 import warnings
 import weakref
-import zlib
 from collections.abc import Callable
 from typing import Any, Literal, Union
 
-import torch
 from torch import nn
 
 from monitor import (
@@ -71,7 +63,6 @@ from monitor.selection import Patterns
 from monitor.sinks import ScalarQueue
 
 try:
-    import transformers
     from transformers import TrainerCallback
     from transformers.trainer_callback import ExportableState
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -80,15 +71,15 @@ except ImportError as e:  # pragma: no cover - exercised only without the extra
         "pip install 'activation-monitor[transformers]'"
     ) from e
 
-__all__ = ["ActivationAlertError", "ActivationMonitor"]
+from integrations._transformers_checkpoint import STATE_KEY, entry, from_json, json_config, saved_state, strip_token
+from integrations._transformers_trainer import calling_trainer, gather, in_training_loop, outputs
+
+__all__ = ["STATE_KEY", "ActivationAlertError", "ActivationMonitor"]
 
 TrainerOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007
 _KWARGS = (
     "histograms", "images_every_n_samples", "timeline_length", "functional", "sinks", "background", "detectors", "gradients",
     "run_config", "attention",
-)
-_JSON_KWARGS = (
-    "histograms", "images_every_n_samples", "timeline_length", "functional", "background", "gradients", "run_config", "attention",
 )
 #: The TrainingArguments a run records as its ``run_config`` (with the model class, the world size
 #: and a hyperparameter search's trial parameters); ``run_config=`` goes on top.
@@ -96,18 +87,11 @@ RUN_CONFIG_ARGS = (
     "learning_rate", "per_device_train_batch_size", "gradient_accumulation_steps", "max_steps", "num_train_epochs",
     "max_grad_norm", "weight_decay", "warmup_steps", "warmup_ratio", "lr_scheduler_type", "optim", "seed", "bf16", "fp16",
 )
-SUBDIR = "activation_monitor"
-#: The key of the monitor's state in this callback's entry of ``trainer_state.json``.
-STATE_KEY = "activation_monitor"
-_FORMAT = "torch.save+zlib+base64"
 # Callbacks that do not get the monitor's scalars: the Trainer's flow, its console printers, and
 # its TensorBoard callback (the monitor writes into that run itself). By class name, over the MRO.
 _NOT_REPORTERS = frozenset(
     {"DefaultFlowCallback", "ProgressCallback", "PrinterCallback", "NotebookProgressCallback", "TensorBoardCallback"}
 )
-# Frames of the Trainer's training loop (a forward outside them is not a training forward).
-_LOOP_FRAMES = frozenset({"training_step", "_run_epoch", "_inner_training_loop"})
-
 _LIVE: weakref.WeakSet[ActivationMonitor] = weakref.WeakSet()
 _SERIAL = itertools.count()
 
@@ -155,7 +139,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
             # `restore_callback_states_from_checkpoint=True`: become the instance it replaces.
             if self._adopt(restore):
                 return
-            every_n_steps, include, exclude, thresholds, on_alert, logdir, monitor_kwargs = _from_json(restore)
+            every_n_steps, include, exclude, thresholds, on_alert, logdir, monitor_kwargs = from_json(restore)
         unknown = sorted(set(monitor_kwargs) - set(_KWARGS))
         if unknown:
             raise TypeError(f"ActivationMonitor got unexpected keyword argument(s): {', '.join(unknown)}.")
@@ -224,7 +208,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
     def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None, **kwargs: Any) -> None:
         self._close(failed=True)  # a previous train() that raised, or a retry (auto_find_batch_size)
         if self._trainer is None or self._trainer() is None:
-            trainer = _calling_trainer(self)  # the Trainer whose train() calls us: read, never changed
+            trainer = calling_trainer(self)  # the Trainer whose train() calls us: read, never changed
             if trainer is not None:
                 self._trainer = weakref.ref(trainer)
         self._started = True
@@ -256,9 +240,9 @@ class ActivationMonitor(TrainerCallback, ExportableState):
             on_alert=self._core_on_alert(),
             **{**self.monitor_kwargs, "sinks": sinks, "run_config": self._run_config(args, state, model)},
         )
-        gather = _gather(args)
-        if gather is not None:
-            mon.gather = gather  # one collective per sampled step, on every rank
+        all_gather = gather(args)
+        if all_gather is not None:
+            mon.gather = all_gather  # one collective per sampled step, on every rank
         mon.gradients_from_callbacks()  # read at on_pre_optimizer_step: no parameter/optimizer hooks
         if getattr(args, "torch_compile", False):
             mon.mark_compiled()  # the Trainer runs a compiled wrapper of `model`: sampled steps run its eager code
@@ -334,7 +318,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         training loop means training left the step by raising (the Trainer tells callbacks
         nothing then): end it, remove every hook, record nothing from this forward. Forwards on
         other threads (``DataParallel`` replicas) are not judged."""
-        if threading.get_ident() != self._thread or _in_training_loop():
+        if threading.get_ident() != self._thread or in_training_loop():
             return
         mon = self.monitor
         step = mon._step if mon is not None else None
@@ -381,42 +365,9 @@ class ActivationMonitor(TrainerCallback, ExportableState):
 
     def _outputs(self, args: Any, state: Any) -> tuple[Any, str | None]:
         """(writer, logdir) for the main process: the Trainer's TensorBoard run, or ``logdir``."""
-        try:
-            from monitor.tensorboard import require_tensorboard
-
-            require_tensorboard()
-        except ImportError as e:
-            if self.logdir is not None:
-                raise
-            self.log_dir = None
-            self._warn_once("no-tensorboard", f"activation monitor: no TensorBoard output ({e}).")
-            return None, None
-        if self.logdir is not None:
-            self.log_dir = os.fspath(self.logdir)
-            return None, self.log_dir
-        tb = self._tensorboard_callback()
-        writer = getattr(tb, "tb_writer", None) if tb is not None else None
-        if writer is not None:
-            self.log_dir = _writer_dir(writer)
-            return writer, None
-        directory = _trainer_tensorboard_dir(args, state)
-        if directory is None:
-            directory = os.path.join(args.output_dir, SUBDIR)
-            self._warn_once(
-                "where",
-                "activation monitor: the Trainer writes no TensorBoard run (`report_to` without \"tensorboard\"); "
-                f"activation output goes to TensorBoard under {directory}.",
-            )
-        self.log_dir = directory
-        others = [r for r in _report_to(args) if r != "tensorboard"]
-        if others and self._trainer is None:
-            self._warn_once(
-                "reporters",
-                f"activation monitor: the Trainer running this callback was not found; call "
-                f"`monitor.set_trainer(trainer)` for the activation scalars to reach {', '.join(others)} too "
-                "(they go to TensorBoard only).",
-            )
-        return None, directory
+        trainer = self._trainer() if self._trainer is not None else None
+        writer, logdir, self.log_dir = outputs(args, state, self.logdir, trainer, self._warn_once)
+        return writer, logdir
 
     def _run_config(self, args: Any, state: Any, model: nn.Module) -> dict[str, Any]:
         """What this run is: the Trainer's main hyperparameters, then ``run_config=`` on top."""
@@ -429,12 +380,6 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         config.update(self.monitor_kwargs.get("run_config") or {})
         return {str(k): v for k, v in config.items()}
 
-    def _tensorboard_callback(self) -> Any:
-        trainer = self._trainer() if self._trainer is not None else None
-        if trainer is None:
-            return None
-        return next((cb for cb in trainer.callback_handler.callbacks if _is_class(cb, "TensorBoardCallback")), None)
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
@@ -446,61 +391,25 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         options) and, under :data:`STATE_KEY`, the monitor's ``state_dict()`` (windows, baselines,
         active alerts, alert history, last sampled step), read back by ``on_train_begin`` of a
         resumed run whatever ``restore_callback_states_from_checkpoint`` is."""
-        config, _ = self._json_config()
-        out: dict[str, Any] = {"args": {"_restore": {**config, "token": self._token}}, "attributes": {}}
         mon = self.monitor
-        if mon is not None:
-            out[STATE_KEY] = {"format": _FORMAT, "global_step": self._global_step, "state": _encode(mon.state_dict())}
-        return out
+        return entry(self._json_config(), self._token, self._global_step, mon.state_dict() if mon is not None else None)
 
     def _checkpoint_state(self, state: Any) -> dict[str, Any] | None:
         entries = (getattr(state, "stateful_callbacks", None) or {}).get(type(self).__name__)
-        if entries is None:
-            return None
-        entries = entries if isinstance(entries, list) else [entries]
-        entries = [e for e in entries if isinstance(e, dict) and isinstance(e.get(STATE_KEY), dict)]
-        config, _ = self._json_config()
-        mine = [e for e in entries if e.get("args", {}).get("_restore", {}).get("token") == self._token]
-        same = [e for e in entries if _strip_token(e.get("args", {}).get("_restore")) == config]
-        pick = (mine or same or (entries if len(entries) == 1 else []))[-1:]
-        if not pick:
-            return None
-        saved = pick[0][STATE_KEY]
-        if saved.get("format") != _FORMAT:
-            self._warn_once("format", f"activation monitor: unknown checkpoint state format {saved.get('format')!r}; starting fresh.")
-            return None
-        return _decode(saved["state"])
+        return saved_state(entries, self._token, self._json_config(), self._warn_once)
 
-    def _json_config(self) -> tuple[dict[str, Any], list[str]]:
-        """The options as JSON, and the names of those that are not JSON (a callable, a class, ...)."""
-        lost: list[str] = []
-        config: dict[str, Any] = {"every_n_steps": self.every_n_steps}
-        for name in ("include", "exclude"):
-            value = getattr(self, name)
-            if value is None or isinstance(value, str) or (isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value)):
-                config[name] = list(value) if isinstance(value, (list, tuple)) else value
-            else:
-                lost.append(name)
-        if isinstance(self.on_alert, str):
-            config["on_alert"] = self.on_alert
-        else:
-            lost.append("on_alert")
-        config["thresholds"] = dataclasses.asdict(self.thresholds) if self.thresholds is not None else None
-        config["logdir"] = os.fspath(self.logdir) if self.logdir is not None else None
-        for name, value in self.monitor_kwargs.items():
-            if name in _JSON_KWARGS and _jsonable(value):
-                config[name] = value
-            elif value is not None:
-                lost.append(name)
-        return config, lost
+    def _json_config(self) -> dict[str, Any]:
+        return json_config(
+            self.every_n_steps, self.include, self.exclude, self.on_alert, self.thresholds, self.logdir, self.monitor_kwargs
+        )
 
     def _adopt(self, restore: dict[str, Any]) -> bool:
         """Share the state of the live callback this rebuilt one replaces: the newest never-trained
         one with the same options (a new process, a new Trainer), else the one that saved the
         checkpoint (the same callback, resumed again). Both handles are then the same callback."""
-        config = _strip_token(restore)
+        config = strip_token(restore)
         live = sorted((cb for cb in list(_LIVE) if "_token" in cb.__dict__), key=lambda cb: -cb._serial)
-        fresh = [cb for cb in live if not cb._started and cb._json_config()[0] == config]
+        fresh = [cb for cb in live if not cb._started and cb._json_config() == config]
         saver = [cb for cb in live if cb._token == restore.get("token")]
         original = (fresh or saver or [None])[0]
         if original is None:
@@ -510,141 +419,10 @@ class ActivationMonitor(TrainerCallback, ExportableState):
 
 
 # -- helpers ------------------------------------------------------------------------------------
-def _from_json(restore: dict[str, Any]) -> tuple[Any, ...]:
-    """Options from a checkpoint's ``args`` when no live callback could be adopted."""
-    restore = dict(restore)
-    restore.pop("token", None)
-    th = restore.pop("thresholds", None)
-    kwargs = {k: restore.pop(k) for k in _JSON_KWARGS if k in restore}
-    warnings.warn(
-        "activation monitor: `restore_callback_states_from_checkpoint=True` rebuilt ActivationMonitor from the "
-        "checkpoint's options; options that are not JSON (callables, classes, sinks, detectors) are back to their "
-        "defaults. Keep the default `restore_callback_states_from_checkpoint=False`: the callback restores its "
-        "monitor state from the checkpoint by itself.",
-        MonitorWarning,
-        stacklevel=4,
-    )
-    return (
-        restore.get("every_n_steps", 50), restore.get("include"), restore.get("exclude"),
-        Thresholds(**th) if th is not None else None, restore.get("on_alert", "warn"), restore.get("logdir"), kwargs,
-    )
-
-
-def _jsonable(value: Any) -> bool:
-    try:
-        return json.loads(json.dumps(value)) == value
-    except (TypeError, ValueError):
-        return False
-
-
-def _strip_token(restore: Any) -> Any:
-    if not isinstance(restore, dict):
-        return None
-    return {k: v for k, v in restore.items() if k != "token"}
-
-
 def _same(a: Any, b: Any) -> bool:
     """Two handles of one callback (an adopted rebuild shares its original's ``__dict__``)."""
     return isinstance(a, ActivationMonitor) and a.__dict__ is b.__dict__
 
 
-def _encode(state: dict[str, Any]) -> str:
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    return base64.b64encode(zlib.compress(buf.getvalue(), 6)).decode("ascii")
-
-
-def _decode(text: str) -> dict[str, Any]:
-    raw = zlib.decompress(base64.b64decode(text.encode("ascii")))
-    return torch.load(io.BytesIO(raw), weights_only=True)
-
-
-def _is_class(obj: Any, name: str) -> bool:
-    return any(c.__name__ == name for c in type(obj).__mro__)
-
-
 def _not_reporter(cb: Any) -> bool:
     return isinstance(cb, ActivationMonitor) or any(c.__name__ in _NOT_REPORTERS for c in type(cb).__mro__)
-
-
-def _calling_trainer(callback: ActivationMonitor) -> Any:
-    """The ``transformers.Trainer`` on this thread's call stack whose callbacks hold ``callback``
-    (the one running ``train()`` now), or None. Callbacks are not handed the Trainer; its
-    training loop's frame has it as ``self``."""
-    frame = sys._getframe(1)
-    while frame is not None:
-        obj = frame.f_locals.get("self")
-        if isinstance(obj, transformers.Trainer):
-            handler = getattr(obj, "callback_handler", None)
-            if handler is not None and any(cb is callback for cb in handler.callbacks):
-                return obj
-        frame = frame.f_back
-    return None
-
-
-def _in_training_loop() -> bool:
-    """Whether this thread is inside the Trainer's training loop (a frame of it on the stack)."""
-    frame = sys._getframe(2)
-    while frame is not None:
-        if frame.f_code.co_name in _LOOP_FRAMES and isinstance(frame.f_locals.get("self"), transformers.Trainer):
-            return True
-        frame = frame.f_back
-    return False
-
-
-def _report_to(args: Any) -> list[str]:
-    report_to = getattr(args, "report_to", None) or []
-    return [report_to] if isinstance(report_to, str) else list(report_to)
-
-
-def _writer_dir(writer: Any) -> str | None:
-    for attr in ("get_logdir", "logdir", "log_dir"):
-        value = getattr(writer, attr, None)
-        value = value() if callable(value) else value
-        if isinstance(value, (str, os.PathLike)):
-            return os.fspath(value)
-    return None
-
-
-def _trainer_tensorboard_dir(args: Any, state: Any) -> str | None:
-    """The directory of the Trainer's ``TensorBoardCallback`` (its ``on_train_begin`` ran before
-    ours: the reporting callbacks come first), or None when it writes none."""
-    trial = state.trial_name if getattr(state, "is_hyper_param_search", False) else None
-    logging_dir = getattr(args, "logging_dir", None)
-    if logging_dir:  # transformers 4.x: the callback writes into args.logging_dir (per trial: a subdirectory)
-        return os.path.join(logging_dir, trial) if trial else logging_dir
-    if "tensorboard" not in _report_to(args):
-        return None
-    env = os.environ.get("TENSORBOARD_LOGGING_DIR")
-    if env and not trial:
-        return os.path.expanduser(env)
-    # transformers 5: <output_dir>/runs/<date>_<host>[/<trial>], named when its on_train_begin ran.
-    # Its writer's newest event file, written by this process, names the directory.
-    pattern = os.path.join(glob.escape(os.fspath(args.output_dir)), "runs", "**", "events.out.tfevents.*")
-    pid = f".{os.getpid()}."
-    own = [f for f in glob.glob(pattern, recursive=True) if pid in os.path.basename(f) and not f.endswith(".activation-monitor")]
-    if not own:
-        return None
-    return os.path.dirname(max(own, key=lambda f: (_created(f), os.path.getmtime(f))))
-
-
-def _created(path: str) -> int:
-    parts = os.path.basename(path).split(".")
-    return int(parts[3]) if len(parts) > 3 and parts[3].isdigit() else 0
-
-
-def _gather(args: Any) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """An all_gather over the Trainer's processes (``[world, n]``), or None for one process."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return None
-    world = dist.get_world_size()
-
-    def gather(t: torch.Tensor) -> torch.Tensor:
-        t = t.contiguous()
-        out = [torch.empty_like(t) for _ in range(world)]
-        dist.all_gather(out, t)
-        return torch.stack(out)
-
-    return gather
