@@ -12,9 +12,7 @@ See the README (section "skorch") for the options, the history keys and how it b
 
 from __future__ import annotations
 
-import math
 import os
-import sys
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal, Union
@@ -28,6 +26,8 @@ except ImportError as e:  # pragma: no cover - depends on the environment
 
 from torch import nn
 
+from integrations._skorch_guard import StepGuard, guard_step
+from integrations._skorch_history import HISTORY_KEYS, history_row
 from monitor import (
     ActivationAlertError,
     Alert,
@@ -40,86 +40,11 @@ from monitor import (
     Thresholds,
 )
 from monitor.alerts import warn
-from monitor.detectors import builtin_detectors
 from monitor.selection import Patterns
 
 __all__ = ["HISTORY_KEYS", "ActivationMonitor"]
 
 SkorchOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007 (py3.10)
-
-#: Keys written into ``net.history`` at the end of every epoch (``<layer>`` e.g. ``dense0.relu``).
-HISTORY_KEYS = {
-    "activation_alerts": "alerts that fired (entered an unhealthy state) during this epoch",
-    "activation_samples": "sampled training steps during this epoch (0: values below are carried over)",
-    "activation_dead_fraction_max": "worst dead fraction over ReLU-family layers (NaN: none)",
-    "activation_saturated_fraction_max": "worst saturated fraction over bounded layers (NaN: none)",
-    "activation_dormant_fraction_max": "worst dormant fraction over activation layers (NaN: none)",
-    "activation_<field>_max": "the same for every *_fraction field of a user-defined detector",
-    "activation_nonfinite": "units with NaN/Inf values over all layers at their latest sampled step",
-    "activation_dead_fraction/<layer>": "per ReLU-family layer (with history_layers=True)",
-    "activation_saturated_fraction/<layer>": "per bounded layer (with history_layers=True)",
-    "activation_dormant_fraction/<layer>": "per activation layer (with history_layers=True)",
-}
-_FRACTIONS = tuple(f for d in builtin_detectors() for f in d.fields if f.endswith("_fraction"))
-
-
-def _nan_max(values: list[float | None]) -> float:
-    vals = [v for v in values if v is not None]
-    return float(max(vals)) if vals else math.nan
-
-
-class _StepGuard:
-    """Forward hook (``with_kwargs=True, always_call=True``) on ``net.module_`` during a sampled step.
-
-    Completed forward (torch iterates a copy of the hook dict): runs the core's hooks moved into it,
-    removes itself and ends the step. Forward that raised (torch iterates ``module._forward_hooks``
-    itself, so no entry may leave or join it until the exception has left ``module_``): ends the
-    step with ``failed=True`` and stays in that dict, spent, doing nothing, until the callback's next
-    ``on_batch_begin``/``on_batch_end``/``on_train_begin``/``on_train_end``/``initialize``, pickling,
-    or the module's next completed forward, whichever comes first. A pickled copy is a spent guard.
-    """
-
-    __slots__ = ("absorbed", "callback", "entry_exc", "handle")
-
-    def __init__(self, callback: ActivationMonitor | None = None, entry_exc: BaseException | None = None) -> None:
-        self.callback = callback  # None: spent
-        self.entry_exc = entry_exc  # the exception being handled, if any, when the step began
-        self.absorbed: list[tuple[Callable[..., Any], bool]] = []  # (core hook, with_kwargs)
-        self.handle: Any = None
-
-    def __call__(self, module: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-        callback = self.callback
-        if sys.exc_info()[1] is not self.entry_exc:  # torch's exception path
-            self.callback, self.absorbed, self.entry_exc = None, [], None
-            if callback is not None:
-                callback._end_failed_step()
-            return None
-        absorbed = self.absorbed
-        self.remove(module)
-        result = None
-        for hook, with_kwargs in absorbed:  # the core's, in registration order, before the step ends
-            r = hook(module, args, kwargs, output) if with_kwargs else hook(module, args, output)
-            if r is not None:
-                output = result = r
-        if callback is not None:
-            callback._forward_done()
-        return result
-
-    def remove(self, module: nn.Module | None = None) -> None:
-        """Spend the guard and take it off its module (by identity for an unpickled copy)."""
-        self.callback, self.absorbed, self.entry_exc = None, [], None
-        handle, self.handle = self.handle, None
-        if handle is not None:
-            handle.remove()
-        elif module is not None:
-            for key in [k for k, hook in module._forward_hooks.items() if hook is self]:
-                del module._forward_hooks[key]
-                module._forward_hooks_with_kwargs.pop(key, None)
-                module._forward_hooks_always_called.pop(key, None)
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_StepGuard, ())  # never the callback, the monitor or the core's hooks
-
 
 def _probe_tensors(probe: Any) -> Any:
     """A probe as skorch feeds ``module_``: arrays, lists and dicts of them as tensors (``to_tensor``)."""
@@ -259,7 +184,7 @@ class ActivationMonitor(Callback):
         self.epoch_start_ = 0  # first step of the current epoch (its alerts are counted in history)
         self.epoch_samples_ = 0
         self.pending_error_: ActivationAlertError | None = None
-        self.guard_: _StepGuard | None = None  # ends the sampled step in progress (or left spent on module_)
+        self.guard_: StepGuard | None = None  # ends the sampled step in progress (or left spent on module_)
         self.last_probe_: Any = None  # the latest probe run (kept after fit)
         return self
 
@@ -290,7 +215,7 @@ class ActivationMonitor(Callback):
         before = set(mon.model._forward_hooks)
         if mon.begin_step(step):
             self.epoch_samples_ += 1
-            self._guard(mon, before)
+            self.guard_ = guard_step(self, mon.model, before)
 
     def on_grad_computed(self, net: Any, named_parameters: Any = None, batch: Any = None, training: bool = False, **kwargs: Any) -> None:
         """Gradients are final, the optimizer has not stepped yet (place this callback before
@@ -314,7 +239,8 @@ class ActivationMonitor(Callback):
     def on_epoch_end(self, net: Any, dataset_train: Any = None, dataset_valid: Any = None, **kwargs: Any) -> None:
         if self.monitor_ is not None:
             self.health_.update(self.monitor_.health())
-        for key, value in self._history_row().items():
+        row = history_row(self.health_, self.alerts, self.epoch_start_, self.epoch_samples_, self.detectors, self.history_layers)
+        for key, value in row.items():
             net.history.record(key, value)
         self.epoch_start_ = self.step_
         self.epoch_samples_ = 0
@@ -456,24 +382,6 @@ class ActivationMonitor(Callback):
             mon.close()  # runs a probe the last sampled batch asked for
             self.last_probe_ = mon.last_probe or getattr(self, "last_probe_", None)
 
-    def _guard(self, mon: Monitor, before: set[int]) -> None:
-        """End the sampled step right after ``module_``'s forward, also when the forward raises.
-
-        One forward hook, registered with ``always_call=True`` after the core's hooks, does it (see
-        :class:`_StepGuard`). Forward hooks the core put on ``module_`` itself (keys of its
-        ``_forward_hooks`` that ``begin_step`` added to ``before``) move into the guard, which runs
-        them in the same place on success: torch iterates that dict itself, not a copy, when the
-        forward raises, so no entry may leave it then, and ending the step must not have to remove one.
-        """
-        module = mon.model
-        hooks = module._forward_hooks
-        guard = _StepGuard(self, sys.exc_info()[1])
-        for key in [k for k in hooks if k not in before]:
-            guard.absorbed.append((hooks.pop(key), bool(module._forward_hooks_with_kwargs.pop(key, False))))
-            module._forward_hooks_always_called.pop(key, None)
-        guard.handle = module.register_forward_hook(guard, with_kwargs=True, always_call=True)
-        self.guard_ = guard
-
     def _forward_done(self) -> None:
         """``module_``'s forward completed (called by the guard): with gradients, the step goes on
         through backward and the optimizer step until ``on_batch_end``; without, it ends here."""
@@ -516,24 +424,3 @@ class ActivationMonitor(Callback):
             warn(alert.message)
         elif self.pending_error_ is None:
             self.pending_error_ = ActivationAlertError(alert)
-
-    def _history_row(self) -> dict[str, float]:
-        health = self.health_
-        alerts = self.alerts
-        row: dict[str, float] = {
-            "activation_alerts": sum(1 for a in alerts if not a.recovered and a.step >= self.epoch_start_),
-            "activation_samples": self.epoch_samples_,
-        }
-        fractions = list(_FRACTIONS) + [
-            f for d in (self.detectors or ()) for f in d.fields if f.endswith("_fraction") and f not in _FRACTIONS
-        ]
-        for f in fractions:
-            row[f"activation_{f}_max"] = _nan_max([h.metrics.get(f) for h in health.values()])
-        row["activation_nonfinite"] = float(sum(h.nonfinite for h in health.values())) if health else math.nan
-        if self.history_layers:
-            for name, h in health.items():
-                for f in fractions:
-                    v = h.metrics.get(f)
-                    if v is not None:
-                        row[f"activation_{f}/{name}"] = float(v)
-        return row

@@ -365,7 +365,7 @@ def fail_fit(net, cb, late, X, y):
     assert torch._C._len_torch_function_stack() == 0
     assert net.history[:, "activation_samples"] == [3]  # epoch 1 complete, epoch 2 interrupted
     # during every sampled step the root's forward hooks were the guard alone (plus the user's)
-    assert late.seen and all(seen == ["_StepGuard"] for seen in late.seen)
+    assert late.seen and all(seen == ["StepGuard"] for seen in late.seen)
     late.seen.clear()
     assert root.forward_in_dict == [False] * 4 and "forward" not in root.__dict__
     for name, m in root.named_modules():
@@ -421,7 +421,7 @@ def test_forward_that_raises(wine, options, fail_in):
     assert_clean(third)
     assert_clean(net.module_)
     assert net.module_.forward_in_dict and not any(net.module_.forward_in_dict)
-    assert late.seen and all(seen == ["_StepGuard"] for seen in late.seen)
+    assert late.seen and all(seen == ["StepGuard"] for seen in late.seen)
     assert net.history[:, "activation_samples"] == [3] * 5
 
 
