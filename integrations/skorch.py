@@ -44,6 +44,8 @@ from monitor.selection import Patterns
 
 __all__ = ["HISTORY_KEYS", "ActivationMonitor"]
 
+_StepGuard = StepGuard  # where pickles of nets saved before the split find it
+
 SkorchOnAlert = Union[Literal["warn", "raise", "ignore", "stop"], Callable[[Alert], None]]  # noqa: UP007 (py3.10)
 
 def _probe_tensors(probe: Any) -> Any:
