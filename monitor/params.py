@@ -48,20 +48,44 @@ def sample_stride(shape: tuple[int, ...]) -> int:
     return stride
 
 
+def _dense_flat(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]] | None:
+    """``t``'s elements as a 1-d view in memory order and its sizes in memory order (outermost
+    first), when ``t`` fills its memory densely in some order of its dimensions (contiguous,
+    ``channels_last``, a transpose); None otherwise. Never a copy: ``reshape(-1)`` of a
+    non-contiguous weight would copy all of it."""
+    if t.is_contiguous():
+        return t.view(-1), tuple(t.shape)
+    dims = sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1)
+    expected = 1
+    for st, n in dims:
+        if st != expected:
+            return None  # gaps or overlaps: not one dense block
+        expected *= n
+    return t.as_strided((t.numel(),), (1,), t.storage_offset()), tuple(n for _, n in reversed(dims))
+
+
+def _sample(p: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """``p``'s strided sample as float32, and whether it is a live view (it follows the updates)."""
+    t = p.detach()
+    flat = _dense_flat(t)
+    if flat is None:  # not one dense block (rare for a parameter): gathered, a copy of the sample only
+        stride = sample_stride(tuple(t.shape))
+        index = torch.arange(0, t.numel(), stride, device=t.device)
+        return torch.take(t, index).float(), False
+    v, memory_shape = flat
+    stride = sample_stride(memory_shape)
+    v = v[::stride] if stride > 1 else v
+    return (v, True) if v.dtype == torch.float32 else (v.float(), False)
+
+
 def _views(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each parameter's strided sample as a float32 view (a copy for other dtypes)."""
-    out = []
-    for p in params:
-        flat = p.detach().reshape(-1)
-        stride = sample_stride(tuple(p.shape))
-        v = flat[::stride] if stride > 1 else flat
-        out.append(v if v.dtype == torch.float32 else v.float())
-    return out
+    """Each parameter's strided sample as float32 (a view where it can be, see :func:`_sample`)."""
+    return [_sample(p)[0] for p in params]
 
 
 def weight_sample(p: torch.Tensor) -> torch.Tensor:
-    """A float32 copy of every k-th element of ``p`` (see :func:`sample_stride`), on p's device."""
-    return _views([p])[0].clone()
+    """A float32 copy of every k-th element of ``p`` in memory order (see :func:`sample_stride`), on p's device."""
+    return _sample(p)[0].clone()
 
 
 @dataclass
@@ -75,9 +99,11 @@ class _Group:
     before: torch.Tensor
     stepped: bool = False
 
+    live: list[bool] = field(default_factory=list)  # per parameter: its view follows the update
+
     def after(self) -> list[torch.Tensor]:
-        """The samples now: the same views (they follow the update), fresh copies for other dtypes."""
-        return _views(self.params) if any(p.dtype != torch.float32 for p in self.params) else self.views
+        """The samples now: the same views where they follow the update, fresh samples elsewhere."""
+        return [v if live else _sample(p)[0] for v, live, p in zip(self.views, self.live, self.params)]
 
 
 @dataclass
@@ -126,7 +152,7 @@ class ParameterCapture:
         self._groups: list[_Group] = []
         self._sampled: set[str] = set()
         self._segments: dict[tuple, torch.Tensor] = {}  # segment lengths on the device, per sample layout
-        self._views: dict[int, tuple[int, torch.Tensor]] = {}  # id(param) -> (data_ptr, sample view)
+        self._views: dict[int, tuple[tuple, torch.Tensor]] = {}  # id(param) -> ((data_ptr, strides), live sample view)
         self._backward = False
         self._stepped = False
 
@@ -224,8 +250,8 @@ class ParameterCapture:
         dense = [(n, g) for n, g in grads if not g.is_sparse]
         try:
             if dense:
-                norms = torch._foreach_norm([g.detach() for _, g in dense])
-                self._norms.update({n: v if v.dtype == torch.float32 else v.float() for (n, _), v in zip(dense, norms)})
+                norms = _foreach_norm32([g.detach() for _, g in dense])
+                self._norms.update({n: v for (n, _), v in zip(dense, norms)})
             for n, g in grads:
                 if g.is_sparse:
                     self._norms[n] = _norm(g)
@@ -257,28 +283,30 @@ class ParameterCapture:
                 by_device.setdefault(p.device, []).append((name, p))
             for group in by_device.values():
                 ps = [p for _, p in group]
-                views = self._cached_views(ps)
+                views, live = self._cached_views(ps)
                 before = torch.cat(views) if len(views) > 1 else views[0].clone()  # a copy, safe from the update
-                self._groups.append(_Group([n for n, _ in group], ps, views, [v.numel() for v in views], before))
+                self._groups.append(_Group([n for n, _ in group], ps, views, [v.numel() for v in views], before, live=live))
             self._sampled.update(n for n, _ in params)
         except Exception as e:
             self._warn_once("update", f"could not sample the weights before the optimizer step: {e!r}")
 
-    def _cached_views(self, params: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Sample views are reused across steps while a parameter keeps its storage (float32 only)."""
-        out = []
+    def _cached_views(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], list[bool]]:
+        """Each parameter's sample and whether it is a live view; live views are reused across
+        steps while the parameter keeps its storage and layout."""
+        out, live = [], []
         cache = self._views
         for p in params:
+            key = (p.data_ptr(), p.stride())
             hit = cache.get(id(p))
-            ptr = p.data_ptr()
-            if hit is None or hit[0] != ptr or p.dtype != torch.float32:
-                (v,) = _views([p])
-                if p.dtype == torch.float32:
-                    cache[id(p)] = (ptr, v)
+            if hit is not None and hit[0] == key:
+                v, is_live = hit[1], True
             else:
-                v = hit[1]
+                v, is_live = _sample(p)
+                if is_live:
+                    cache[id(p)] = (key, v)
             out.append(v)
-        return out
+            live.append(is_live)
+        return out, live
 
     def _sample_after(self, params: list[tuple[str, torch.Tensor]]) -> None:
         """The optimizer stepped ``params``: their groups' "after" samples are read when the step ends."""
@@ -293,6 +321,17 @@ class ParameterCapture:
 def _stack(values: list[torch.Tensor]) -> torch.Tensor:
     device = values[0].device
     return torch.stack([v if v.device == device else v.to(device, non_blocking=True) for v in values])
+
+
+def _foreach_norm32(grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    """L2 norms accumulated in float32 (a bf16 norm is rounded to 3 significant digits), one kernel
+    where PyTorch's ``_foreach_norm`` takes a ``dtype`` (2.3+), else one per low-precision tensor."""
+    if all(g.dtype == torch.float32 for g in grads):
+        return list(torch._foreach_norm(grads))
+    try:
+        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    except TypeError:
+        return [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype != torch.float32 else g.norm() for g in grads]
 
 
 def _norm(g: torch.Tensor) -> torch.Tensor:

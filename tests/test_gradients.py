@@ -170,6 +170,61 @@ def test_update_ratio_estimate_of_a_large_parameter_is_close():
     assert max(errors) < 0.05, errors
 
 
+class Layouts(nn.Module):
+    """Parameters in three memory layouts: a conv weight (``channels_last`` when asked), a weight
+    stored transposed (dense, not contiguous) and one that is every other column of a larger
+    tensor (not dense)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 16, 3, padding=1)
+        self.t = nn.Parameter(torch.randn(10, 16 * 4 * 4).t() * 0.05)
+        self.gaps = nn.Parameter((torch.randn(10, 20) * 0.1)[:, ::2])
+
+    def forward(self, x):
+        return F.relu(self.conv(x)).flatten(1) @ self.t @ self.gaps
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("opt_name", ["sgd", "adam"])
+def test_update_ratios_of_parameters_that_are_not_contiguous_are_exact(channels_last, opt_name):
+    """channels_last, transposed and strided parameters: the ratio of what the optimizer moved."""
+    torch.manual_seed(0)
+    model = Layouts()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    assert not model.t.is_contiguous() and not model.gaps.is_contiguous()
+    assert model.conv.weight.is_contiguous() != channels_last
+    params = list(model.parameters())
+    opt = torch.optim.SGD(params, lr=0.1, momentum=0.9) if opt_name == "sgd" else torch.optim.Adam(params, lr=1e-2)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon:
+        for step in range(3):
+            with mon.step(step):
+                F.cross_entropy(model(torch.randn(8, 3, 4, 4)), torch.randint(0, 10, (8,))).backward()
+                before = {n: p.detach().clone() for n, p in model.named_parameters()}
+                opt.step()
+                opt.zero_grad()
+            ph = mon.parameter_health()
+            for n, p in model.named_parameters():
+                exact = ((p.detach() - before[n]).norm() / before[n].norm()).item()
+                assert exact > 1e-3
+                assert ph[n].update_ratio == pytest.approx(exact, rel=1e-4), (step, n)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_gradient_norms_of_low_precision_parameters_are_summed_in_float32(dtype):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 1)).to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        (model(torch.randn(256, 512).to(dtype) * 4).float().sum() * 8).backward()
+        truth = model[0].weight.grad.float().norm().item()
+        opt.step()
+    assert mon.parameter_health()["0.weight"].grad_norm == pytest.approx(truth, rel=1e-5)
+
+
 def test_no_optimizer_step_inside_the_step_says_so_once_and_skips_parameter_numbers():
     torch.manual_seed(0)
     model = deep(2, 16, nn.ReLU)
