@@ -82,7 +82,10 @@ class Thresholds:
             of its first ``baseline_samples`` judged sampled steps, never below the reference's
             own baseline: a gradient that starts orders below the layers nearest the loss and
             grows up to their level is not exploding), and ...
-        max_grad_norm: ... the model's total gradient norm (all parameters, before clipping) above this.
+        max_grad_norm: ... the model's total gradient norm (all parameters) above this. Read where the
+            integration reads gradients: before clipping in Lightning (and in skorch with the callback
+            placed before ``GradientNormClipping``); in a plain loop and the Hugging Face Trainer when
+            ``optimizer.step()`` begins, after any clipping, which then keeps it below the clip value.
 
     Collapse (stack blocks with ``[batch, tokens, width]`` outputs):
         collapse_similarity: alert when the tokens of a sequence have at least this mean pairwise

@@ -111,9 +111,10 @@ class ExplodingGradient(Detector):
         return Verdict(False if clear else None, rms, th.grad_growth_factor, lambda: f"gradient RMS {rms:.3g}", band=not clear)
 
     def evaluate_parameters(self, total_norm: float, nonfinite: int, threshold: float, release: float) -> Verdict:
-        """The model-wide gradient norm (the L2 norm over every parameter's gradient, before clipping)."""
+        """The model-wide gradient norm (the L2 norm over every parameter's gradient, where it was read:
+        see ``Thresholds.max_grad_norm``)."""
         if nonfinite:
             return Verdict(True, nonfinite, 1, f"exploding gradient: {nonfinite} parameter gradients with NaN/Inf norm")
         bad, band = level(total_norm, threshold, release, math.isfinite(total_norm) or total_norm == math.inf)
-        what = f"exploding gradient: total gradient norm {total_norm:.3g} > {threshold:.3g} (before clipping)"
+        what = f"exploding gradient: total gradient norm {total_norm:.3g} > {threshold:.3g}"
         return Verdict(bad, total_norm, threshold, what, band=band)
