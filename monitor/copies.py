@@ -42,7 +42,10 @@ class CopyPool:
                 if len(self._free) >= _MAX_SHAPES:
                     self._free.clear()
                 self._free[shape] = []
-        return torch.empty(shape, dtype=torch.float32)
+        # A normal tensor also when the hook runs under torch.inference_mode(): an inference
+        # tensor could not be written by the next sampled step's copy outside it.
+        with torch.inference_mode(False):
+            return torch.empty(shape, dtype=torch.float32)
 
     def give(self, t: torch.Tensor) -> None:
         """Hand back a buffer from :meth:`take` that nothing reads any more."""

@@ -7,6 +7,7 @@ using), and those of an independent computation from the activations themselves.
 from __future__ import annotations
 
 import tempfile
+import warnings
 
 import numpy as np
 import pytest
@@ -380,6 +381,30 @@ def test_inference_tensors_are_copied(monkeypatch):
     mon.close()
     assert h.max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)
     assert h.rms == pytest.approx(float(truth.pow(2).mean().sqrt()), rel=1e-6)
+
+
+def test_a_training_step_after_an_inference_mode_step_is_recorded(monkeypatch):
+    """A copy buffer first taken under ``torch.inference_mode()`` is reused by later training steps."""
+    model, x, truth = tanh_case(monkeypatch)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # the weights stay: truth holds at every step
+    mon = Monitor(model, every_n_steps=1, logdir=tempfile.mkdtemp(), on_alert="ignore").attach()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a lost step warns; nothing may be lost
+        for step in range(4):
+            with mon.step(step):
+                if step < 2:
+                    with torch.inference_mode():
+                        model(x)
+                else:
+                    model(x).pow(2).mean().backward()
+                    opt.step()
+                    opt.zero_grad()
+            mon.flush()
+            h = mon.health()["act"]
+            assert h.step == step
+            assert h.rms == pytest.approx(float(truth.pow(2).mean().sqrt()), rel=1e-6)
+            assert (h.grad_rms is not None) == (step >= 2)
+    mon.close()
 
 
 def test_a_gradient_that_is_a_slice_of_a_larger_one_has_the_slices_numbers(monkeypatch):
