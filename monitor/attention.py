@@ -45,6 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.compiled import named_modules
 from monitor.functional import leave_mode
+from monitor.handles import remove_all
 from monitor.headstats import ONE_HOT, AttentionPartials, hf_rows, mha_rows, sdpa_rows
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -209,10 +210,10 @@ class AttentionCapture:
 
     def end_forward(self) -> None:
         """Remove the hooks (idempotent); a softmax mode still pushed on this thread is popped."""
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
-        self._pop_mode()
+        try:
+            remove_all(self._handles)
+        finally:
+            self._pop_mode()
 
     def detach(self) -> None:
         self.end_forward()

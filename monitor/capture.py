@@ -22,6 +22,7 @@ from torch import nn
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
 from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
+from monitor.handles import remove_all
 from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
@@ -94,6 +95,8 @@ class Capture:
 
     # -- lifecycle -----------------------------------------------------------------------------
     def begin(self) -> None:
+        if self._handles or self._grad_handles or self._mode is not None:
+            self.detach()  # what an interrupted end left behind
         self._owner = threading.get_ident()
         self.active = True
         self.paused = False
@@ -138,11 +141,15 @@ class Capture:
         (a monitor closed in an alert callback on the writer thread), the mode is left for that
         thread's ``end()`` and does nothing until then.
         """
-        self._leave_forward(keep_hooks=False)
-        handles, self._grad_handles = self._grad_handles, []
-        for h in handles:
-            h.remove()
-        self.active = self._mode is not None  # left for the owner's end()
+        try:
+            self._leave_forward(keep_hooks=False)
+        finally:
+            try:
+                remove_all(self._grad_handles)
+            finally:
+                # Ended, also when a removal raised (a Ctrl-C): what is left is removed by the next
+                # begin() or detach(). Only a mode on another thread is left for its owner's end().
+                self.active = self._mode is not None and threading.get_ident() != self._owner
 
     def end_forward(self) -> None:
         """Stop watching forward passes (hooks and the functional mode removed); the gradient hooks
@@ -155,13 +162,11 @@ class Capture:
     def _leave_forward(self, keep_hooks: bool) -> None:
         mode = self._mode
         if mode is not None and threading.get_ident() == self._owner:
-            self._mode = None
             with contextlib.suppress(Exception):
                 leave_mode(mode)  # not __exit__: a user's mode may sit above ours
+            self._mode = None  # after: an interrupted leave is tried again
         if not keep_hooks:
-            handles, self._handles = self._handles, []
-            for h in handles:
-                h.remove()
+            remove_all(self._handles)
         self.calls.reset()
         self._pre = {}
 
@@ -281,7 +286,7 @@ class Capture:
         read earlier (in-place ReLUs; a copy of that input where the output is reduced on the host),
         or ``pre_input`` is that input, still intact."""
         try:
-            if self.paused:
+            if self.paused or not self.active:
                 return
             if torch._C._current_graph_task_id() != -1:
                 self._rerun(wp, output)  # a forward re-run inside backward (activation checkpointing)

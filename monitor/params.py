@@ -32,6 +32,7 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 from monitor.compiled import named_parameters
+from monitor.handles import remove_all
 
 SAMPLE = 4096  # elements per parameter tensor behind an update ratio
 
@@ -178,9 +179,7 @@ class ParameterCapture:
             raise
 
     def detach(self) -> None:
-        handles, self._handles = self._handles, []
-        for h in handles:
-            h.remove()
+        remove_all(self._handles)
 
     def end(self, failed: bool = False, host: bool = False) -> ParameterPartials:
         """Detach and hand over the step's numbers (flat tensors, in the model's parameter order).

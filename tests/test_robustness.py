@@ -711,6 +711,49 @@ def test_hooks_and_the_function_mode_are_gone_after_a_failed_step(background, wh
     _assert_clean(model)
 
 
+@pytest.mark.parametrize("nth", [1, 2, 5])
+def test_a_ctrl_c_while_the_hooks_are_removed_leaves_no_hook_and_the_next_step_works(monkeypatch, nth):
+    """A KeyboardInterrupt that lands in the n-th hook removal at the end of a sampled step."""
+    import torch.utils.hooks as hooks_mod
+
+    torch.manual_seed(0)
+    model = _Net()
+    x = torch.randn(16, 6)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    real = hooks_mod.RemovableHandle.remove
+    calls = {"n": 0, "armed": False}
+
+    def remove(self):  # type: ignore[no-untyped-def]
+        if calls["armed"]:
+            calls["n"] += 1
+            if calls["n"] == nth:
+                raise KeyboardInterrupt
+        return real(self)
+
+    def step(s: int) -> None:
+        with mon.step(s):
+            model(x).sum().backward()
+            opt.step()
+            opt.zero_grad()
+
+    with mon:
+        step(0)
+        monkeypatch.setattr(hooks_mod.RemovableHandle, "remove", remove)
+        calls["armed"] = True
+        with pytest.raises(KeyboardInterrupt):
+            step(1)
+        calls["armed"] = False
+        assert calls["n"] >= nth and not mon.in_step
+        _assert_clean(model)
+        step(2)  # not refused as nested, and recorded
+        h = mon.health()
+        assert {n: v.step for n, v in h.items()} == dict.fromkeys(["fc.relu", "act", "inner.1", "inner.sigmoid"], 2)
+        assert all(v.grad_rms is not None for v in h.values())
+        _assert_clean(model)
+    _assert_clean(model)
+
+
 def test_hooks_are_gone_when_on_alert_raise_fires_at_the_end_of_the_step():
     from monitor import ActivationAlertError
 
