@@ -59,6 +59,7 @@ from monitor import (
     ParameterHealth,
     Thresholds,
 )
+from monitor.handles import Hook
 from monitor.selection import Patterns
 from monitor.sinks import ScalarQueue
 
@@ -258,7 +259,7 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         if mon.begin_step(step):
             self._thread = threading.get_ident()
             try:
-                self._guard = mon.model.register_forward_pre_hook(self._check_forward)
+                self._guard = mon.model.register_forward_pre_hook(Hook(self._check_forward))
             except BaseException:
                 mon.end_step(failed=True)
                 raise

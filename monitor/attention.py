@@ -45,7 +45,7 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.compiled import named_modules
 from monitor.functional import leave_mode
-from monitor.handles import remove_all
+from monitor.handles import Hook, remove_all
 from monitor.headstats import ONE_HOT, AttentionPartials, hf_rows, mha_rows, sdpa_rows
 
 _SOFTMAX = frozenset({F.softmax, torch.softmax, torch.Tensor.softmax, torch.special.softmax})
@@ -186,14 +186,14 @@ class AttentionCapture:
             for p in self.points:
                 m = p.module
                 if p.kind == "mha":
-                    self._handles.append(m.register_forward_hook(self._mha_hook(p), with_kwargs=True))
+                    self._handles.append(m.register_forward_hook(Hook(self._mha_hook(p)), with_kwargs=True))
                     continue
                 impl = hf_implementation(m)
                 if impl is not None and impl not in ("eager", "sdpa"):
                     skipped.append((p.name, impl))
                     continue
-                self._handles.append(m.register_forward_pre_hook(self._hf_pre(p), with_kwargs=True))
-                self._handles.append(m.register_forward_hook(self._hf_post, always_call=True))
+                self._handles.append(m.register_forward_pre_hook(Hook(self._hf_pre(p)), with_kwargs=True))
+                self._handles.append(m.register_forward_hook(Hook(self._hf_post), always_call=True))
         except BaseException:
             self.detach()
             raise

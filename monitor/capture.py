@@ -22,7 +22,7 @@ from torch import nn
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
 from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
-from monitor.handles import remove_all
+from monitor.handles import Hook, remove_all
 from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
 from monitor.selection import RecurrentWatch, Selector, WatchPoint
@@ -113,17 +113,17 @@ class Capture:
         try:
             for wp in self.module_points:
                 if self.tap is not None:  # a tapped capture: outputs go to the tap (see Capture.tapped)
-                    handles.append(wp.module.register_forward_hook(functools.partial(self._tap_hook, wp), prepend=self.tap_first))  # type: ignore[union-attr]
+                    handles.append(wp.module.register_forward_hook(Hook(self._tap_hook, wp), prepend=self.tap_first))  # type: ignore[union-attr]
                     continue
                 pre, post = self._hooks[id(wp)]
                 if pre is not None:
-                    handles.append(wp.module.register_forward_pre_hook(pre))  # type: ignore[union-attr]
-                handles.append(wp.module.register_forward_hook(post))  # type: ignore[union-attr]
+                    handles.append(wp.module.register_forward_pre_hook(Hook(pre)))  # type: ignore[union-attr]
+                handles.append(wp.module.register_forward_hook(Hook(post)))  # type: ignore[union-attr]
             if self.tap is None and self._blocks:  # the padding of the blocks' sequences (monitor.tokens)
-                handles.append(self.model.register_forward_pre_hook(self._read_mask, with_kwargs=True))
+                handles.append(self.model.register_forward_pre_hook(Hook(self._read_mask), with_kwargs=True))
             if self.tap is None:
                 for rw in self.recurrent:
-                    hook = functools.partial(self._record_recurrent, rw)
+                    hook = Hook(self._record_recurrent, rw)
                     handles.append(rw.module.register_forward_hook(hook, with_kwargs=True))
             if self._tracking or not self.discovered:
                 handles += self.calls.hooks()

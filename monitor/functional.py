@@ -23,6 +23,7 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.activations import Kind, conv_like, functional_kind, is_activation_module
 from monitor.compiled import named_modules
+from monitor.handles import Hook
 from monitor.selection import Selector, WatchPoint, make_watch_point
 from monitor.stats import PRE_MAX
 
@@ -95,10 +96,10 @@ class FunctionalCalls:
                 if not name:
                     continue  # the root's output is never an input inside its own forward
                 if is_activation_module(module):
-                    handles.append(module.register_forward_pre_hook(self._enter_activation))
-                    handles.append(module.register_forward_hook(self._leave_activation))
+                    handles.append(module.register_forward_pre_hook(Hook(self._enter_activation)))
+                    handles.append(module.register_forward_hook(Hook(self._leave_activation)))
                 else:
-                    handles.append(module.register_forward_hook(self._track_producer))
+                    handles.append(module.register_forward_hook(Hook(self._track_producer)))
         except BaseException:
             for h in handles:
                 h.remove()

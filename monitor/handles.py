@@ -1,7 +1,10 @@
-"""Removing hook handles so that none is ever lost (:func:`remove_all`)."""
+"""The monitor's hooks on users' modules: wrapped so that copies of a module never carry them
+(:class:`Hook`), and removed so that none is ever lost (:func:`remove_all`)."""
 
 from __future__ import annotations
 
+import functools
+import sys
 from typing import Any
 
 
@@ -33,3 +36,47 @@ def remove_all(handles: list[Any]) -> None:
         del handles[i]
     if error is not None:
         raise error
+
+
+class Hook(functools.partial):  # type: ignore[type-arg]
+    """A hook the monitor puts on a user's module (``Hook(fn)`` calls ``fn``; C-speed, a partial).
+
+    A copy of the module made while the hook is on it (``copy.deepcopy``, ``pickle``,
+    ``torch.save(model)`` inside a sampled step) gets an :class:`InertHook` in its place: never
+    the monitor's hook, which would record the copy's forwards as the watched model's, and never
+    the monitor itself (locks, threads: not copyable).
+
+    >>> import copy, torch
+    >>> m = torch.nn.ReLU()
+    >>> seen = []
+    >>> h = m.register_forward_hook(Hook(lambda mod, args, out: seen.append(out)))
+    >>> c = copy.deepcopy(m)
+    >>> _ = c(torch.ones(1)), m(torch.ones(1))
+    >>> len(seen), len(c._forward_hooks), len(m._forward_hooks)
+    (1, 0, 1)
+    """
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (InertHook, ())
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InertHook:
+        return InertHook()
+
+
+class InertHook:
+    """What a copy of a module gets for a monitor's hook: does nothing, and takes itself off the
+    module at its first call (outside exception handling, where torch may be iterating the dict)."""
+
+    __slots__ = ()
+
+    def __call__(self, module: Any = None, *args: Any, **kwargs: Any) -> None:
+        if sys.exc_info()[0] is not None or not hasattr(module, "_forward_hooks"):
+            return None
+        for hooks in (module._forward_hooks, module._forward_pre_hooks):
+            for key in [k for k, h in hooks.items() if h is self]:
+                del hooks[key]
+                for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+                    getattr(module, extra, {}).pop(key, None)
+        return None

@@ -754,6 +754,54 @@ def test_a_ctrl_c_while_the_hooks_are_removed_leaves_no_hook_and_the_next_step_w
     _assert_clean(model)
 
 
+class _WithLSTM(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(6, 8, batch_first=True)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.out(self.act(F.relu(self.rnn(x)[0][:, -1])))
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle", "torch.save"])
+def test_a_copy_of_the_model_made_inside_a_sampled_step_carries_no_monitor(how):
+    """An EMA or best-model snapshot taken inside the step: the copy works, is never watched, and
+    its own forwards (here with inputs 100x larger) never reach the monitor."""
+    import io
+    import pickle
+
+    torch.manual_seed(0)
+    model = _WithLSTM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the truth below holds
+    x = torch.randn(16, 5, 6)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon:
+        with mon.step(0):
+            F.cross_entropy(model(x), torch.randint(0, 3, (16,))).backward()
+            if how == "deepcopy":
+                snapshot = copy.deepcopy(model)
+            elif how == "pickle":
+                snapshot = pickle.loads(pickle.dumps(model))
+            else:
+                buf = io.BytesIO()
+                torch.save(model, buf)
+                buf.seek(0)
+                snapshot = torch.load(buf, weights_only=False)
+            opt.step()
+            opt.zero_grad()
+        with mon.step(1):
+            model(x)
+            with torch.no_grad():
+                snapshot(x * 100)
+        with torch.no_grad():
+            truth = model.act(F.relu(model.rnn(x)[0][:, -1]))
+        assert mon.health()["act"].max_abs == pytest.approx(float(truth.abs().max()), rel=1e-6)
+    _assert_clean(snapshot)  # what the copy got in place of the hooks took itself off at its first forward
+    _assert_clean(model)
+
+
 def test_hooks_are_gone_when_on_alert_raise_fires_at_the_end_of_the_step():
     from monitor import ActivationAlertError
 
