@@ -207,9 +207,15 @@ class Judge:
             grads = [s.grad.numbers() if s.grad is not None else None for _, _, s in layers]
             ref = gradient_reference([g[0] if g is not None and not g[2] else None for g in grads])
             growth = self._reference_growth(ref)
+            # Per unit, the L2 norm of its gradient over the step's values (RMS x sqrt(values per unit)).
+            norms = [
+                g[0] * math.sqrt(s.grad.positions) if g is not None and not g[2] and s.grad is not None else None
+                for (_, _, s), g in zip(layers, grads)
+            ]
+            norm_ref = gradient_reference(norms)
             healths, alerts = [], []
-            for (name, kind, s), g in zip(layers, grads):
-                h, new = self._judge(name, kind, step, s, g, ref, growth)
+            for (name, kind, s), g, norm in zip(layers, grads, norms):
+                h, new = self._judge(name, kind, step, s, g, ref, growth, norm, norm_ref)
                 healths.append(h)
                 alerts += new
             if grad_norms:
@@ -305,6 +311,8 @@ class Judge:
         grad: tuple[float, float, int] | None,
         grad_ref: float | None,
         ref_growth: float | None,
+        grad_norm: float | None = None,
+        norm_ref: float | None = None,
     ) -> tuple[LayerHealth, list[Alert]]:
         th = self.thresholds
         detectors, windowed = self._for(name, kind)
@@ -327,7 +335,7 @@ class Judge:
                 cache[row] = mem.evidence(row, th)
             return cache[row]
 
-        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence, grad, grad_ref, ref_growth)
+        view = LayerView(name, kind, step, s, th, rms, max_abs, nonfinite, evidence, grad, grad_ref, ref_growth, grad_norm, norm_ref)
         metrics: dict[str, Any] = {}
         alerts: list[Alert] = []
         for det in detectors:

@@ -38,6 +38,7 @@ When the backward (and the optimizer step) of a sampled step run inside the step
 ``gradient_max_abs/<layer>``              its largest magnitude
 ``gradient_nonfinite/<layer>``            units whose gradient held NaN/Inf
 ``gradient_ratio/<layer>``                gradient RMS / that of the 3 layers nearest the loss
+``gradient_norm_ratio/<layer>``           the same per unit over the step's values (vanishing reads it)
 ``gradient_norm/<parameter>``             L2 norm of a parameter's gradient (see ``max_grad_norm``)
 ``gradient_norm/(total)``                 L2 norm over all parameters' gradients
 ``update_ratio/<parameter>``              ||w_after - w_before|| / ||w_before|| over the optimizer step

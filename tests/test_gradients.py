@@ -319,6 +319,59 @@ def wine_like(seed=0, n=512):
     return lambda s: (X[(s * 64) % n : (s * 64) % n + 64], Y[(s * 64) % n : (s * 64) % n + 64])
 
 
+class MeanPooled(nn.Module):
+    """A text classifier: per-token layers, mean pooling over the sequence, a two-layer MLP head."""
+
+    def __init__(self, vocab: int = 100, d: int = 32, h: int = 64) -> None:
+        super().__init__()
+        self.emb, self.tok, self.tok_act = nn.Embedding(vocab, d), nn.Linear(d, h), nn.GELU()
+        self.fc1, self.act1, self.fc2, self.act2, self.out = nn.Linear(h, h), nn.ReLU(), nn.Linear(h, h), nn.ReLU(), nn.Linear(h, 2)
+
+    def forward(self, x):
+        self.saved = [self.tok_act(self.tok(self.emb(x)))]  # [batch, tokens, h]
+        self.saved.append(self.act1(self.fc1(self.saved[0].mean(1))))
+        self.saved.append(self.act2(self.fc2(self.saved[1])))
+        return self.out(self.saved[2])
+
+
+def test_a_layer_averaged_over_many_positions_is_not_vanishing():
+    """Mean pooling over 1024 tokens hands each token 1/1024 of the pooled gradient (per value
+    ~5e-4 of the head's, past the 1e-3 threshold), while the per-token weights sum it over the
+    tokens and learn as fast as the head's. The rule compares per-unit norms over the step."""
+    torch.manual_seed(0)
+    model = MeanPooled()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    g = torch.Generator().manual_seed(0)
+    mon = Monitor(model, every_n_steps=5, on_alert="ignore", background=False)
+    losses, truth = [], {}
+    with mon:
+        for step in range(60):
+            y = torch.randint(0, 2, (16,), generator=g)
+            x = torch.randint(2, 100, (16, 1024), generator=g)
+            frequent = torch.rand(16, 1024, generator=g) < 0.1  # the label's token is frequent
+            x[frequent] = y[:, None].expand(-1, 1024)[frequent]
+            with mon.step(step):
+                loss = F.cross_entropy(model(x), y)
+                for t in model.saved:
+                    t.retain_grad()
+                loss.backward()
+                if step % 5 == 0:  # ground truth: per unit, the gradient's L2 norm over the step
+                    norms = [t.grad.pow(2).sum().div(t.shape[-1]).sqrt().item() for t in model.saved]
+                    rms = [t.grad.pow(2).mean().sqrt().item() for t in model.saved]
+                    truth[step] = {"norm": norms[0] / float(np.median(norms)), "rms": rms[0] / float(np.median(rms))}
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.item())
+    assert np.mean(losses[-5:]) < 0.2 < 0.6 < np.mean(losses[:5])  # it learns
+    h = mon.health()["tok_act"]
+    assert h.metrics["grad_norm_ratio"] == pytest.approx(truth[55]["norm"], rel=1e-4)
+    assert h.metrics["grad_ratio"] == pytest.approx(truth[55]["rms"], rel=1e-4)
+    # per value, two sampled steps in a row below 1e-3 (an alert); per unit, 1e-2 and above throughout
+    assert truth[5]["rms"] < 1e-3 and truth[10]["rms"] < 1e-3
+    assert min(t["norm"] for t in truth.values()) > 1e-2
+    assert [a.message for a in mon.alerts] == []
+
+
 def test_deep_sigmoid_mlp_vanishes_at_the_first_sampled_step():
     torch.manual_seed(0)
     model = deep(20, 64, nn.Sigmoid)

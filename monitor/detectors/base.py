@@ -80,6 +80,8 @@ class LayerView:
         grad: tuple[float, float, int] | None = None,
         grad_reference: float | None = None,
         grad_reference_growth: float | None = None,
+        grad_norm: float | None = None,
+        grad_norm_reference: float | None = None,
     ) -> None:
         self.name, self.kind, self.step, self.summary, self.thresholds = name, kind, step, summary, thresholds
         self.rms, self.max_abs, self.nonfinite = rms, max_abs, nonfinite
@@ -91,6 +93,13 @@ class LayerView:
         self.grad_reference = grad_reference
         #: That reference over its own baseline (its median over the first sampled steps).
         self.grad_reference_growth = grad_reference_growth
+        #: Per unit, the L2 norm of the gradient over all the step's values (samples, positions,
+        #: calls), RMS over units: ``grad_rms * sqrt(values per unit)``. A layer applied at many
+        #: positions (a conv, a per-token layer) gets a small gradient at each and sums them into
+        #: its shared weights; this counts them.
+        self.grad_norm = grad_norm
+        #: The median ``grad_norm`` of the (up to) three watched layers nearest the loss on this step.
+        self.grad_norm_reference = grad_norm_reference
 
     @property
     def units(self) -> int:

@@ -1,10 +1,10 @@
 """``vanishing_gradient`` and ``exploding_gradient``: the gradient flowing back through each layer.
 
 Both read the gradient with respect to a watched layer's output on a sampled step whose backward
-ran inside the step (``LayerView.grad_rms``), and compare it with the *reference*: the median
-gradient RMS of the (up to) three watched layers nearest the loss on the same step (the last
-ones in forward order). A ratio is scale-free: the loss's reduction, the batch size and a loss
-scale cancel out, so the same thresholds hold for any of them.
+ran inside the step (``LayerView.grad_rms``, ``grad_norm``), and compare it with the *reference*:
+the median of the same number over the (up to) three watched layers nearest the loss on the same
+step (the last ones in forward order). A ratio is scale-free: the loss's reduction, the batch size
+and a loss scale cancel out, so the same thresholds hold for any of them.
 """
 
 from __future__ import annotations
@@ -23,7 +23,12 @@ def orders(ratio: float) -> float:
 class VanishingGradient(Detector):
     """The gradient reaching a layer is orders of magnitude below that of the layers nearest the loss.
 
-    ``grad_ratio``: the layer's gradient RMS over the reference. Bad at once when it lies at least
+    ``grad_norm_ratio``: per unit, the L2 norm of the layer's gradient over all the step's values,
+    over that of the reference layers (``LayerView.grad_norm``): a layer applied at many positions
+    before they are averaged (mean or global-average pooling over L positions) gets 1/L of the
+    gradient at each, but its shared weights sum them; per value it would look L times smaller.
+    With the same positions everywhere (an MLP, a transformer's blocks) it equals ``grad_ratio``,
+    the per-value ratio (reported too). Bad at once when it lies at least
     ``vanishing_orders_at_once`` orders below (1e-6: no healthy layer gets there) without being
     exactly zero (zero-initialised projections give exactly zero at step 0 only), or at least
     ``vanishing_orders`` orders below (1e-3) on ``vanishing_samples`` consecutive sampled steps;
@@ -33,7 +38,7 @@ class VanishingGradient(Detector):
     """
 
     name = "vanishing_gradient"
-    fields = ("grad_ratio",)
+    fields = ("grad_ratio", "grad_norm_ratio")
     causes = (
         "likely saturating activations (sigmoid/tanh) stacked deep, a too-small init, or a dead layer "
         "above it; try ReLU/GELU, He/Xavier init, residual connections or normalisation (BatchNorm/LayerNorm)"
@@ -46,17 +51,20 @@ class VanishingGradient(Detector):
         growth = layer.grad_reference_growth
         if growth is not None and growth >= th.grad_growth_factor:
             return Verdict(None, band=True)
-        ratio = rms / ref
+        norm, norm_ref = layer.grad_norm, layer.grad_norm_reference
+        if norm is None or norm_ref is None or not (norm_ref > 0 and math.isfinite(norm_ref)) or not math.isfinite(norm):
+            norm, norm_ref = rms, ref  # a view without the norms (a detector's own test): per value
+        ratio = norm / norm_ref
         below = orders(ratio)
         streak = memory["streak"] = memory.get("streak", 0) + 1 if below >= th.vanishing_orders else 0
 
         def what() -> str:
             return (
-                f"vanishing gradient: RMS {rms:.3g} is {ratio:.2g} of the layers nearest the loss ({ref:.3g}), "
-                f"threshold 1e-{th.vanishing_orders:g}"
+                f"vanishing gradient: per-unit norm {norm:.3g} is {ratio:.2g} of the layers nearest the loss "
+                f"({norm_ref:.3g}; RMS per value {rms:.3g}), threshold 1e-{th.vanishing_orders:g}"
             )
 
-        metrics = {"grad_ratio": ratio}
+        metrics = {"grad_ratio": rms / ref, "grad_norm_ratio": ratio}
         # An exact zero is not "at once": zero-initialised output projections (ReZero, many GPT
         # recipes) give the layers below them a zero gradient at step 0 only; a dead layer above
         # keeps it at zero and is caught by the streak.
