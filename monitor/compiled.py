@@ -20,6 +20,7 @@ there. Setting it costs ~0.2 ms, so it is set only for models with compiled part
 from __future__ import annotations
 
 import contextlib
+import sys
 from typing import Any
 
 import torch
@@ -52,6 +53,19 @@ def root_compiled(model: nn.Module) -> bool:
     """The cheap check done on every sampled step: ``model.compile()`` called on the model itself
     (e.g. by Lightning's ``configure_model`` after the monitor was built)."""
     return getattr(model, "_compiled_call_impl", None) is not None
+
+
+def compiled_elsewhere() -> bool:
+    """Whether ``torch.compile`` has compiled anything in this process: a compiled wrapper of the
+    watched model (``Monitor(model)`` while training ``torch.compile(model)``) is invisible from
+    the model itself. Cheap: a counter of the compiler, read only once it is imported."""
+    dynamo = sys.modules.get("torch._dynamo")
+    utils = getattr(dynamo, "utils", None) if dynamo is not None else None
+    counters = getattr(utils, "counters", None)
+    try:
+        return bool(counters and counters["stats"]["unique_graphs"])
+    except Exception:
+        return False
 
 
 def clean_name(name: str) -> str:

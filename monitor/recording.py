@@ -20,7 +20,7 @@ from torch import nn
 
 from monitor.attention import AttentionCapture
 from monitor.capture import Capture
-from monitor.compiled import EagerSteps, root_compiled
+from monitor.compiled import EagerSteps, compiled_elsewhere, root_compiled
 from monitor.headstats import AttentionPartials
 from monitor.params import ParameterCapture, ParameterPartials
 from monitor.partials import Pending
@@ -83,14 +83,14 @@ class StepRecorder:
 
     def compiled(self) -> bool:
         """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
-        return self.compiled_parts or root_compiled(self.model)
+        return self.compiled_parts or root_compiled(self.model) or compiled_elsewhere()
 
     def begin(self, host: bool = False) -> None:
         """Attach every part, or none: a part that fails to begin takes the others (and the stance) down.
 
         ``host``: small CPU outputs may be reduced on the host (no collective combines the partials)."""
         self.capture.host_rows = host
-        if self.compiled_parts or root_compiled(self.model):
+        if self.compiled():
             self.eager.enter()  # compiled code runs its eager code (hooks included) until the step ends
         try:
             self.capture.begin()

@@ -93,6 +93,34 @@ def test_module_compile_after_the_monitor_was_built_is_seen_at_the_sampled_step(
     assert counters["stats"]["unique_graphs"] == 1  # compiled at step 1, reused at step 3
 
 
+def test_monitoring_the_uncompiled_model_while_training_its_compiled_wrapper():
+    """``Monitor(model)`` while the loop calls ``torch.compile(model)``: every sampled step is
+    recorded (the wrapper's compiled code runs no hook added after compilation; it stopped
+    recording after the first step), and the compiled code is reused between samples."""
+    model = Net()
+    compiled = torch.compile(model, backend="eager")
+    torch._dynamo.reset()
+    counters.clear()
+    mon = Monitor(model, every_n_steps=2, on_alert="ignore", background=False)
+    steps, graphs = [], []
+    g = torch.Generator().manual_seed(0)
+    with mon:
+        for step in range(8):
+            x = torch.randn(16, 13, generator=g)
+            with mon.step(step):
+                compiled(x).sum().backward()
+            steps.append(mon.health()["act1"].step)
+            graphs.append(counters["stats"]["unique_graphs"])
+            if step == 6:
+                with torch.no_grad():
+                    truth = model.act1(model.fc1(model.act0(model.fc0(x))))
+    assert steps == [0, 0, 2, 2, 4, 4, 6, 6]
+    assert mon.health()["act1"].max_abs == pytest.approx(float(truth.abs().max()), rel=1e-5)
+    # the first sampled step was also the first call: compiled with the hooks in it, once more
+    # without at step 1, then never again
+    assert graphs[1:] == [graphs[1]] * 7
+
+
 def compiled_twin() -> tuple[nn.Module, nn.Module]:
     """The killed-layer MLP and its dynamo-compiled wrapper (no inductor build), the counters reset."""
     _, model = twin_models()
