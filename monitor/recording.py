@@ -66,6 +66,7 @@ class StepRecorder:
         )
         if self.attention is not None and not self.attention.points:
             self.attention = None  # no attention module: nothing to attach on sampled steps
+        self._missing: frozenset[int] = frozenset()  # watched modules that did not run, last checked
 
     @property
     def active(self) -> bool:
@@ -134,6 +135,27 @@ class StepRecorder:
                 "gradient norms and update ratios are skipped: put `optimizer.step()` inside `with monitor.step(...)` "
                 "(a GradScaler that skips a step with inf gradients also gives this once)",
             )
+
+    def check_modules(self, current: dict[WatchPoint, Pending]) -> None:
+        """After a sampled step: warn (once per layer) about watched modules that did not run because
+        they are no longer in the model (replaced or removed since the monitor was built). The model
+        is walked only when the set of watched modules that did not run changes."""
+        missing = [wp for wp in self.capture.module_points if wp not in current]
+        key = frozenset(id(wp) for wp in missing)
+        if key == self._missing:
+            return
+        self._missing = key
+        if not missing:
+            return
+        live = {id(m) for m in self.model.modules()}
+        for wp in missing:
+            if id(wp.module) not in live:
+                self._warn_once(
+                    f"gone:{wp.name}",
+                    f"watched module `{wp.name}` is no longer part of the model (replaced or removed after the "
+                    "monitor was built): it is not watched any more and its health stays at its last sampled "
+                    "step. Build a new Monitor to watch the model as it is now.",
+                )
 
     def end_forward(self) -> None:
         """Stop watching forward passes; gradient and optimizer hooks stay until :meth:`end`."""

@@ -802,6 +802,29 @@ def test_a_copy_of_the_model_made_inside_a_sampled_step_carries_no_monitor(how):
     _assert_clean(model)
 
 
+def test_a_watched_module_replaced_during_training_is_named_in_one_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 2))
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # nothing to say while the model is as built
+            for step in range(2):
+                with mon.step(step):
+                    model(torch.randn(4, 6))
+        model[1] = nn.GELU()  # replaced after the monitor was built
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for step in range(2, 5):
+                with mon.step(step):
+                    model(torch.randn(4, 6))
+    gone = [str(w.message) for w in caught if "no longer part of the model" in str(w.message)]
+    assert len(gone) == 1 and "`1`" in gone[0], [str(w.message) for w in caught]
+    h = mon.health()
+    assert h["1"].step == 1 and h["3"].step == 4  # the other layer goes on
+    _assert_clean(model)
+
+
 def test_hooks_are_gone_when_on_alert_raise_fires_at_the_end_of_the_step():
     from monitor import ActivationAlertError
 
