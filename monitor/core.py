@@ -188,6 +188,9 @@ class Monitor:
             images_every_n_samples, timeline_length, functional, sinks, background, detectors, gradients, run_config,
             probe, probe_every_n_samples, probe_labels, probe_loss_fn, attention,
         )
+        # NumPy integers are accepted; kept as Python ints (checkpoints load with weights_only=True)
+        every_n_steps, images_every_n_samples = int(every_n_steps), int(images_every_n_samples)
+        timeline_length, probe_every_n_samples = int(timeline_length), int(probe_every_n_samples)
         compiled_parts = has_compiled_parts(model)
         model = unwrap(model)  # torch.compile(model): watch the module it runs (see monitor/compiled.py)
         self.model = model
@@ -600,13 +603,18 @@ class Monitor:
         """Restore what :meth:`state_dict` saved (also version 1); layers resume as they are seen again."""
         if not isinstance(state, dict) or state.get("version") not in (1, 2):
             raise ValueError("Expected a state dict saved by Monitor.state_dict() (version 1 or 2).")
+        try:
+            samples, auto_step, last = int(state["samples"]), int(state["auto_step"]), state["last_sampled"]
+            last = None if last is None else int(last)
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"Expected a state dict saved by Monitor.state_dict(); this one is incomplete or damaged: {e!r}.") from e
         self._drain()
         with self._ledger.lock:
-            self._samples = int(state["samples"])
-            self._auto_step = int(state["auto_step"])
-            last = state["last_sampled"]
-            self._last_sampled = None if last is None else int(last)
-            self._ledger.load_state_dict(state)
+            try:
+                self._ledger.load_state_dict(state)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise ValueError(f"Expected a state dict saved by Monitor.state_dict(); its layers could not be read: {e!r}.") from e
+            self._samples, self._auto_step, self._last_sampled = samples, auto_step, last
 
 
 class _SampledStep:

@@ -9,6 +9,7 @@ only with the model and is checked when the monitor is built on it.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ _BASE_METRICS = frozenset({"rms", "max_abs", "nonfinite", "firing_rate", "eviden
 
 
 def _is_int(v: Any) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
+    """An integer: Python's or NumPy's (``np.int64(5)``), never a bool."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"
 
 
 def check_on_alert(on_alert: Any, modes: Sequence[str] = ON_ALERT_MODES) -> None:

@@ -4,6 +4,7 @@ import gc
 import tracemalloc
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -47,6 +48,31 @@ def test_bad_input_is_rejected_at_construction(kwargs, exc, needle):
     with pytest.raises(exc) as e:
         Monitor(WineClassifier(), **kwargs)
     assert needle in str(e.value)
+
+
+def test_numpy_integers_are_accepted_and_kept_as_python_ints():
+    """``np.int64`` from a config or a grid search, as ``step()`` takes them; a bool never."""
+    mon = Monitor(WineClassifier(), every_n_steps=np.int64(5), images_every_n_samples=np.int32(3))
+    assert type(mon.every_n_steps) is int and mon.every_n_steps == 5
+    assert type(mon.state_dict()["every_n_steps"]) is int  # checkpoints load with weights_only=True
+    with pytest.raises(ValueError, match="got np.True_"):
+        Monitor(WineClassifier(), every_n_steps=np.bool_(True))
+
+
+@pytest.mark.parametrize(
+    "state, needle",
+    [
+        ({"version": 2}, "incomplete or damaged: KeyError('samples')"),
+        ({"version": 2, "samples": "x", "auto_step": 0, "last_sampled": None}, "incomplete or damaged"),
+        ({"version": 2, "samples": 1, "auto_step": 0, "last_sampled": None}, "its layers could not be read"),
+    ],
+)
+def test_a_damaged_state_dict_is_refused_with_a_clear_error(state, needle):
+    mon = Monitor(WineClassifier(), every_n_steps=1)
+    with pytest.raises(ValueError, match="Expected a state dict saved by Monitor.state_dict") as e:
+        mon.load_state_dict(state)
+    assert needle in str(e.value)
+    assert mon.state_dict()["samples"] == 0  # unchanged
 
 
 def test_model_must_be_a_module():
