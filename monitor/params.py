@@ -127,6 +127,7 @@ class ParameterPartials:
     on_host: bool = False
     backward: bool = False  # a gradient was seen
     stepped: bool = False  # an optimizer stepped one of the model's parameters
+    unstepped: list[str] = field(default_factory=list)  # had a gradient at the first optimizer step, stepped by none
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.norms] if self.norms is not None else []
@@ -169,6 +170,7 @@ class ParameterCapture:
             self._index()  # integrations read every parameter: walk the model each sampled step
         self._norms, self._groups, self._sampled = {}, [], set()
         self._backward = self._stepped = False
+        self._with_grads: list[str] | None = None  # trainable parameters with a gradient at the first optimizer step
         if not self.use_hooks:
             return
         try:
@@ -189,6 +191,8 @@ class ParameterCapture:
         if not self.use_hooks and self._groups and not failed:
             self._sample_after(self._named_now())
         out = ParameterPartials(backward=self._backward, stepped=self._stepped)
+        if self._with_grads and self._stepped:
+            out.unstepped = [n for n in self._with_grads if n not in self._norms]
         try:
             if self._norms:
                 out.norm_names = sorted(self._norms, key=self._order.__getitem__)
@@ -267,6 +271,8 @@ class ParameterCapture:
         return [(names[id(p)], p) for p in params if id(p) in names]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._with_grads is None:  # which parameters could be stepped (one pass, first step only)
+            self._with_grads = [n for n, p in self._named_now() if p.grad is not None]
         self.read_gradients(self.params_of(optimizer))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:

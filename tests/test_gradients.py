@@ -241,6 +241,26 @@ def test_no_optimizer_step_inside_the_step_says_so_once_and_skips_parameter_numb
     assert mon.health()["act0"].grad_rms > 0
 
 
+def test_an_optimizer_stepping_outside_the_step_beside_one_inside_is_named_once():
+    torch.manual_seed(0)
+    model = deep(2, 16, nn.ReLU)
+    inside = torch.optim.SGD([p for n, p in model.named_parameters() if not n.startswith("fc0.")], lr=0.1)
+    outside = torch.optim.SGD(model.fc0.parameters(), lr=0.1)
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with warnings.catch_warnings(record=True) as rec, mon:
+        warnings.simplefilter("always")
+        for step in range(3):
+            with mon.step(step):
+                model(torch.randn(8, 13)).pow(2).mean().backward()
+                inside.step()
+            outside.step()
+            inside.zero_grad()
+            outside.zero_grad()
+    said = [str(w.message) for w in rec if "stepped by no optimizer" in str(w.message)]
+    assert len(said) == 1 and "fc0.weight, fc0.bias" in said[0]
+    assert sorted(mon.parameter_health()) == ["fc1.bias", "fc1.weight", "head.bias", "head.weight"]
+
+
 def test_a_zero_weight_has_no_ratio_and_nonfinite_gradients_are_counted():
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
     nn.init.zeros_(model[0].bias)
