@@ -454,7 +454,6 @@ class Monitor:
             return  # the step raised (the exception propagates), or the monitor was closed meanwhile
         self._recorder.check_stepped(self._step, current, params)
         self._recorder.check_modules(current)
-        self._recorder.check_unstepped(self._step, params)
         self._last_sampled = self._step
         if not current and attention is None:
             self._warn_once(

@@ -127,7 +127,6 @@ class ParameterPartials:
     on_host: bool = False
     backward: bool = False  # a gradient was seen
     stepped: bool = False  # an optimizer stepped one of the model's parameters
-    unstepped: list[str] = field(default_factory=list)  # had a gradient at the first optimizer step, stepped by none
 
     def tensors(self) -> list[torch.Tensor]:
         out = [self.norms] if self.norms is not None else []
@@ -170,7 +169,6 @@ class ParameterCapture:
             self._index()  # integrations read every parameter: walk the model each sampled step
         self._norms, self._groups, self._sampled = {}, [], set()
         self._backward = self._stepped = False
-        self._with_grads: list[str] | None = None  # trainable parameters with a gradient at the first optimizer step
         if not self.use_hooks:
             return
         try:
@@ -191,8 +189,6 @@ class ParameterCapture:
         if not self.use_hooks and self._groups and not failed:
             self._sample_after(self._named_now())
         out = ParameterPartials(backward=self._backward, stepped=self._stepped)
-        if self._with_grads and self._stepped:
-            out.unstepped = [n for n in self._with_grads if n not in self._norms]
         try:
             if self._norms:
                 out.norm_names = sorted(self._norms, key=self._order.__getitem__)
@@ -271,8 +267,6 @@ class ParameterCapture:
         return [(names[id(p)], p) for p in params if id(p) in names]
 
     def _pre_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._with_grads is None:  # which parameters could be stepped (one pass, first step only)
-            self._with_grads = [n for n, p in self._named_now() if p.grad is not None]
         self.read_gradients(self.params_of(optimizer))
 
     def _post_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
@@ -329,14 +323,27 @@ def _stack(values: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _foreach_norm32(grads: list[torch.Tensor]) -> list[torch.Tensor]:
-    """L2 norms accumulated in float32 (a bf16 norm is rounded to 3 significant digits), one kernel
-    where PyTorch's ``_foreach_norm`` takes a ``dtype`` (2.3+), else one per low-precision tensor."""
+    """L2 norms as float32 tensors. float32 (and float64, complex) gradients in their own precision
+    (one ``_foreach_norm`` per dtype); bf16/fp16 accumulated in float32 (a bf16 norm is rounded to
+    3 significant digits): one kernel where ``_foreach_norm`` takes a ``dtype`` (2.3+), else one per tensor."""
     if all(g.dtype == torch.float32 for g in grads):
         return list(torch._foreach_norm(grads))
-    try:
-        return list(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    except TypeError:
-        return [torch.linalg.vector_norm(g, dtype=torch.float32) if g.dtype != torch.float32 else g.norm() for g in grads]
+    out: list[torch.Tensor | None] = [None] * len(grads)
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, g in enumerate(grads):
+        by_dtype.setdefault(g.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        group = [grads[i] for i in idx]
+        if dtype in (torch.float16, torch.bfloat16):
+            try:
+                norms = list(torch._foreach_norm(group, 2, dtype=torch.float32))
+            except (TypeError, RuntimeError):
+                norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in group]
+        else:
+            norms = [n if n.dtype == torch.float32 else n.float() for n in torch._foreach_norm(group)]
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out  # type: ignore[return-value]
 
 
 def _norm(g: torch.Tensor) -> torch.Tensor:

@@ -136,19 +136,6 @@ class StepRecorder:
                 "(a GradScaler that skips a step with inf gradients also gives this once)",
             )
 
-    def check_unstepped(self, step: int, params: ParameterPartials | None) -> None:
-        """After a sampled step in which an optimizer stepped: warn (once) about parameters that had a
-        gradient but that no optimizer stepped inside the step (their optimizer steps outside it)."""
-        if params is None or not params.unstepped:
-            return
-        names = ", ".join(params.unstepped[:5]) + (f" and {len(params.unstepped) - 5} more" if len(params.unstepped) > 5 else "")
-        self._warn_once(
-            "unstepped",
-            f"parameters with a gradient were stepped by no optimizer inside sampled step {step}: {names}; their "
-            "gradient norms and update ratios are skipped (and left out of the total gradient norm). Put every "
-            "`optimizer.step()` inside `with monitor.step(...)` to get them.",
-        )
-
     def check_modules(self, current: dict[WatchPoint, Pending]) -> None:
         """After a sampled step: warn (once per layer) about watched modules that did not run because
         they are no longer in the model (replaced or removed since the monitor was built). The model
