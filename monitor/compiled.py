@@ -20,6 +20,7 @@ there. Setting it costs ~0.2 ms, so it is set only for models with compiled part
 from __future__ import annotations
 
 import contextlib
+import gc
 import sys
 from typing import Any
 
@@ -55,17 +56,22 @@ def root_compiled(model: nn.Module) -> bool:
     return getattr(model, "_compiled_call_impl", None) is not None
 
 
-def compiled_elsewhere() -> bool:
-    """Whether ``torch.compile`` has compiled anything in this process: a compiled wrapper of the
-    watched model (``Monitor(model)`` while training ``torch.compile(model)``) is invisible from
-    the model itself. Cheap: a counter of the compiler, read only once it is imported."""
+def compile_count() -> int:
+    """Graphs ``torch.compile`` has built in this process (0 before the compiler is imported)."""
     dynamo = sys.modules.get("torch._dynamo")
-    utils = getattr(dynamo, "utils", None) if dynamo is not None else None
-    counters = getattr(utils, "counters", None)
+    counters = getattr(getattr(dynamo, "utils", None), "counters", None) if dynamo is not None else None
     try:
-        return bool(counters and counters["stats"]["unique_graphs"])
+        return int(counters["stats"]["unique_graphs"]) if counters else 0
     except Exception:
-        return False
+        return 0
+
+
+def has_compiled_wrapper(model: nn.Module) -> bool:
+    """Whether a ``torch.compile(model)`` wrapper of ``model`` exists (``Monitor(model)`` while the
+    loop calls the wrapper): the wrapper holds the model as its ``_orig_mod`` child, which the model
+    itself cannot see. One pass over the objects that refer to the model (``gc.get_referrers``):
+    call it only when the compiler has built new graphs."""
+    return any(isinstance(r, dict) and r.get("_orig_mod") is model for r in gc.get_referrers(model))
 
 
 def clean_name(name: str) -> str:

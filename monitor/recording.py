@@ -20,7 +20,7 @@ from torch import nn
 
 from monitor.attention import AttentionCapture
 from monitor.capture import Capture
-from monitor.compiled import EagerSteps, compiled_elsewhere, root_compiled
+from monitor.compiled import EagerSteps, compile_count, has_compiled_wrapper, root_compiled
 from monitor.headstats import AttentionPartials
 from monitor.params import ParameterCapture, ParameterPartials
 from monitor.partials import Pending
@@ -67,6 +67,7 @@ class StepRecorder:
         if self.attention is not None and not self.attention.points:
             self.attention = None  # no attention module: nothing to attach on sampled steps
         self._missing: frozenset[int] = frozenset()  # watched modules that did not run, last checked
+        self._graphs_seen = 0  # torch.compile's graph count when compiled wrappers were last looked for
 
     @property
     def active(self) -> bool:
@@ -83,8 +84,17 @@ class StepRecorder:
         self.capture.paused = paused
 
     def compiled(self) -> bool:
-        """torch.compile(model), model.compile(), a compiled submodule, or Lightning's compile."""
-        return self.compiled_parts or root_compiled(self.model) or compiled_elsewhere()
+        """torch.compile(model), model.compile(), a compiled submodule, Lightning's compile, or a
+        ``torch.compile(model)`` wrapper the loop calls (looked for when the compiler has built new
+        graphs since the last look; the first sampled step, if it is the wrapper's first call, runs
+        before any graph exists)."""
+        if self.compiled_parts or root_compiled(self.model):
+            return True
+        graphs = compile_count()
+        if graphs != self._graphs_seen:
+            self._graphs_seen = graphs
+            self.compiled_parts = has_compiled_wrapper(self.model)
+        return self.compiled_parts
 
     def begin(self, host: bool = False) -> None:
         """Attach every part, or none: a part that fails to begin takes the others (and the stance) down.

@@ -121,6 +121,33 @@ def test_monitoring_the_uncompiled_model_while_training_its_compiled_wrapper():
     assert graphs[1:] == [graphs[1]] * 7
 
 
+def test_a_compiled_function_beside_an_eager_model_stays_compiled_on_sampled_steps():
+    """A compiled loss (or ``torch.compile(flex_attention)``) next to an eager model: sampled steps
+    leave the compiler alone (forcing its eager code there made FlexAttention unfused, 5x slower)."""
+    runs = {"n": 0}
+
+    def backend(gm, example_inputs):  # type: ignore[no-untyped-def]
+        def run(*args):  # type: ignore[no-untyped-def]
+            runs["n"] += 1
+            return gm.forward(*args)
+
+        return run
+
+    torch._dynamo.reset()
+    loss_fn = torch.compile(lambda out, y: ((out - y) ** 2).mean(), backend=backend)
+    model = Net()
+    mon = Monitor(model, every_n_steps=2, on_alert="ignore", background=False)
+    per_step = []
+    with mon:
+        for step in range(6):
+            before = runs["n"]
+            with mon.step(step):
+                loss_fn(model(torch.randn(4, 13)), torch.zeros(4, 64)).backward()
+            per_step.append(runs["n"] - before)
+    assert per_step == [1] * 6
+    assert mon.health()["act1"].step == 4
+
+
 def compiled_twin() -> tuple[nn.Module, nn.Module]:
     """The killed-layer MLP and its dynamo-compiled wrapper (no inductor build), the counters reset."""
     _, model = twin_models()
