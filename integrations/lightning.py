@@ -46,6 +46,7 @@ from monitor import (
     ParameterHealth,
     Thresholds,
 )
+from monitor.options import python_ints
 from monitor.selection import Patterns
 from monitor.sinks import ScalarQueue
 
@@ -115,13 +116,13 @@ class ActivationMonitor(Callback):
         self._val_probe = isinstance(monitor_kwargs.get("probe"), str) and monitor_kwargs["probe"] == VAL_PROBE
         checked = {**monitor_kwargs, "probe": None, "probe_labels": None} if self._val_probe else monitor_kwargs
         Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **checked)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = int(every_n_steps)  # np.int64 too: the state key and checkpoints want int
         self.include = include
         self.exclude = exclude
         self.thresholds = thresholds
         self.on_alert = on_alert
         self.logdir = logdir
-        self.monitor_kwargs = monitor_kwargs
+        self.monitor_kwargs = python_ints(monitor_kwargs)
 
         self.monitor: Monitor | None = None  # the core monitor of the current/last fit
         self._pending_state: dict[str, Any] | None = None

@@ -40,6 +40,7 @@ from monitor import (
     Thresholds,
 )
 from monitor.alerts import warn
+from monitor.compiled import unwrap
 from monitor.selection import Patterns
 
 __all__ = ["HISTORY_KEYS", "ActivationMonitor"]
@@ -164,7 +165,8 @@ class ActivationMonitor(Callback):
             self.every_n_steps, self.include, self.exclude, self.thresholds, self.logdir, None, self.on_alert,
             self.histograms, self.images_every_n_samples, self.timeline_length, self.functional, self.sinks,
             True, self.detectors, self.gradients, self.run_config,
-            _probe_tensors(self.probe), self.probe_every_n_samples, self.probe_labels, self.probe_loss_fn,
+            self.probe if isinstance(self.probe, str) else _probe_tensors(self.probe),  # a str: the core names it
+            self.probe_every_n_samples, self.probe_labels, self.probe_loss_fn,
         )
         for name in ("new_run_per_fit", "history_layers"):
             if not isinstance(getattr(self, name), bool):
@@ -206,7 +208,8 @@ class ActivationMonitor(Callback):
             self._drop_spent_guard()
             return  # validation / prediction batches are never sampled
         mon = self.monitor_
-        if mon is None or getattr(net, "module_", None) is not mon.model:
+        module = getattr(net, "module_", None)
+        if mon is None or not isinstance(module, nn.Module) or unwrap(module) is not mon.model:  # net(compile=True): a wrapper
             self._start(net)  # the module was replaced: follow it
             mon = self.monitor_
         self._end_step(failed=True)  # a step left open by an exception elsewhere

@@ -60,6 +60,7 @@ from monitor import (
     Thresholds,
 )
 from monitor.handles import Hook
+from monitor.options import python_ints
 from monitor.selection import Patterns
 from monitor.sinks import ScalarQueue
 
@@ -147,13 +148,13 @@ class ActivationMonitor(TrainerCallback, ExportableState):
         # Every option is validated now, with the core's messages; whether a pattern matches a
         # module is known at `on_train_begin`, on the real model.
         Options(every_n_steps, include, exclude, thresholds, logdir, None, on_alert, **monitor_kwargs)
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = int(every_n_steps)  # np.int64 too: trainer_state.json is JSON
         self.include = include
         self.exclude = exclude
         self.thresholds = thresholds
         self.on_alert = on_alert
         self.logdir = logdir
-        self.monitor_kwargs = monitor_kwargs
+        self.monitor_kwargs = python_ints(monitor_kwargs)
 
         self.monitor: Monitor | None = None  # the core monitor of the current/last train()
         self.log_dir: str | None = None  # where this rank's TensorBoard output goes (None: nowhere)

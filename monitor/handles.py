@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import sys
 from typing import Any
@@ -38,13 +39,20 @@ def remove_all(handles: list[Any]) -> None:
         raise error
 
 
+# How a monitor's hook is pickled: ``nullcontext().__exit__``, which takes any arguments and returns
+# None (a hook that changes nothing), from the standard library. A module that is never called
+# through ``__call__`` (``MultiheadAttention.out_proj``) keeps it; it costs nothing to load.
+_NO_OP = (getattr, (contextlib.nullcontext(), "__exit__"))
+
+
 class Hook(functools.partial):  # type: ignore[type-arg]
     """A hook the monitor puts on a user's module (``Hook(fn)`` calls ``fn``; C-speed, a partial).
 
-    A copy of the module made while the hook is on it (``copy.deepcopy``, ``pickle``,
-    ``torch.save(model)`` inside a sampled step) gets an :class:`InertHook` in its place: never
-    the monitor's hook, which would record the copy's forwards as the watched model's, and never
-    the monitor itself (locks, threads: not copyable).
+    A copy of the module made while the hook is on it gets a no-op in its place: an
+    :class:`InertHook` for ``copy.deepcopy``, a standard-library no-op for ``pickle`` and
+    ``torch.save(model)`` inside a sampled step. Never the monitor's hook, which would record the
+    copy's forwards as the watched model's, and never the monitor itself (locks, threads: not
+    copyable).
 
     >>> import copy, torch
     >>> m = torch.nn.ReLU()
@@ -59,17 +67,25 @@ class Hook(functools.partial):  # type: ignore[type-arg]
     __slots__ = ()
 
     def __reduce__(self) -> tuple[Any, ...]:
-        return (InertHook, ())
+        return _NO_OP
 
     def __deepcopy__(self, memo: dict[int, Any]) -> InertHook:
         return InertHook()
 
 
 class InertHook:
-    """What a copy of a module gets for a monitor's hook: does nothing, and takes itself off the
-    module at its first call (outside exception handling, where torch may be iterating the dict)."""
+    """What a deep copy of a module gets for a monitor's hook: does nothing, and takes itself off
+    the module at its first call (outside exception handling, where torch may be iterating the
+    dict). Pickled, it is a no-op of the standard library (:data:`_NO_OP`), so a saved model never
+    needs this package to load."""
 
     __slots__ = ()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _NO_OP
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> InertHook:
+        return InertHook()
 
     def __call__(self, module: Any = None, *args: Any, **kwargs: Any) -> None:
         if sys.exc_info()[0] is not None or not hasattr(module, "_forward_hooks"):

@@ -27,6 +27,21 @@ from monitor.thresholds import Thresholds
 _BASE_METRICS = frozenset({"rms", "max_abs", "nonfinite", "firing_rate", "evidence_values"})
 
 
+#: The keyword options that are integers (besides ``every_n_steps``).
+INT_OPTIONS = ("images_every_n_samples", "timeline_length", "probe_every_n_samples")
+
+
+def python_ints(options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` with the integer ones as Python ints (validated ``np.int64`` values become ``int``:
+    what callbacks keep must go into JSON checkpoints and state keys unchanged).
+
+    >>> import numpy as np
+    >>> python_ints({"timeline_length": np.int64(50), "histograms": True})
+    {'timeline_length': 50, 'histograms': True}
+    """
+    return {k: int(v) if k in INT_OPTIONS and _is_int(v) else v for k, v in options.items()}
+
+
 def _is_int(v: Any) -> bool:
     """An integer: Python's or NumPy's (``np.int64(5)``), never a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, bool) and type(v).__name__ != "bool_"

@@ -1201,3 +1201,12 @@ def test_a_user_detector_plugs_into_the_callback_and_its_field_reaches_the_logge
     with open(os.path.join(logger.log_dir, "metrics.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r.get("activation_peak/net.1")]
     assert [(int(r["step"]), float(r["activation_peak/net.1"])) for r in rows] == [(0, pytest.approx(peak))]
+
+
+def test_numpy_integer_options_give_the_same_callback_as_python_ints():
+    import numpy as np
+
+    a = ActivationMonitor(every_n_steps=np.int64(5), timeline_length=np.int32(20))
+    b = ActivationMonitor(every_n_steps=5, timeline_length=20)
+    assert a.state_key == b.state_key  # a checkpoint saved by one restores into the other
+    assert type(a.every_n_steps) is int and type(a.monitor_kwargs["timeline_length"]) is int

@@ -699,3 +699,19 @@ def test_reentrant_checkpointing_gives_the_gradients_in_skorch_too():
     assert len(truth) == 2  # one gradient per batch
     assert h.grad_rms == pytest.approx(float(truth[-1].pow(2).mean().sqrt()), rel=1e-5)
     assert h.evidence_values == 64  # two batches of 32, each counted once (the re-runs are not counted)
+
+
+def test_a_compiled_net_keeps_one_monitor_and_one_run(tmp_path, wine):
+    """``NeuralNet(compile=True)``: ``module_`` is the compiler's wrapper of the module the monitor
+    watches; that is not a replaced module (it started a new monitor and run on every batch)."""
+    X, y, _, _ = wine
+    cb = ActivationMonitor(every_n_steps=5, logdir=tmp_path, on_alert="ignore")
+    net = make_net([cb], max_epochs=2, compile=True, compile__backend="eager", batch_size=64)
+    net.fit(X, y)
+    assert type(net.module_).__name__ == "OptimizedModule"
+    assert [p.name for p in tmp_path.iterdir()] == ["run-000"]
+    batches = 2 * math.ceil(len(X) * 0.8 / 64)  # skorch's default 80% train split
+    assert cb.step_ == batches
+    assert {n: h.step for n, h in cb.health().items()} == dict.fromkeys(cb.health(), (batches - 1) // 5 * 5)
+    events = list((tmp_path / "run-000").glob("events.out.tfevents.*"))
+    assert len(events) == 1

@@ -617,3 +617,14 @@ def test_ddp_combines_ranks_in_one_collective_and_only_the_main_process_writes(t
 
 if __name__ == "__main__" and len(sys.argv) == 3 and sys.argv[1] == "ddp":
     ddp_main(sys.argv[2])
+
+
+def test_numpy_integer_options_go_into_the_json_checkpoint_entry():
+    import json
+
+    import numpy as np
+
+    cb = ActivationMonitor(every_n_steps=np.int64(5), images_every_n_samples=np.int64(3))
+    entry = json.loads(json.dumps(cb.state()))  # trainer_state.json is JSON
+    assert entry["args"]["_restore"]["every_n_steps"] == 5
+    assert entry["args"]["_restore"]["images_every_n_samples"] == 3
