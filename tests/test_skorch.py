@@ -704,10 +704,20 @@ def test_reentrant_checkpointing_gives_the_gradients_in_skorch_too():
 def test_a_compiled_net_keeps_one_monitor_and_one_run(tmp_path, wine):
     """``NeuralNet(compile=True)``: ``module_`` is the compiler's wrapper of the module the monitor
     watches; that is not a replaced module (it started a new monitor and run on every batch)."""
+    from skorch.callbacks import Callback
+
     X, y, _, _ = wine
     cb = ActivationMonitor(every_n_steps=5, logdir=tmp_path, on_alert="ignore")
-    net = make_net([cb], max_epochs=2, compile=True, compile__backend="eager", batch_size=64)
+    monitors = []
+
+    class Seen(Callback):
+        def on_batch_end(self, net, **kwargs):  # type: ignore[no-untyped-def]
+            if kwargs.get("training"):
+                monitors.append(id(cb.monitor_))
+
+    net = make_net([cb, Seen()], max_epochs=2, compile=True, compile__backend="eager", batch_size=64)
     net.fit(X, y)
+    assert len(monitors) > 2 and len(set(monitors)) == 1
     assert type(net.module_).__name__ == "OptimizedModule"
     assert [p.name for p in tmp_path.iterdir()] == ["run-000"]
     batches = 2 * math.ceil(len(X) * 0.8 / 64)  # skorch's default 80% train split
