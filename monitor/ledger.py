@@ -13,7 +13,7 @@ from typing import Any
 
 from monitor.alerts import Alert
 from monitor.health import AttentionHealth, LayerHealth, ParameterHealth
-from monitor.judge import Judge
+from monitor.judge import Judge, LayerMemory
 from monitor.pack import Job, unpack
 from monitor.records import LayerSample, SampleRecord
 
@@ -80,8 +80,14 @@ class Ledger:
             }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Everything is read before anything changes: a damaged state raises and leaves this as it was."""
+        order = [str(n) for n in state["order"]]
+        alerts = [Alert(**a) for a in state["alerts"]]
+        layers = dict(state["layers"])
+        for layer in layers.values():
+            LayerMemory.from_state_dict(layer)  # every entry readable now, not at the layer's next step
         with self.lock:
-            self.order = list(state["order"])
-            self._order_set = set(self.order)
-            self.alerts = [Alert(**a) for a in state["alerts"]]
-            self.judge.load_state_dict(dict(state["layers"]))
+            self.order = order
+            self._order_set = set(order)
+            self.alerts = alerts
+            self.judge.load_state_dict(layers)

@@ -65,14 +65,29 @@ def test_numpy_integers_are_accepted_and_kept_as_python_ints():
         ({"version": 2}, "incomplete or damaged: KeyError('samples')"),
         ({"version": 2, "samples": "x", "auto_step": 0, "last_sampled": None}, "incomplete or damaged"),
         ({"version": 2, "samples": 1, "auto_step": 0, "last_sampled": None}, "its layers could not be read"),
+        ({"version": 2, "samples": 1, "auto_step": 0, "last_sampled": None, "order": ["x"], "alerts": []}, "its layers"),
+        (
+            {"version": 2, "samples": 1, "auto_step": 0, "last_sampled": None, "order": ["x"], "alerts": [], "layers": {"x": {"window": []}}},
+            "its layers could not be read: KeyError('active')",
+        ),
     ],
 )
 def test_a_damaged_state_dict_is_refused_with_a_clear_error(state, needle):
-    mon = Monitor(WineClassifier(), every_n_steps=1)
+    model = WineClassifier()
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon.step(0):
+        model(torch.randn(8, 13))
+    before = mon.state_dict()
     with pytest.raises(ValueError, match="Expected a state dict saved by Monitor.state_dict") as e:
         mon.load_state_dict(state)
     assert needle in str(e.value)
-    assert mon.state_dict()["samples"] == 0  # unchanged
+    after = mon.state_dict()
+    assert (after["samples"], after["order"], after["alerts"], sorted(after["layers"])) == (
+        before["samples"], before["order"], before["alerts"], sorted(before["layers"])
+    )  # unchanged
+    with mon.step(1):  # and it goes on
+        model(torch.randn(8, 13))
+    assert mon.state_dict()["samples"] == 2
 
 
 def test_model_must_be_a_module():
