@@ -15,6 +15,7 @@ of a sequence), and all of them reach the host in one transfer after the forward
 from __future__ import annotations
 
 import contextlib
+import itertools
 import random
 import threading
 import time
@@ -192,6 +193,14 @@ def model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def model_dtype(model: nn.Module) -> torch.dtype | None:
+    """The dtype of the model's first floating-point parameter (or buffer), None without one."""
+    for t in itertools.chain(model.parameters(), model.buffers()):
+        if t.is_floating_point():
+            return t.dtype
+    return None
+
+
 def call_model(model: nn.Module, inputs: Any) -> Any:
     return model(**inputs) if isinstance(inputs, Mapping) else model(inputs)
 
@@ -237,7 +246,7 @@ class ProbeRunner:
             raise RuntimeError("No probe: pass `probe=` to the Monitor (Lightning: probe='val' waits for a validation batch).")
         if self._tapped is None:
             self._tapped = self.capture.tapped(self._collect)
-        inputs, targets = probe.on(model_device(model))
+        inputs, targets = probe.on(model_device(model), model_dtype(model))
         collect = self._collect
         collect.samples, collect.sums = probe.samples, {}
         with invisible(model, self.capture):

@@ -29,20 +29,22 @@ class ProbeInput:
     labels: list[Any] | None
     _moved: dict[str, tuple[Any, Any]] = field(default_factory=dict, repr=False)
 
-    def on(self, device: torch.device) -> tuple[Any, Any]:
-        """(inputs, targets) on ``device`` (moved once, then cached)."""
-        key = str(device)
+    def on(self, device: torch.device, dtype: torch.dtype | None = None) -> tuple[Any, Any]:
+        """(inputs, targets) on ``device``, floating ones as ``dtype`` (the model's: a float64 NumPy
+        probe into a float32 model), converted once, then cached."""
+        key = f"{device}/{dtype}"
         if key not in self._moved:
             self._moved.clear()  # one device at a time
-            self._moved[key] = (_to(self.inputs, device), _to(self.targets, device))
+            self._moved[key] = (_to(self.inputs, device, dtype), _to(self.targets, device, dtype))
         return self._moved[key]
 
 
-def _to(obj: Any, device: torch.device) -> Any:
+def _to(obj: Any, device: torch.device, dtype: torch.dtype | None = None) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.detach().to(device)
+        obj = obj.detach()
+        return obj.to(device, dtype) if dtype is not None and obj.is_floating_point() else obj.to(device)
     if isinstance(obj, Mapping):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _to(v, device, dtype) for k, v in obj.items()}
     return obj
 
 

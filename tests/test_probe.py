@@ -126,6 +126,26 @@ def test_probe_matrices_are_the_activations_of_each_probe_sample(wine):
     mon.close()
 
 
+@pytest.mark.parametrize("as_numpy", [True, False])
+def test_a_float64_probe_runs_in_the_models_dtype(wine, as_numpy):
+    """What ``StandardScaler`` and ``np.random.randn`` give is float64: the probe runs as float32
+    (it raised a dtype error, and the periodic probe runs stopped for good)."""
+    X, y, px, py = wine
+    torch.manual_seed(0)
+    model = DropBN()
+    p64 = px.double().numpy() if as_numpy else px.double()
+    mon = Monitor(model, every_n_steps=5, on_alert="ignore", probe=(p64, py.numpy() if as_numpy else py),
+                  probe_every_n_samples=1, probe_loss_fn=F.cross_entropy)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MonitorWarning)
+        train(model, mon, X, y, 11)
+        mon.close()  # runs the probe the last sampled step asked for
+    result = mon.last_probe
+    assert result is not None and result.step == 10
+    expected = truth(model, px, {"act0": (model.act0, lambda t: t, ())})
+    np.testing.assert_allclose(result.activations["act0"], expected["act0"], rtol=1e-6, atol=1e-6)
+
+
 def test_conv_and_sequence_outputs_are_averaged_over_their_positions():
     torch.manual_seed(0)
     cnn = SmallCNN()
