@@ -436,6 +436,26 @@ def test_a_run_still_being_written_and_then_resumed(tmp_path, capsys):
     assert len(act2["rms"]["trend"]) == 6 and act2["grad_rms"] is None
 
 
+def test_a_new_run_written_into_the_same_directory_is_not_merged_with_the_old_one(tmp_path, capsys):
+    """A script rerun into the same logdir starts over at step 0: not a resume. Only the newest run
+    is reported, with a note (the two were stitched together by step)."""
+    logdir = tmp_path / "run"
+    x = torch.randn(BATCH, 13, generator=torch.Generator().manual_seed(1))
+    for steps in (12, 6):  # the old run goes further than the new one
+        model = three_layer_model()
+        mon = Monitor(model, every_n_steps=EVERY, logdir=str(logdir), on_alert="ignore")
+        for step in range(steps):
+            with mon.step(step):
+                model(x)
+        mon.close()
+    assert len(list(logdir.glob("*.activation-monitor"))) == 2
+    code, out, err = run_report(logdir, "--json", capsys=capsys)
+    (run,) = strict_json(out)["runs"]
+    assert code == 0 and (run["first_step"], run["last_step"], run["sampled_steps"]) == (0, 4, 3)
+    assert [(a["step"], a["layer"], a["kind"]) for a in run["alerts"]] == [(a.step, a.layer, a.kind) for a in mon.alerts]
+    assert any("starts over at step 0" in n for n in run["notes"]), run["notes"]
+
+
 # -- Lightning and skorch -------------------------------------------------------------------------
 def test_lightning_versions(tmp_path, capsys):
     L = pytest.importorskip("lightning.pytorch")

@@ -4,7 +4,9 @@ The monitor's event files (``events.out.tfevents.*.activation-monitor``, see
 :mod:`monitor.eventfile`) are found under each directory, recursively: a run directory, or a
 parent of many (Lightning ``version_N``, skorch ``run-NNN``). Files are grouped by the directory
 they lie in; one directory is one run (several files in it, e.g. a resumed run, are read in name
-order, i.e. by creation time, and merged by step: a step written twice keeps its last value).
+order, i.e. by creation time, and merged by step: a step written twice keeps its last value; a
+file that starts over at or before the first step read so far begins a new run, and only the
+newest is reported: see :func:`monitor.report.reading.read_run`).
 Directories with no such file are searched for plain ``events.out.tfevents.*`` files holding the
 monitor's tags (older versions of the monitor wrote into the ``SummaryWriter``'s file).
 """

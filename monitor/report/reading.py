@@ -250,9 +250,32 @@ def read_run(files: Sequence[str], images: bool = False) -> RunData:
     ``activation_`` or ``gradient_`` tag), for the HTML page.
     """
     run = RunData(images={} if images else None)
+    earliest: int | None = None  # the first sampled step of the files read so far
+    kept: list[str] = []
     for path in files:
+        before = len(run.sampled)
         try:
             _read_file(path, run)
         except OSError as e:
             run.notes.append(f"{path}: could not read ({e.strerror or e})")
+        new = run.sampled[before:]
+        if new and earliest is not None and min(new) <= earliest:
+            # Starts over at or before the first step already read: not a resumed run (which goes
+            # on from a later step) but a new run written into the same directory. Only the newest
+            # run is reported; its files are read again on their own.
+            notes = [n for n in run.notes if not n.startswith(tuple(kept))]
+            run = RunData(images={} if images else None, notes=notes)
+            run.notes.append(
+                f"{path} starts over at step {min(new)}, before or at the first step of "
+                f"{', '.join(kept)} ({earliest}): a new run written into the same directory; "
+                "only the newest run is reported (give each run its own directory)"
+            )
+            try:
+                _read_file(path, run)
+            except OSError as e:
+                run.notes.append(f"{path}: could not read ({e.strerror or e})")
+            earliest, kept = min(new), []
+        elif new:
+            earliest = min(new) if earliest is None else min(earliest, min(new))
+        kept.append(path)
     return run
