@@ -44,8 +44,8 @@ def unit_table(result: ProbeResult, layer: str, k: int = 5, top: int = 3) -> str
     """Markdown: the ``k`` most and ``k`` least active units of ``layer`` (mean |activation| over
     the probe), each with its ``top`` favourite samples and how often its favourite changed."""
     m = result.activations[layer]
-    activity = np.nan_to_num(np.abs(m).mean(axis=0), nan=np.inf)
-    order = np.argsort(-activity, kind="stable")
+    activity = np.abs(m).mean(axis=0)  # shown as it is: inf for a unit that saw Inf, nan for NaN
+    order = np.argsort(-np.where(np.isnan(activity), np.inf, activity), kind="stable")  # NaN ranks with Inf, first
     units = order.tolist() if order.size <= 2 * k else [*order[:k].tolist(), None, *order[-k:].tolist()]
     changes = result.favourite_changes.get(layer)
     changed = result.changed.get(layer)
