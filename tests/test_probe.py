@@ -496,7 +496,7 @@ def test_the_units_table_shows_inf_and_nan_means_as_they_are():
     both rank as the most active."""
     from monitor.probeviews import unit_table
 
-    probe = torch.rand(6, 4) + 0.1
+    probe = torch.rand(6, 4, generator=torch.Generator().manual_seed(0)) + 0.1
     probe[2, 0], probe[4, 1] = float("inf"), float("nan")
     model = nn.Sequential(nn.ReLU())
     mon = Monitor(model, every_n_steps=1, on_alert="ignore", probe=probe)
@@ -505,4 +505,4 @@ def test_the_units_table_shows_inf_and_nan_means_as_they_are():
     rows = [r.split("|")[1:3] for r in unit_table(result, "0").splitlines() if r.startswith("| ") and r[2].isdigit()]
     assert {(u.strip(), v.strip()) for u, v in rows[:2]} == {("0", "inf"), ("1", "nan")}
     finite = probe[:, 2:].abs().mean(0)
-    assert {u.strip(): float(v) for u, v in rows[2:]} == pytest.approx({"2": float(finite[0]), "3": float(finite[1])}, rel=1e-3)
+    assert {u.strip(): float(v) for u, v in rows[2:]} == pytest.approx({"2": float(finite[0]), "3": float(finite[1])}, rel=6e-3)  # printed with 3 digits
