@@ -79,6 +79,9 @@ def drift_on_device(previous: torch.Tensor, current: torch.Tensor) -> torch.Tens
     flat_x = (x.amax(0) - x.amin(0)).amax() == 0 if x.numel() else torch.tensor(True, device=x.device)
     flat_y = (y.amax(0) - y.amin(0)).amax() == 0 if y.numel() else torch.tensor(True, device=y.device)
     x, y = x - x.mean(0), y - y.mean(0)
+    if x.numel() and y.numel():  # CKA ignores each matrix's scale: at most 1 here, so no product overflows
+        sx, sy = x.abs().amax(), y.abs().amax()
+        x, y = x / torch.where(sx > 0, sx, 1.0), y / torch.where(sy > 0, sy, 1.0)
     n, p, q = x.shape[0], x.shape[1], y.shape[1]
     if n <= min(p, q):
         kx, ky = (x @ x.T).double(), (y @ y.T).double()

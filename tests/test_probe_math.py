@@ -117,3 +117,14 @@ def test_drift_on_the_host_and_on_the_device_match_the_definition():
         else:
             assert got == pytest.approx(expected, abs=1e-6)  # float32 products on a CPU
             assert host == pytest.approx(expected, abs=1e-9)
+
+
+@pytest.mark.parametrize("scale", [1e-30, 1e-12, 1e12, 1e20])
+def test_drift_on_the_device_ignores_the_scale_of_finite_values(scale):
+    """CKA does not see a matrix's scale: finite but huge (or tiny) activations are not NaN (float32
+    products overflowed at ~1e19) and a rescaled copy has no drift."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((50, 10)).astype(np.float32)
+    y = x + 0.1 * rng.standard_normal((50, 10)).astype(np.float32)
+    assert float(drift_on_device(torch.tensor(x), torch.tensor(x * scale))) < 1e-6
+    assert float(drift_on_device(torch.tensor(x), torch.tensor(y * scale))) == pytest.approx(drift(x, y), abs=1e-5)
