@@ -222,6 +222,48 @@ def test_one_layer_and_direction_alerts_alone_and_gru_gates_name_their_bound():
     assert "update gate stuck at 1: always keeps its previous state" in mon.alerts[0].message
 
 
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.GRU])
+def test_gates_of_a_huge_init_switching_between_0_and_1_alert(cls):
+    """Every parameter x1000: each gate unit flips between 0 and 1 (a binary switch: ~0 gradient on
+    every value) without sitting at one bound; they were never counted."""
+    torch.manual_seed(0)
+    net = Net(cls, d_in=8)
+    with torch.no_grad():
+        for p in net.rnn.parameters():
+            p.mul_(1000.0)
+    x = torch.randn(32, 20, 8)
+    # ground truth: our own cell loop over the sequences the monitor recomputes
+    rnn = net.rnn
+    h = torch.zeros(x.shape[0], rnn.hidden_size)
+    c = torch.zeros_like(h)
+    gates = []
+    with torch.no_grad():
+        for t in range(x.shape[1]):
+            gi = x[:, t] @ rnn.weight_ih_l0.T + rnn.bias_ih_l0
+            gh = h @ rnn.weight_hh_l0.T + rnn.bias_hh_l0
+            if cls is nn.LSTM:
+                i, f, g, o = (gi + gh).chunk(4, 1)
+                i, f, o = i.sigmoid(), f.sigmoid(), o.sigmoid()
+                c = f * c + i * g.tanh()
+                h = o * c.tanh()
+                gates.append(torch.stack([i, f, o]))
+            else:
+                r = (gi[:, :32] + gh[:, :32]).sigmoid()
+                z = (gi[:, 32:64] + gh[:, 32:64]).sigmoid()
+                n = (gi[:, 64:] + r * gh[:, 64:]).tanh()
+                h = (1 - z) * n + z * h
+                gates.append(torch.stack([r, z]))
+    at_bound = ((torch.stack(gates) < 0.01) | (torch.stack(gates) > 0.99)).float().mean((0, 2))  # [gate, unit]
+    assert (at_bound >= 0.95).float().mean() > 0.9  # nearly every unit of every gate switches
+    mon, _ = train(net, lambda: (x, torch.zeros(32, 20, 1)), 1, every=1)
+    names = ["input", "forget", "output"] if cls is nn.LSTM else ["reset", "update"]
+    alerted = {a.layer for a in mon.alerts if a.kind == "gate_saturated"}
+    assert alerted == {f"rnn.l0.{n}" for n in names}
+    assert any("switching between 0 and 1" in a.message for a in mon.alerts)
+    for n in names:
+        assert mon.health()[f"rnn.l0.{n}"].gate_saturated_fraction > 0.9
+
+
 def test_a_hidden_state_pinned_at_one_alerts_as_hidden_saturated():
     torch.manual_seed(0)
     x = torch.randn(16, 40, 1)

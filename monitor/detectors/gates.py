@@ -46,9 +46,10 @@ def _over(values: int, steps: int) -> str:
 class GateSaturated(Detector):
     """A gate unit is stuck at 1 (at 0) when it sits within ``saturation_tolerance`` of that bound
     (above 0.99 / below 0.01) on at least ``gate_saturated_positions`` of its values over the
-    evidence; the gate (one gate of one layer and direction) alerts when
-    ``gate_saturated_fraction`` of its units are stuck at either bound, once the evidence is
-    complete. The message names the bound most of them sit at and what the gate then does."""
+    evidence, and switching when it sits at one bound or the other on that many (a huge init: a
+    binary switch, ~0 gradient too); the gate (one gate of one layer and direction) alerts when
+    ``gate_saturated_fraction`` of its units are saturated in any of these ways, once the evidence
+    is complete. The message names the way most of them are and what the gate then does."""
 
     name = "gate_saturated"
     fields = ("gate_saturated_fraction", "gate_open_fraction", "gate_closed_fraction")
@@ -71,22 +72,31 @@ class GateSaturated(Detector):
         need = th.gate_saturated_positions * ev.values
         at_one = np.flatnonzero(high.sums >= need)
         at_zero = np.flatnonzero(ev.sums - high.sums >= need)
-        fraction = (at_one.size + at_zero.size) / units
+        # At one bound or the other on nearly every value: a binary switch (a huge init), ~0 gradient too.
+        switching = int(np.count_nonzero(ev.sums >= need)) - at_one.size - at_zero.size
+        fraction = (at_one.size + at_zero.size + switching) / units
         gate, when_one, when_zero = GATE_MEANING.get(layer.kind.name, (layer.kind.name, "", ""))
         values, steps, tol = ev.values, ev.steps, th.saturation_tolerance
 
         def what() -> str:
+            over = f"on >= {pct(th.gate_saturated_positions)} of {_over(values, steps)}"
+            if switching > max(at_one.size, at_zero.size):
+                text = (
+                    f"gate saturated: {gate} switching between 0 and 1 (a binary switch with ~0 gradient); "
+                    f"{switching}/{units} units ({pct(switching / units)}) sit below {tol:g} or above {1 - tol:g} {over}"
+                )
+                stuck = [f"{n} stuck at {b}" for n, b in ((at_one.size, "1"), (at_zero.size, "0")) if n]
+                return text + (f" ({', '.join(stuck)})" if stuck else "") + f", threshold {pct(th.gate_saturated_fraction)}"
             ones = at_one.size >= at_zero.size
             bound, does, n = ("1", when_one, at_one.size) if ones else ("0", when_zero, at_zero.size)
             other, n_other = ("0", at_zero.size) if ones else ("1", at_one.size)
             side = f"above {1 - tol:g}" if ones else f"below {tol:g}"
             text = f"gate saturated: {gate} stuck at {bound}" + (f": {does}" if does else "")
-            text += (
-                f"; {n}/{units} units ({pct(n / units)}) sit {side} on >= {pct(th.gate_saturated_positions)} of "
-                f"{_over(values, steps)}"
-            )
-            if n_other:
-                text += f" ({n_other} more stuck at {other})"
+            text += f"; {n}/{units} units ({pct(n / units)}) sit {side} {over}"
+            more = [f"{n_other} more stuck at {other}"] if n_other else []
+            more += [f"{switching} switching between 0 and 1"] if switching else []
+            if more:
+                text += f" ({', '.join(more)})"
             return text + f", threshold {pct(th.gate_saturated_fraction)}"
 
         metrics = {
