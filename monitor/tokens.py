@@ -70,14 +70,14 @@ def token_rows(
         real = w.sum(1, keepdim=True)  # [sequences, 1]: each sequence's real tokens
         mean = (x * w.unsqueeze(-1)).sum((0, 1)) / w.sum().clamp_min(1.0)
         c = (x - mean) * w.unsqueeze(-1)  # padding: zero vectors, then zero after normalising
-        u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
+        u = _unit(c, w.unsqueeze(-1) != 0)
         m = u.sum(1) / real.clamp_min(1.0)
         per = (m.square_() * real - 1.0 / width) / (real - 1.0).clamp_min(1.0)
         sim = torch.where(real >= 2, per, 0.0).sum(0)
         seqs[0] = (real >= 2).sum()
     else:
         c = x - x.mean((0, 1))
-        u = c / torch.linalg.vector_norm(c, dim=-1, keepdim=True).clamp_min_(1e-30)
+        u = _unit(c, None)
         sim = u.mean(1).square_().sum(0).mul_(tokens).sub_(sequences / width).div_(tokens - 1)
         seqs[0] = sequences
     if isinstance(inp, torch.Tensor) and inp.shape == shape and inp.is_floating_point():
@@ -91,6 +91,22 @@ def token_rows(
     else:
         upd = base = torch.zeros_like(sim)
     return [sim, upd, base, seqs], sequences
+
+
+def _unit(c: torch.Tensor, real: torch.Tensor | None) -> torch.Tensor:
+    """Centred tokens ``[sequences, tokens, width]`` normalised to unit length. A token equal to the
+    call's mean token (its centred norm 0, or below 1e-6 of the largest: float rounding) becomes the
+    first basis vector, one and the same for all of them: tokens that are all the mean token are
+    identical (a block whose every token is one vector, e.g. all zero, reads 1, not -1/(T-1)).
+    ``real``: where tokens are real (padding stays a zero vector, left out by the caller)."""
+    norm = torch.linalg.vector_norm(c, dim=-1, keepdim=True)
+    at_mean = norm <= norm.amax() * 1e-6
+    if real is not None:
+        at_mean &= real
+    u = c / norm.clamp_min(1e-30)
+    e0 = torch.zeros(c.shape[-1], dtype=c.dtype, device=c.device)
+    e0[0] = 1.0
+    return torch.where(at_mean, e0, u)
 
 
 def token_similarity(token_sim: np.ndarray, token_seqs: np.ndarray) -> float | None:

@@ -54,6 +54,38 @@ def test_one_sequence_or_one_token_is_not_judged():
     assert block_update(rows[1].numpy(), rows[2].numpy()) is None  # no input given
 
 
+class ConstantBlock(nn.Module):
+    """A block whose LayerNorm has weight 0: every token of every sequence is its bias."""
+
+    def __init__(self, d: int, bias: float) -> None:
+        super().__init__()
+        self.fc, self.norm = nn.Linear(d, d), nn.LayerNorm(d)
+        with torch.no_grad():
+            self.norm.weight.zero_()
+            self.norm.bias.fill_(bias)
+
+    def forward(self, x):
+        return self.norm(self.fc(x))
+
+
+@pytest.mark.parametrize("bias", [0.0, 1.0, 0.3])
+def test_a_block_whose_tokens_are_all_one_vector_is_collapsed(bias):
+    """Every token exactly the same vector (all zero, say): centred, they are all exactly zero;
+    they read -1/(T-1), "healthy", whenever the float mean came out exact (bias 0 or 1)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(ConstantBlock(32, 0.5), ConstantBlock(32, bias))
+    model[0].norm.weight.data.fill_(1.0)  # the first block is an ordinary one
+    x = torch.randn(16, 12, 32)
+    with torch.no_grad():
+        assert torch.unique(model(x).reshape(-1, 32), dim=0).shape[0] == 1  # ground truth: one vector
+    mon = Monitor(model, every_n_steps=1, on_alert="ignore", background=False)
+    with mon, mon.step(0):
+        model(x)
+    h = mon.health()["1"]
+    assert h.metrics["token_similarity"] == pytest.approx(1.0, abs=1e-6)
+    assert [(a.layer, a.kind) for a in mon.alerts] == [("1", "collapse")]
+
+
 class AttentionOnly(nn.Module):
     """Self-attention with no residual connection and no MLP (Dong et al. 2021)."""
 
