@@ -68,6 +68,7 @@ _KWARGS = (
 )
 VAL_PROBE = "val"
 SUBDIR = "activation_monitor"
+STEPS_PER_BATCH = "lightning_steps_per_batch"  # beside the monitor's state in the callback's checkpoint entry
 MAX_OPEN_BATCHES = 32  # manual optimization: a sampled step without a counted optimizer step ends after this many batches
 
 
@@ -138,6 +139,7 @@ class ActivationMonitor(Callback):
         self._retry: int | None = None  # a step begun ahead and dropped: the next batches are begun ahead for it
         self._told_no_step = False
         self._open_batches = 0  # training batches of the sampled step in progress
+        self._per_batch = 0  # optimizer steps the previous batch ran (kept in checkpoints: manual optimization)
 
     # -- identity / results ---------------------------------------------------------------------
     @property
@@ -204,6 +206,7 @@ class ActivationMonitor(Callback):
         self._pending_state = None
         self._stepped = self._backward = self._ahead = False
         self._sampling = self._batch_step = self._retry = None
+        self._per_batch = int((state or {}).get(STEPS_PER_BATCH, 0))  # a checkpoint loaded later (ckpt_path=) sets it too
         self._covered = 0
         self.monitor = mon.attach()
 
@@ -276,6 +279,8 @@ class ActivationMonitor(Callback):
         mon = self.monitor
         step = trainer.global_step
         previous, self._batch_step = self._batch_step, step
+        if previous is not None:
+            self._per_batch = step - previous  # else: 0 in a new fit, the saved count in a resumed one
         if mon is None or mon.in_step:
             return  # a sampled step in progress (gradient accumulation) goes on
         n = self.every_n_steps
@@ -284,7 +289,7 @@ class ActivationMonitor(Callback):
             if mon.should_sample(step):
                 self._begin(mon, step, ahead=False)
             return
-        per_batch = step - previous if previous is not None else 0
+        per_batch = self._per_batch
         upcoming = reached + n
         if (upcoming == self._retry or (per_batch > 1 and upcoming < step + per_batch)) and mon.should_sample(upcoming):
             self._begin(mon, upcoming, ahead=True)
@@ -420,13 +425,15 @@ class ActivationMonitor(Callback):
 
     # -- checkpoints --------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        if self.monitor is not None:
-            return self.monitor.state_dict()
-        return dict(self._pending_state or {})
+        state = self.monitor.state_dict() if self.monitor is not None else dict(self._pending_state or {})
+        if self._per_batch > 1:  # manual optimization: the first batch of a resumed fit can be sampled ahead
+            state[STEPS_PER_BATCH] = self._per_batch
+        return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if not state_dict:
             return
+        self._per_batch = int(state_dict.get(STEPS_PER_BATCH, 0))
         if self.monitor is not None:
             self.monitor.load_state_dict(state_dict)
         else:

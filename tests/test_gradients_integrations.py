@@ -335,6 +335,68 @@ def test_lightning_validation_inside_an_accumulation_window_keeps_the_whole_step
     assert_no_hooks(model)
 
 
+class TwoStepGAN(L.LightningModule):
+    """Manual optimization, two optimizer steps per batch (discriminator, then generator); the
+    discriminator's gradient norm at each of its steps is kept as ground truth."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+        torch.manual_seed(0)
+        self.G = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 4))
+        self.D = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+        self.truth: dict[int, float] = {}
+
+    def training_step(self, batch, batch_idx):
+        (x,) = batch
+        og, od = self.optimizers()
+        z = torch.randn(8, 4, generator=torch.Generator().manual_seed(1000 + self.global_step))
+        od.zero_grad()
+        self.manual_backward(self.D(x).mean() - self.D(self.G(z).detach()).mean())
+        self.truth[self.global_step] = self.D[0].weight.grad.norm().item()
+        od.step()
+        og.zero_grad()
+        self.manual_backward(self.D(self.G(z)).mean())
+        og.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.G.parameters(), lr=1e-2), torch.optim.SGD(self.D.parameters(), lr=1e-2)
+
+
+def test_lightning_manual_optimization_resumed_samples_the_same_batches(tmp_path):
+    """Two optimizer steps per batch, N=3: sample 9 is the batch that runs steps 8-9, also in a
+    fit resumed from the step-8 checkpoint (it was the batch after, labelled 9)."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    data = DataLoader(TensorDataset(torch.randn(200, 4, generator=torch.Generator().manual_seed(0))), batch_size=8)
+
+    def fit(ckpt=None):
+        rec = Records()
+        model = TwoStepGAN()
+        trainer = L.Trainer(
+            max_steps=20, logger=False, enable_progress_bar=False, enable_model_summary=False,
+            callbacks=[
+                LightningMonitor(every_n_steps=3, sinks=[rec], on_alert="ignore"),
+                ModelCheckpoint(dirpath=tmp_path / "ck", every_n_train_steps=4, save_top_k=-1),
+            ],
+        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            trainer.fit(model, data, ckpt_path=ckpt)
+        grads = {r.step: {p.name: p.grad_norm for p in r.parameters}["D.0.weight"] for r in rec.records}
+        return grads, model.truth
+
+    def d_step(grad, truth):  # which discriminator step a sample's gradient norm is
+        return [k for k, t in truth.items() if grad == pytest.approx(t, rel=1e-5)]
+
+    full, truth = fit()
+    (ckpt,) = glob.glob(str(tmp_path / "ck" / "*step=8*.ckpt"))
+    resumed, truth2 = fit(ckpt)
+    assert d_step(full[9], truth) == [8]
+    assert sorted(resumed) == [s for s in sorted(full) if s > 8]
+    assert {s: d_step(g, truth2) for s, g in resumed.items()} == {s: d_step(full[s], truth) for s in resumed}
+
+
 def test_lightning_bf16_mixed_gradients_present_and_finite(tmp_path):
     """precision="bf16-mixed" on CPU: bf16 activations and activation gradients, float32 weights.
     Every gradient number is there and finite, and still equals the independent computation."""
