@@ -21,7 +21,7 @@ from torch import nn
 
 from monitor.activations import conv_like
 from monitor.copies import CopyPool
-from monitor.functional import FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
+from monitor.functional import FastPaths, FunctionalCalls, FunctionalMode, SharedPoints, first_tensor, leave_mode
 from monitor.handles import Hook, remove_all
 from monitor.partials import Pending, device_part, host_part
 from monitor.recurrent import recompute
@@ -67,6 +67,7 @@ class Capture:
                 wp.rows = rows(wp)
         self._generators: dict[torch.device, torch.Generator] = {}  # inter-layer dropout masks
         self.calls = FunctionalCalls(model, self.module_points, selector, tolerance, rows, warn_once)
+        self._fast = FastPaths(model, self)
         self.discovered = False  # a sampled step in this process looked for functional activations
         self.active = False
         self.paused = False  # forward passes ignored (a validation loop inside a training step)
@@ -130,6 +131,8 @@ class Capture:
             if self._tracking:
                 self._mode = FunctionalMode(self)
                 self._mode.__enter__()
+                if self.tap is None and self._fast.modules:  # frozen fused-path modules run without the mode
+                    handles += self._fast.hooks()
         except BaseException:
             self.detach()
             raise

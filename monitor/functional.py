@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -23,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 
 from monitor.activations import Kind, conv_like, functional_kind, is_activation_module
 from monitor.compiled import named_modules
-from monitor.handles import Hook
+from monitor.handles import Hook, remove_all
 from monitor.selection import Selector, WatchPoint, make_watch_point
 from monitor.stats import PRE_MAX
 
@@ -208,6 +209,53 @@ def leave_mode(mode: TorchFunctionMode) -> None:
         above.append(m)
     for m in reversed(above):
         torch._C._push_on_torch_function_stack(m)
+
+
+#: Modules with a fused inference path (``torch._transformer_encoder_layer_fwd``,
+#: ``torch._native_multi_head_attention``) that PyTorch takes only when no torch-function mode is active.
+FAST_PATH_TYPES = (nn.TransformerEncoder, nn.TransformerEncoderLayer, nn.MultiheadAttention)
+
+
+class FastPaths:
+    """Takes a capture's functional mode off the stack while an eval-mode module with a fused
+    inference path runs (a frozen backbone of the watched model), and puts it back after: with the
+    mode on the stack PyTorch takes the regular path there, which differs from the fused one in the
+    last bits, so training would not be bit-for-bit what it is without the monitor. Functional
+    activations inside such a module are then not seen (the fused path calls none)."""
+
+    def __init__(self, model: nn.Module, capture: Any) -> None:
+        self.modules = [m for _, m in named_modules(model) if isinstance(m, FAST_PATH_TYPES)]
+        self.capture = capture
+        self._stack: list[bool] = []  # per fast-path module running on the owner thread: did it pause the mode
+
+    def hooks(self) -> list[Any]:
+        """The pre- and post-hooks (the post-hooks also when the forward raises); the caller removes them."""
+        self._stack = []
+        handles: list[Any] = []
+        try:
+            for m in self.modules:
+                handles.append(m.register_forward_pre_hook(Hook(self._enter)))
+                handles.append(m.register_forward_hook(Hook(self._leave), always_call=True))
+        except BaseException:
+            remove_all(handles)
+            raise
+        return handles
+
+    def _enter(self, module: nn.Module, args: Any) -> None:
+        cap = self.capture
+        if threading.get_ident() != cap._owner:
+            return
+        pause = not module.training and cap._mode is not None and not any(self._stack)
+        if pause:
+            leave_mode(cap._mode)
+        self._stack.append(pause)
+
+    def _leave(self, module: nn.Module, args: Any, output: Any) -> None:
+        cap = self.capture
+        if threading.get_ident() != cap._owner or not self._stack:
+            return
+        if self._stack.pop() and cap._mode is not None:
+            torch._C._push_on_torch_function_stack(cap._mode)
 
 
 class FunctionalMode(TorchFunctionMode):
