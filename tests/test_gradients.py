@@ -397,6 +397,106 @@ def test_a_layer_averaged_over_many_positions_is_not_vanishing():
     assert [a.message for a in mon.alerts] == []
 
 
+def quadrants(batch: int, size: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images with one brighter quadrant, and which one it is."""
+    x = torch.randn(batch, 3, size, size, generator=g)
+    y = torch.randint(0, 4, (batch,), generator=g)
+    h = size // 2
+    for i, q in enumerate(y.tolist()):
+        r, c = divmod(q, 2)
+        x[i, :, r * h : (r + 1) * h, c * h : (c + 1) * h] += 1.0
+    return x, y
+
+
+def _conv_block(ci: int, co: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(ci, co, 3, 1, 1), nn.BatchNorm2d(co), nn.ReLU(), nn.Conv2d(co, co, 3, 1, 1), nn.BatchNorm2d(co), nn.ReLU()
+    )
+
+
+class UNet(nn.Module):
+    """Five poolings: its bottleneck sees 1/1024 of the output's positions."""
+
+    def __init__(self, levels: int = 5) -> None:
+        super().__init__()
+        ch = [8 * 2 ** min(i, 3) for i in range(levels + 1)]
+        self.enc = nn.ModuleList([_conv_block(3 if i == 0 else ch[i - 1], ch[i]) for i in range(levels)])
+        self.bott = _conv_block(ch[levels - 1], ch[levels])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(ch[i + 1], ch[i], 2, 2) for i in reversed(range(levels))])
+        self.dec = nn.ModuleList([_conv_block(2 * ch[i], ch[i]) for i in reversed(range(levels))])
+        self.out = nn.Conv2d(ch[0], 1, 1)
+
+    def forward(self, x):
+        skips = []
+        for e in self.enc:
+            x = e(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bott(x)
+        for u, d in zip(self.up, self.dec):
+            x = d(torch.cat([u(x), skips.pop()], 1))
+        return self.out(x)
+
+
+def test_a_u_net_bottleneck_with_few_positions_is_not_vanishing():
+    """The per-unit norm alone would alert here (the bottleneck has 1/1024 of the output's positions,
+    so its ratio is the per-value one / 32: 2e-4 while the per-value one is 6e-3); the rule reads both."""
+    torch.manual_seed(0)
+    model = UNet()
+    opt = torch.optim.Adam(model.parameters(), 1e-3)
+    g = torch.Generator().manual_seed(1)
+    mon = Monitor(model, every_n_steps=10, on_alert="ignore", background=False)
+    losses, norm_ratios = [], []
+    with mon:
+        for step in range(100):
+            x, y = quadrants(8, 32, g)
+            mask = torch.zeros(8, 1, 32, 32)
+            for i, q in enumerate(y.tolist()):
+                r, c = divmod(q, 2)
+                mask[i, :, r * 16 : (r + 1) * 16, c * 16 : (c + 1) * 16] = 1
+            with mon.step(step):
+                loss = F.binary_cross_entropy_with_logits(model(x), mask)
+                loss.backward()
+                opt.step()
+                opt.zero_grad()
+            losses.append(loss.item())
+            if step % 10 == 0:
+                norm_ratios.append(min(h.metrics["grad_norm_ratio"] for h in mon.health().values()))
+    assert np.mean(losses[-5:]) < 0.6 * np.mean(losses[:5])  # it learns
+    assert min(norm_ratios) < 1e-3  # the per-unit reading alone is past the threshold
+    assert [a.message for a in mon.alerts] == []
+
+
+def test_a_deep_tanh_cnn_with_pooling_stuck_at_chance_vanishes():
+    """12 tanh convs (default init, SGD) with three max-poolings: the first layers' per-value ratio
+    is ~1.5e-4 and their weights do not move; per unit over the step (1.1e-3) the pooling makes it
+    look nearly healthy, so that reading alone missed it."""
+    torch.manual_seed(0)
+    layers: list[nn.Module] = []
+    c = 3
+    for i in range(12):
+        layers += [nn.Conv2d(c, 16, 3, padding=1), nn.Tanh()]
+        c = 16
+        if i in (3, 7, 10):
+            layers.append(nn.MaxPool2d(2))
+    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(1)
+    mon = Monitor(model, every_n_steps=10, on_alert="ignore", background=False)
+    with mon:
+        for step in range(21):
+            x, y = quadrants(32, 32, g)
+            with mon.step(step):
+                before = model[0].weight.detach().clone()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+                opt.zero_grad()
+            moved = ((model[0].weight.detach() - before).norm() / before.norm()).item()
+    assert moved < 1e-4  # ground truth: the first conv does not learn
+    first = {a.layer: a.step for a in mon.alerts if a.kind == "vanishing_gradient" and not a.recovered}
+    assert first.get("1") == 10
+
+
 def test_deep_sigmoid_mlp_vanishes_at_the_first_sampled_step():
     torch.manual_seed(0)
     model = deep(20, 64, nn.Sigmoid)
