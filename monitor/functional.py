@@ -102,8 +102,7 @@ class FunctionalCalls:
                 else:
                     handles.append(module.register_forward_hook(Hook(self._track_producer)))
         except BaseException:
-            for h in handles:
-                h.remove()
+            remove_all(handles)
             raise
         return handles
 

@@ -14,8 +14,9 @@ def remove_all(handles: list[Any]) -> None:
 
     A handle leaves the list only once it is removed, and an exception in one removal (a Ctrl-C
     landing there) does not stop the others: that removal is tried once more, the others are all
-    removed, then the first exception is raised again. What could not be removed stays in the list for the next call (removing a
-    handle twice is harmless), so a hook can never be left on a model with nothing to remove it.
+    removed, then the first exception is raised again. What could not be removed stays in the list
+    for the next call (removing a handle twice is harmless), so a hook can never be left on a model
+    with nothing to remove it.
 
     >>> import torch
     >>> m = torch.nn.ReLU()

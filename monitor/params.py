@@ -79,11 +79,6 @@ def _sample(p: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return (v, True) if v.dtype == torch.float32 else (v.float(), False)
 
 
-def _views(params: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Each parameter's strided sample as float32 (a view where it can be, see :func:`_sample`)."""
-    return [_sample(p)[0] for p in params]
-
-
 def weight_sample(p: torch.Tensor) -> torch.Tensor:
     """A float32 copy of every k-th element of ``p`` in memory order (see :func:`sample_stride`), on p's device."""
     return _sample(p)[0].clone()

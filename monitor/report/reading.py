@@ -249,15 +249,18 @@ def read_run(files: Sequence[str], images: bool = False) -> RunData:
     ``activation_timeline/<layer>``, ``gradient_flow``, ``activation_probe/...``: any image under an
     ``activation_`` or ``gradient_`` tag), for the HTML page.
     """
+    def read(path: str, run: RunData) -> None:
+        try:
+            _read_file(path, run)
+        except OSError as e:
+            run.notes.append(f"{path}: could not read ({e.strerror or e})")
+
     run = RunData(images={} if images else None)
     earliest: int | None = None  # the first sampled step of the files read so far
     kept: list[str] = []
     for path in files:
         before = len(run.sampled)
-        try:
-            _read_file(path, run)
-        except OSError as e:
-            run.notes.append(f"{path}: could not read ({e.strerror or e})")
+        read(path, run)
         new = run.sampled[before:]
         if new and earliest is not None and min(new) <= earliest:
             # Starts over at or before the first step already read: not a resumed run (which goes
@@ -270,10 +273,7 @@ def read_run(files: Sequence[str], images: bool = False) -> RunData:
                 f"{', '.join(kept)} ({earliest}): a new run written into the same directory; "
                 "only the newest run is reported (give each run its own directory)"
             )
-            try:
-                _read_file(path, run)
-            except OSError as e:
-                run.notes.append(f"{path}: could not read ({e.strerror or e})")
+            read(path, run)
             earliest, kept = min(new), []
         elif new:
             earliest = min(new) if earliest is None else min(earliest, min(new))
